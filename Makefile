@@ -1,0 +1,44 @@
+# exo-stable: `make serve` serves the default model; `make test` runs lint, types and the test suite.
+# Both create .venv when it is missing, install the project into it, and fetch the default model.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# On Linux, Debian's OpenBLAS (package libopenblas0-pthread) replaces the slow reference BLAS bundled
+# with mlx[cpu]; `exo-stable` preloads it by itself, tests get it here so that they measure the same thing.
+OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /usr/lib/aarch64-linux-gnu/libopenblas.so.0))
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: install model serve test lint pytest bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+model: install
+	$(BIN)/exo-stable fetch
+
+serve: model
+	$(BIN)/exo-stable serve $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+pytest: model
+	LD_PRELOAD=$(OPENBLAS) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint pytest
+
+bench: model
+	LD_PRELOAD=$(OPENBLAS) $(BIN)/python benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,3 @@
+from exo_stable.cli import main
+
+raise SystemExit(main())
