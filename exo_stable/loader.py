@@ -1,0 +1,158 @@
+"""Find a model on disk, say what it is, and load any layer range of it.
+
+Two formats are accepted: a llama-architecture GGUF file (the default model is one), and an MLX /
+Hugging Face model directory (``config.json`` + ``*.safetensors`` + tokenizer files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import mlx.core as mx
+
+from exo_stable.gguf import UnsupportedModelError, quant_specs, read_gguf
+from exo_stable.model import LayerRange, ShardModel, build_shard
+from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec
+from exo_stable.tokenizer import Tokenizer
+
+__all__ = ["ModelSource", "UnsupportedModelError", "open_model"]
+
+
+@dataclass
+class ModelSource:
+    """A model on disk: its spec, tokenizer, fingerprint, and a way to build any shard of it."""
+
+    path: Path
+    format: Literal["gguf", "mlx"]
+    name: str
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    fingerprint: str
+    quant: dict[str, QuantSpec]
+    _weights: dict[str, mx.array] | None = field(default=None, repr=False)
+
+    def weights(self) -> dict[str, mx.array]:
+        if self._weights is None:
+            self._weights = _read_weights(self)
+        return self._weights
+
+    def load_shard(self, layers: LayerRange, dtype: Dtype) -> ShardModel:
+        """Build layers ``layers`` (embedding/head included where they belong). Call on the MLX thread."""
+        if layers.total != self.spec.num_hidden_layers:
+            raise ValueError(f"{self.name} has {self.spec.num_hidden_layers} layers, not {layers.total}")
+        return build_shard(self.spec, layers, self.weights(), self.quant, dtype)
+
+    def release_weights(self) -> None:
+        """Drop the whole-model tensors once the shard holds what it needs."""
+        self._weights = None
+
+
+def open_model(path: Path) -> ModelSource:
+    """Identify the model at ``path``; a clear error names what was found when it is not usable."""
+    path = path.expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UnsupportedModelError(f"{path} is a file but not a .gguf model")
+        return _open_gguf(path)
+    if (path / "config.json").is_file():
+        return _open_mlx_dir(path)
+    found = sorted(p.name for p in path.iterdir())[:12]
+    raise UnsupportedModelError(
+        f"{path} is a directory without config.json (found: {', '.join(found) or 'nothing'}); "
+        "expected a GGUF file or an MLX/Hugging Face model directory"
+    )
+
+
+def _open_gguf(path: Path) -> ModelSource:
+    spec, weights, metadata = read_gguf(path)
+    tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    digest = hashlib.sha256()
+    digest.update(str(path.stat().st_size).encode())
+    for key in sorted(weights):
+        digest.update(f"{key}:{tuple(weights[key].shape)}:{weights[key].dtype};".encode())
+    digest.update(tokenizer.fingerprint().encode())
+    return ModelSource(
+        path=path,
+        format="gguf",
+        name=path.stem,
+        spec=spec,
+        tokenizer=tokenizer,
+        fingerprint=digest.hexdigest()[:32],
+        quant=quant_specs(weights),
+        # Tensors are read again on the MLX thread that uses them (MLX streams are thread-bound).
+        _weights=None,
+    )
+
+
+def _spec_from_config(config: dict[str, Any]) -> ModelSpec:
+    model_type = config.get("model_type")
+    if model_type not in ("llama", "mistral"):
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported (supported: llama)")
+    heads = int(config["num_attention_heads"])
+    return ModelSpec(
+        hidden_size=int(config["hidden_size"]),
+        num_hidden_layers=int(config["num_hidden_layers"]),
+        intermediate_size=int(config["intermediate_size"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        vocab_size=int(config["vocab_size"]),
+        head_dim=config.get("head_dim"),
+        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rope_traditional=bool(config.get("rope_traditional", False)),
+        rope_scaling=config.get("rope_scaling"),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        context_length=int(config.get("max_position_embeddings", 2048)),
+    )
+
+
+def _open_mlx_dir(path: Path) -> ModelSource:
+    config = json.loads((path / "config.json").read_text())
+    spec = _spec_from_config(config)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{path} has config.json but no *.safetensors weights")
+    tokenizer = Tokenizer.from_hf_dir(path)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for f in files:
+        digest.update(f"{f.name}:{f.stat().st_size};".encode())
+    digest.update(tokenizer.fingerprint().encode())
+    source = ModelSource(
+        path=path,
+        format="mlx",
+        name=path.name,
+        spec=spec,
+        tokenizer=tokenizer,
+        fingerprint=digest.hexdigest()[:32],
+        quant={},
+    )
+    quant_cfg = config.get("quantization") or config.get("quantization_config")
+    if quant_cfg:
+        group, bits = int(quant_cfg["group_size"]), int(quant_cfg["bits"])
+        source.quant = {
+            name.removesuffix(".scales"): QuantSpec(bits=bits, group_size=group)
+            for name in _read_weights(source)
+            if name.endswith(".scales")
+        }
+    return source
+
+
+def _read_weights(source: ModelSource) -> dict[str, mx.array]:
+    if source.format == "gguf":
+        _, weights, _ = read_gguf(source.path)
+        return weights
+    merged: dict[str, mx.array] = {}
+    for file in sorted(source.path.glob("*.safetensors")):
+        loaded = mx.load(str(file))
+        assert isinstance(loaded, dict)
+        merged.update(loaded)
+    weights = {k: v for k, v in merged.items() if "rotary_emb.inv_freq" not in k}
+    if source.spec.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    return weights

@@ -1,0 +1,63 @@
+"""Sampling is a pure function of logits, parameters, seed and position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exo_stable.sampling import SamplingParams, sample
+
+logits_strategy = st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=64).map(
+    lambda xs: np.array(xs, dtype=np.float32)
+)
+
+
+@given(logits_strategy)
+def test_greedy_is_argmax(logits: np.ndarray) -> None:
+    assert sample(logits, SamplingParams(), 0) == int(np.argmax(logits))
+
+
+@given(logits_strategy, st.integers(0, 2**63), st.integers(0, 10_000))
+def test_same_seed_and_position_same_token(logits: np.ndarray, seed: int, position: int) -> None:
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=10, seed=seed)
+    assert sample(logits, params, position) == sample(logits.copy(), params, position)
+
+
+@settings(max_examples=50)
+@given(logits_strategy, st.integers(1, 5), st.integers(0, 2**32))
+def test_top_k_only_picks_among_the_k_best(logits: np.ndarray, k: int, seed: int) -> None:
+    params = SamplingParams(temperature=1.5, top_k=k, seed=seed)
+    token = sample(logits, params, 3)
+    kth_best = np.sort(logits)[::-1][min(k, len(logits)) - 1]
+    assert logits[token] >= kth_best
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    logits = np.log(np.array([0.6, 0.3, 0.05, 0.05], dtype=np.float32))
+    params = SamplingParams(temperature=1.0, top_p=0.8)
+    picked = {sample(logits, SamplingParams(temperature=1.0, top_p=0.8, seed=s), 0) for s in range(200)}
+    assert picked == {0, 1}
+    assert params.top_p == 0.8
+
+
+def test_distribution_follows_the_probabilities() -> None:
+    logits = np.log(np.array([0.7, 0.2, 0.1], dtype=np.float32))
+    counts = np.bincount([sample(logits, SamplingParams(temperature=1.0, seed=7), pos) for pos in range(3000)], minlength=3)
+    freq = counts / counts.sum()
+    assert np.allclose(freq, [0.7, 0.2, 0.1], atol=0.04)
+
+
+def test_positions_draw_independently() -> None:
+    logits = np.zeros(1000, dtype=np.float32)
+    tokens = {sample(logits, SamplingParams(temperature=1.0, seed=1), pos) for pos in range(50)}
+    assert len(tokens) > 40
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": -0.1}, {"temperature": 11.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}]
+)
+def test_invalid_parameters_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
