@@ -1,0 +1,325 @@
+"""aiohttp application serving the OpenAI-compatible API of one node.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``POST /v1/tokenize``,
+``GET /health``. Every error is an OpenAI error object. ``/v1/*`` requires the API key when one is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from exo_stable.api import schemas as s
+from exo_stable.api.errors import ApiError, error_json
+from exo_stable.engine import ContextOverflow
+from exo_stable.sampling import SamplingParams
+from exo_stable.service import GenerationJob, GenerationResult, InferenceService, ServiceBusy, default_seed
+from exo_stable.textstream import Delta
+from exo_stable.tokenizer import ChatMessage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens_cap: int = 4096
+
+
+SERVICE_KEY = web.AppKey("service", InferenceService)
+CONFIG_KEY = web.AppKey("config", ApiConfig)
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=s.encoder.encode(body), status=status, content_type="application/json")
+
+
+def error_response(error: ApiError) -> web.Response:
+    return web.Response(body=error_json(error), status=error.status, content_type="application/json")
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY]
+    try:
+        if config.api_key and request.path.startswith("/v1/"):
+            _check_key(request, config.api_key)
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(
+            ApiError(413, f"Request body exceeds {config.max_body_bytes} bytes", code="request_too_large")
+        )
+    except web.HTTPMethodNotAllowed as exc:
+        return error_response(
+            ApiError(405, f"Method {request.method} not allowed on {request.path}", code=str(exc.status))
+        )
+    except web.HTTPNotFound:
+        return error_response(ApiError(404, f"No route {request.method} {request.path}", code="not_found"))
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # answered as an OpenAI error object; logged with its traceback
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(ApiError(500, f"internal error: {exc}", type="server_error", code="internal_error"))
+
+
+def _check_key(request: web.Request, api_key: str) -> None:
+    given = request.headers.get("X-Api-Key", "")
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise ApiError(401, "Invalid or missing API key", type="authentication_error", code="invalid_api_key")
+
+
+async def _decode(request: web.Request, kind: type[T]) -> T:
+    body = await request.read()
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.DecodeError as exc:
+        raise ApiError.from_decode_error(exc) from exc
+
+
+def _sampling(
+    req: s._Sampling, max_tokens: int | None, config: ApiConfig, service: InferenceService, prompt_len: int
+) -> tuple[SamplingParams, int]:
+    if req.n not in (None, 1):
+        raise ApiError(400, "Only n=1 is supported", param="n", code="unsupported_value")
+    try:
+        service.engine.check_fits(prompt_len)
+    except ContextOverflow as exc:
+        raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
+    if max_tokens is not None and max_tokens > config.max_tokens_cap:
+        raise ApiError(
+            400,
+            f"max_tokens is capped at {config.max_tokens_cap} on this server",
+            param="max_tokens",
+            code="invalid_value",
+        )
+    room = service.engine.context_length - prompt_len
+    limit = min(max_tokens or config.max_tokens_cap, room)
+    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        seed=default_seed() if req.seed is None else req.seed % 2**64,
+    )
+    return params, limit
+
+
+class _Run:
+    """One admitted request: its job, its result, and its stream of deltas."""
+
+    def __init__(self, service: InferenceService, job: GenerationJob) -> None:
+        self.service = service
+        self.job = job
+        self.result = GenerationResult(prompt_tokens=len(job.prompt_ids))
+        self.id = uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def usage(self) -> s.Usage:
+        r = self.result
+        return s.Usage(r.prompt_tokens, r.completion_tokens, r.prompt_tokens + r.completion_tokens)
+
+    def deltas(self) -> AsyncGenerator[Delta]:
+        return self.service.stream(self.job, self.result)
+
+
+async def _admitted(service: InferenceService) -> None:
+    try:
+        await service.admit()
+    except ServiceBusy as exc:
+        raise ApiError(503, str(exc), type="server_error", code="server_busy") from exc
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
+    req = await _decode(request, s.ChatCompletionRequest)
+    messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in req.messages]
+    try:
+        prompt = service.tokenizer.encode_chat(messages)
+    except ValueError as exc:
+        raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
+    params, limit = _sampling(req, req.max_completion_tokens or req.max_tokens, config, service, len(prompt))
+    run = _Run(service, GenerationJob(prompt, params, limit, req.stop_list()))
+    model = service.engine.source.name
+    await _admitted(service)
+    try:
+        if not req.stream:
+            text = "".join([d.text async for d in _collect(run)])
+            choice = s.ChatChoice(0, s.ChatMessageOut("assistant", text), run.result.finish_reason)
+            return json_response(s.ChatCompletion(f"chatcmpl-{run.id}", run.created, model, [choice], run.usage()))
+
+        def chunk(delta: s.ChatDelta, finish: str | None = None) -> s.ChatCompletionChunk:
+            return s.ChatCompletionChunk(
+                f"chatcmpl-{run.id}", run.created, model, [s.ChatChunkChoice(0, delta, finish)]
+            )
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _sse(
+            request,
+            run,
+            first=chunk(s.ChatDelta(role="assistant", content="")),
+            make=lambda d: chunk(s.ChatDelta(content=d.text) if d.text else s.ChatDelta(), d.finish_reason),
+            usage=(lambda: s.ChatCompletionChunk(f"chatcmpl-{run.id}", run.created, model, [], usage=run.usage()))
+            if include_usage
+            else None,
+        )
+    finally:
+        service.release()
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
+    req = await _decode(request, s.CompletionRequest)
+    if isinstance(req.prompt, str):
+        prompt = service.tokenizer.encode(req.prompt)
+        prompt_text = req.prompt
+    elif req.prompt and all(isinstance(x, int) for x in req.prompt):
+        prompt = [int(x) for x in req.prompt]
+        if any(not 0 <= t < service.tokenizer.vocab_size for t in prompt):
+            raise ApiError(400, "prompt token id out of the vocabulary", param="prompt", code="invalid_value")
+        prompt_text = service.tokenizer.decode(prompt)
+    elif len(req.prompt) == 1:
+        prompt_text = str(req.prompt[0])
+        prompt = service.tokenizer.encode(prompt_text)
+    else:
+        raise ApiError(400, "Only one prompt per request is supported", param="prompt", code="unsupported_value")
+    params, limit = _sampling(req, req.max_tokens, config, service, len(prompt))
+    run = _Run(service, GenerationJob(prompt, params, limit, req.stop_list()))
+    model = service.engine.source.name
+    prefix = prompt_text if req.echo else ""
+    await _admitted(service)
+    try:
+        if not req.stream:
+            text = prefix + "".join([d.text async for d in _collect(run)])
+            choice = s.CompletionChoice(0, text, run.result.finish_reason)
+            return json_response(s.Completion(f"cmpl-{run.id}", run.created, model, [choice], usage=run.usage()))
+
+        def chunk(text: str, finish: str | None = None) -> s.Completion:
+            return s.Completion(f"cmpl-{run.id}", run.created, model, [s.CompletionChoice(0, text, finish)])
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _sse(
+            request,
+            run,
+            first=chunk(prefix) if prefix else None,
+            make=lambda d: chunk(d.text, d.finish_reason),
+            usage=(lambda: s.Completion(f"cmpl-{run.id}", run.created, model, [], usage=run.usage()))
+            if include_usage
+            else None,
+        )
+    finally:
+        service.release()
+
+
+async def _collect(run: _Run) -> AsyncGenerator[Delta]:
+    try:
+        async with aclosing(run.deltas()) as deltas:
+            async for delta in deltas:
+                yield delta
+    except TimeoutError as exc:
+        raise ApiError(504, f"generation stalled: {exc}", type="server_error", code="timeout") from exc
+
+
+async def _sse(
+    request: web.Request,
+    run: _Run,
+    *,
+    first: Any | None,
+    make: Callable[[Delta], Any],
+    usage: Callable[[], Any] | None,
+) -> web.StreamResponse:
+    """Stream deltas as server-sent events; end with one finish reason and ``[DONE]`` or an error event."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+
+    async def send(obj: Any) -> None:
+        await response.write(b"data: " + s.encoder.encode(obj) + b"\n\n")
+
+    try:
+        if first is not None:
+            await send(first)
+        async with aclosing(run.deltas()) as deltas:
+            async for delta in deltas:
+                await send(make(delta))
+        if usage is not None:
+            await send(usage())
+    except (ConnectionResetError, ConnectionError) as exc:
+        # The client went away: closing the iterator above already freed the request's cache.
+        log.info("client disconnected from %s after %d tokens: %s", run.id, run.result.completion_tokens, exc)
+        return response
+    except Exception as exc:  # reported to the client as an error event, and logged with its traceback
+        log.exception("request %s failed mid-stream", run.id)
+        err = ApiError(500, f"generation failed: {exc}", type="server_error", code="internal_error")
+        await send(err.body())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    return json_response(s.ModelList([s.ModelCard(service.engine.source.name, int(time.time()))]))
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    req = await _decode(request, s.TokenizeRequest)
+    if (req.text is None) == (req.messages is None):
+        raise ApiError(400, 'Give exactly one of "text" or "messages"', param="text")
+    if req.text is not None:
+        return json_response(s.TokenizeResponse(service.tokenizer.encode(req.text)))
+    assert req.messages is not None
+    messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in req.messages]
+    try:
+        ids = service.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
+    except ValueError as exc:
+        raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
+    return json_response(s.TokenizeResponse(ids))
+
+
+async def health(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    stats = service.engine.stats
+    return json_response(
+        {
+            "status": "ok",
+            "model": service.engine.source.name,
+            "dtype": str(service.engine.dtype),
+            "active_requests": service.active,
+            "requests_started": stats.requests_started,
+            "generated_tokens": stats.generated_tokens,
+        }
+    )
+
+
+def create_app(service: InferenceService, config: ApiConfig) -> web.Application:
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_body_bytes)
+    app[SERVICE_KEY] = service
+    app[CONFIG_KEY] = config
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/tokenize", tokenize)
+    app.router.add_get("/health", health)
+    return app

@@ -1,0 +1,150 @@
+"""The ``exo-stable`` command line: serve, generate, fetch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from contextlib import aclosing
+from pathlib import Path
+
+from exo_stable import __version__
+
+ENV_API_KEY = "EXO_STABLE_API_KEY"
+
+
+def _model_path(arg: str | None) -> Path:
+    if arg:
+        return Path(arg).expanduser()
+    from exo_stable.store import ensure_default_model
+
+    return ensure_default_model(progress=sys.stderr.isatty())
+
+
+def _dtype(arg: str | None) -> object:
+    from exo_stable.modelspec import Dtype
+    from exo_stable.platform import default_dtype
+
+    return Dtype(arg) if arg else default_dtype()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exo-stable", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"exo-stable {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("EXO_STABLE_LOG", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    dtypes = ["quantized", "float32", "bfloat16", "float16"]
+
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=52415, help="port (0 picks a free one; default 52415)")
+    serve.add_argument("--model", help="a GGUF file or an MLX/Hugging Face model directory (default: SmolLM2-135M)")
+    serve.add_argument("--dtype", choices=dtypes, help="weights in memory (default: fastest for this platform)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get(ENV_API_KEY),
+        help=f"require this key on /v1/* (or set {ENV_API_KEY})",
+    )
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-concurrent", type=int, default=8, help="requests generating at once")
+
+    gen = sub.add_parser("generate", help="generate a reply to PROMPT in the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--model")
+    gen.add_argument("--dtype", choices=dtypes)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--system", help="a system message")
+    gen.add_argument("--raw", action="store_true", help="complete PROMPT as plain text, without the chat template")
+
+    sub.add_parser("fetch", help="download and verify the default model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    from exo_stable.platform import maybe_reexec_with_openblas
+
+    maybe_reexec_with_openblas(args_list)
+    args = build_parser().parse_args(args_list)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "fetch":
+            print(_model_path(None))
+            return 0
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "generate":
+            return asyncio.run(_generate(args))
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"exo-stable: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from exo_stable.api.server import ApiConfig
+    from exo_stable.node import NodeConfig, serve
+
+    config = NodeConfig(
+        model=_model_path(args.model),
+        dtype=_dtype(args.dtype),  # type: ignore[arg-type]
+        host=args.host,
+        port=args.port,
+        api=ApiConfig(
+            api_key=args.api_key or None,
+            max_body_bytes=args.max_body_bytes,
+            max_tokens_cap=args.max_tokens_cap,
+        ),
+        max_concurrent=args.max_concurrent,
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from exo_stable.engine import SingleDeviceEngine
+    from exo_stable.loader import open_model
+    from exo_stable.sampling import SamplingParams
+    from exo_stable.service import GenerationJob, GenerationResult, InferenceService
+    from exo_stable.tokenizer import ChatMessage
+
+    source = open_model(_model_path(args.model))
+    engine = SingleDeviceEngine(source, dtype=_dtype(args.dtype))  # type: ignore[arg-type]
+    try:
+        await engine.start()
+        if args.raw:
+            prompt = source.tokenizer.encode(args.prompt)
+        else:
+            messages = ([ChatMessage("system", args.system)] if args.system else []) + [
+                ChatMessage("user", args.prompt)
+            ]
+            prompt = source.tokenizer.encode_chat(messages)
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        service = InferenceService(engine, max_active=1)
+        result = GenerationResult(prompt_tokens=len(prompt))
+        await service.admit()
+        try:
+            async with aclosing(service.stream(GenerationJob(prompt, params, args.max_tokens), result)) as deltas:
+                async for delta in deltas:
+                    sys.stdout.write(delta.text)
+                    sys.stdout.flush()
+        finally:
+            service.release()
+        sys.stdout.write("\n")
+        print(f"[{result.completion_tokens} tokens, finish_reason={result.finish_reason}]", file=sys.stderr)
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

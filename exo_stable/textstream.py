@@ -1,0 +1,105 @@
+"""Turn a request's token ids into text deltas and decide, in one place, when and why it finishes.
+
+Pure logic: no asyncio, no MLX. The request owner feeds every token it accepts; this object returns the
+text that is safe to send now (never half a UTF-8 character, never the start of what may become a stop
+string) and a finish reason once the request is over: ``stop`` (end-of-sequence token or stop string)
+or ``length`` (max tokens or the context is full).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from exo_stable.detokenizer import StreamingDetokenizer
+from exo_stable.tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What one accepted token produced: text to emit now, and the finish reason if it ended the request."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+class TextStream:
+    """Detokenize, apply stop strings and end-of-sequence tokens, count tokens.
+
+    ``completion_ids`` are the tokens that count towards usage (an EOS that ended the request counts,
+    as in OpenAI's API; text after a stop string is dropped but its tokens were generated and count).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        stop: Sequence[str] = (),
+        eos_ids: Iterable[int] | None = None,
+        max_tokens: int,
+    ) -> None:
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        self._detok = StreamingDetokenizer(tokenizer)
+        self._stops = tuple(s for s in stop if s)
+        self._eos = frozenset(tokenizer.eos_ids if eos_ids is None else eos_ids)
+        self._max_tokens = max_tokens
+        self._held = ""  # decoded text not yet emitted because it may start a stop string
+        self.completion_ids: list[int] = []
+        self.text = ""  # everything emitted so far
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token_id: int) -> Delta:
+        """Accept the next token of the request."""
+        if self.finish_reason is not None:
+            raise RuntimeError("the stream has already finished")
+        self.completion_ids.append(token_id)
+        if token_id in self._eos:
+            return self._finish("stop", self._held + self._detok.finalize())
+        new_text = self._held + self._detok.add_token(token_id)
+        cut = self._find_stop(new_text)
+        if cut is not None:
+            return self._finish("stop", new_text[:cut])
+        if len(self.completion_ids) >= self._max_tokens:
+            return self._finish("length", new_text + self._detok.finalize())
+        keep = self._partial_stop_suffix(new_text)
+        emit, self._held = new_text[: len(new_text) - keep], new_text[len(new_text) - keep :]
+        self.text += emit
+        return Delta(emit)
+
+    def finish_length(self) -> Delta:
+        """End the request for lack of room (context full): flush what is held."""
+        if self.finish_reason is not None:
+            raise RuntimeError("the stream has already finished")
+        return self._finish("length", self._held + self._detok.finalize())
+
+    def _finish(self, reason: FinishReason, text: str) -> Delta:
+        cut = self._find_stop(text)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        self._held = ""
+        self.finish_reason = reason
+        self.text += text
+        return Delta(text, reason)
+
+    def _find_stop(self, text: str) -> int | None:
+        """Index where the earliest stop string starts in ``text`` (text before it is kept)."""
+        found = [i for s in self._stops if (i := text.find(s)) >= 0]
+        return min(found) if found else None
+
+    def _partial_stop_suffix(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
