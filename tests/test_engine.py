@@ -67,7 +67,9 @@ async def test_teacher_forcing_matches_llamacpp(engine: SingleDeviceEngine, orac
     assert worst <= MAX_GAP_NATS
 
 
-async def test_greedy_generation_equals_teacher_forced_argmax(engine: SingleDeviceEngine, oracle: dict[str, Any]) -> None:
+async def test_greedy_generation_equals_teacher_forced_argmax(
+    engine: SingleDeviceEngine, oracle: dict[str, Any]
+) -> None:
     """Incremental decoding with the KV cache reproduces one full forward pass, token for token."""
     case = chat_cases(oracle)[1]
     tokens = [t async for t in engine.generate(case["prompt_ids"], SamplingParams(), 12)]

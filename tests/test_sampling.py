@@ -44,7 +44,9 @@ def test_top_p_keeps_only_the_nucleus() -> None:
 
 def test_distribution_follows_the_probabilities() -> None:
     logits = np.log(np.array([0.7, 0.2, 0.1], dtype=np.float32))
-    counts = np.bincount([sample(logits, SamplingParams(temperature=1.0, seed=7), pos) for pos in range(3000)], minlength=3)
+    counts = np.bincount(
+        [sample(logits, SamplingParams(temperature=1.0, seed=7), pos) for pos in range(3000)], minlength=3
+    )
     freq = counts / counts.sum()
     assert np.allclose(freq, [0.7, 0.2, 0.1], atol=0.04)
 
