@@ -1,0 +1,15 @@
+"""The wire: typed msgspec messages, checksummed frames, reliable ordered links over aiohttp websockets.
+
+Modules, pure logic first:
+
+- ``messages``: every peer message in one tagged union; the msgpack :class:`Codec`.
+- ``frame``: link frames (seq, ack, sack, CRC32); pure encode/verify.
+- ``reliable``: send/receive windows (ack, selective ack, retransmit timers, dedupe, reorder).
+- ``faults``: the seeded fault injector (``EXO_STABLE_FAULTS``).
+- ``health``: ``NetworkHealthMonitor`` (RTT, loss, corruption; slow versus dead; timeouts).
+- ``handshake``: identity, version and HMAC challenge-response over the cluster secret.
+- ``validation``: ``TokenTransferValidator``: token checksums and transfer checks.
+- ``tensors``: chunking large activations and reassembling them, verified.
+- ``peerlink`` / ``server``: the IO: ``PeerLink`` per peer and the accepting ``WireServer``.
+- ``transport``: ``ReliableMessageTransport``, a node's links behind one send/receive API.
+"""

@@ -1,0 +1,322 @@
+"""Every peer message as a msgspec ``Struct`` in one tagged union, msgpack on the wire.
+
+Rules for this module (schema evolution):
+
+- Each message subclasses :class:`WireMessage` with a short, stable ``tag``; the tag is the wire name.
+- Structs are encoded as msgpack maps (field names on the wire), so a new field can be added to an
+  existing message as long as it has a default: old peers ignore it, new peers fill the default.
+- Never rename or reuse a tag or a field; add a new one instead. Breaking changes bump
+  :data:`PROTOCOL_VERSION`, which the handshake checks.
+- To add a message: define the Struct here and add it to :data:`Message`. A test checks that every
+  ``WireMessage`` subclass is in the union.
+
+There is one :class:`Codec` (one encoder, one decoder, built once) for the whole process.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import zlib
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+PROTOCOL_VERSION: Final = 1
+"""Wire protocol version; the handshake refuses a peer with a different one."""
+
+
+class WireMessage(msgspec.Struct, frozen=True, kw_only=True, tag_field="t"):
+    """Base of every peer message. ``t`` on the wire holds the subclass's tag."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Enumerations (encoded by value; add members at the end, never renumber)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ValidationStatus(enum.StrEnum):
+    UNCHECKED = "unchecked"
+    VALID = "valid"
+    INVALID = "invalid"
+
+
+class ValidationError(enum.StrEnum):
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    OUT_OF_ORDER = "out_of_order"
+    DUPLICATE = "duplicate"
+    GAP = "gap"
+    BAD_ENCODING = "bad_encoding"
+    BAD_FIELD = "bad_field"
+
+
+class RecoveryAction(enum.StrEnum):
+    NONE = "none"
+    RETRANSMIT = "retransmit"
+    REGENERATE = "regenerate"
+    RESTART_PIPELINE = "restart_pipeline"
+    REINITIALIZE_DEVICE = "reinitialize_device"
+    FALLBACK_SINGLE_DEVICE = "fallback_single_device"
+
+
+class CorruptionType(enum.StrEnum):
+    CHECKSUM = "checksum"
+    ENCODING = "encoding"
+    SEQUENCE = "sequence"
+    TENSOR = "tensor"
+    FRAME = "frame"
+
+
+class CorruptionSeverity(enum.StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class BarrierStatus(enum.StrEnum):
+    PENDING = "pending"
+    RELEASED = "released"
+    TIMED_OUT = "timed_out"
+    FAILED = "failed"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Handshake (see handshake.py for the protocol)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Hello(WireMessage, frozen=True, tag="hello"):
+    """First message from the dialing side."""
+
+    node_id: str
+    protocol_version: int
+    session_id: str
+    """Random per PeerLink incarnation: a new one tells the peer to reset its receive state."""
+    nonce: bytes
+    capabilities: tuple[str, ...] = ()
+    memory_bytes: int = 0
+    model_fingerprint: str = ""
+    tx_base: int = 1
+    """Lowest sequence number this side may still (re)send: a fresh receiver starts there."""
+
+
+class Welcome(WireMessage, frozen=True, tag="welcome"):
+    """The accepting side's answer to :class:`Hello`, with its proof of the cluster secret."""
+
+    node_id: str
+    protocol_version: int
+    session_id: str
+    nonce: bytes
+    proof: bytes = b""
+    capabilities: tuple[str, ...] = ()
+    memory_bytes: int = 0
+    model_fingerprint: str = ""
+    tx_base: int = 1
+
+
+class Auth(WireMessage, frozen=True, tag="auth"):
+    """The dialing side's proof of the cluster secret."""
+
+    proof: bytes = b""
+
+
+class Accepted(WireMessage, frozen=True, tag="accepted"):
+    """The accepting side admits the link."""
+
+
+class Rejected(WireMessage, frozen=True, tag="rejected"):
+    """Either side refuses the link; ``reason`` is logged on both ends."""
+
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokens and the seed's data models
+# ---------------------------------------------------------------------------------------------------------
+
+
+class TokenChunk(WireMessage, frozen=True, tag="token"):
+    """One sampled token on its way to the request owner (the design's EnhancedTokenChunk).
+
+    ``checksum`` covers the token's identity (see ``validation.token_bytes``); it travels end to end, beyond
+    the per-frame checksum of the link.
+    """
+
+    request_id: str
+    sequence_position: int
+    token_id: int
+    source_device_rank: int
+    checksum: str = ""
+    generation_timestamp: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
+    validation_status: ValidationStatus = ValidationStatus.UNCHECKED
+    plan_epoch: int = 0
+    finish_reason: str | None = None
+
+
+class ValidationResult(WireMessage, frozen=True, tag="validation"):
+    is_valid: bool
+    error_type: ValidationError | None = None
+    confidence_score: float = 1.0
+    suggested_action: RecoveryAction = RecoveryAction.NONE
+    detail: str = ""
+
+
+class CorruptionReport(WireMessage, frozen=True, tag="corruption"):
+    corruption_type: CorruptionType
+    affected_range: tuple[int, int]
+    severity: CorruptionSeverity
+    recovery_possible: bool
+    source_node: str = ""
+    detail: str = ""
+
+
+class SyncState(WireMessage, frozen=True, tag="sync"):
+    participating_devices: tuple[str, ...]
+    sync_timestamp: datetime
+    barrier_status: BarrierStatus
+    timeout_remaining: float
+    barrier_name: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------------------
+
+DTYPE_SIZES: Final[dict[str, int]] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "uint16": 2,
+    "int16": 2,
+    "float16": 2,
+    "bfloat16": 2,
+    "uint32": 4,
+    "int32": 4,
+    "float32": 4,
+    "uint64": 8,
+    "int64": 8,
+    "float64": 8,
+    "complex64": 8,
+}
+
+
+def tensor_checksum(data: bytes | memoryview) -> int:
+    """CRC32 of a tensor's bytes (every burst of up to 32 flipped bits is caught)."""
+    return zlib.crc32(data)
+
+
+def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    if dtype not in DTYPE_SIZES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    return DTYPE_SIZES[dtype] * math.prod(shape)
+
+
+class TensorPayload(WireMessage, frozen=True, tag="tensor"):
+    """A whole tensor as raw bytes with dtype, shape and its own checksum."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+    checksum: int
+    name: str = ""
+
+    @classmethod
+    def from_bytes(cls, dtype: str, shape: tuple[int, ...], data: bytes, name: str = "") -> TensorPayload:
+        want = expected_nbytes(dtype, shape)
+        if len(data) != want:
+            raise ValueError(f"{dtype}{list(shape)} needs {want} bytes, got {len(data)}")
+        return cls(dtype=dtype, shape=tuple(shape), data=data, checksum=tensor_checksum(data), name=name)
+
+    def verify(self) -> bool:
+        """True when size matches dtype/shape and the checksum matches the bytes."""
+        try:
+            want = expected_nbytes(self.dtype, self.shape)
+        except ValueError:
+            return False
+        return len(self.data) == want and tensor_checksum(self.data) == self.checksum
+
+
+class ActivationChunk(WireMessage, frozen=True, tag="act"):
+    """One piece of a (possibly large) activation tensor for one request step.
+
+    A tensor larger than the chunk size travels as ``chunk_count`` chunks; ``tensor_checksum`` covers the
+    whole tensor and ``checksum`` this chunk. See ``tensors.chunk_activation`` and ``ActivationAssembler``.
+    """
+
+    request_id: str
+    step: int
+    chunk_index: int
+    chunk_count: int
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    total_nbytes: int
+    data: bytes
+    checksum: int
+    tensor_checksum: int
+    plan_epoch: int = 0
+    tensor_name: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small generic messages (useful for tests and tools)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Note(WireMessage, frozen=True, tag="note"):
+    """A small sequenced message: ``n`` and free text. Used by tests and the benchmark."""
+
+    n: int
+    text: str = ""
+    sent_at: float = 0.0
+
+
+class Echo(WireMessage, frozen=True, tag="echo"):
+    """Asks the peer to send the body back (benchmark round trips)."""
+
+    n: int
+    sent_at: float
+    body: bytes = b""
+    reply: bool = False
+
+
+Message = (
+    Hello
+    | Welcome
+    | Auth
+    | Accepted
+    | Rejected
+    | TokenChunk
+    | ValidationResult
+    | CorruptionReport
+    | SyncState
+    | TensorPayload
+    | ActivationChunk
+    | Note
+    | Echo
+)
+"""Every message a peer may send. Add new message types here."""
+
+
+class Codec:
+    """msgpack encoder/decoder for :data:`Message`; build once, reuse."""
+
+    __slots__ = ("_decoder", "_encoder")
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+
+    def encode(self, message: Message) -> bytes:
+        return self._encoder.encode(message)
+
+    def decode(self, data: bytes | memoryview) -> Message:
+        """Decode one message; raises ``msgspec.DecodeError``/``ValidationError`` on bad input."""
+        return self._decoder.decode(data)
+
+
+CODEC: Final = Codec()
