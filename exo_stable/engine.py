@@ -11,25 +11,18 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
 
 from exo_stable.loader import ModelSource
 from exo_stable.mlx_thread import MlxThread
-from exo_stable.model import LayerRange, ShardModel
+from exo_stable.model import LayerRange
 from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams, sample
+from exo_stable.sampling import SamplingParams
+from exo_stable.stagecompute import StageCompute
 
 log = logging.getLogger(__name__)
-
-PREFILL_CHUNK = 512
-
-
-class EngineBusy(RuntimeError):
-    """Too many requests hold a KV cache already."""
 
 
 class ContextOverflow(ValueError):
@@ -44,13 +37,6 @@ class EngineStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-
-
-@dataclass
-class _Request:
-    cache: list[KVCache]
-    params: SamplingParams
-    started: float = field(default_factory=time.perf_counter)
 
 
 class SingleDeviceEngine:
@@ -71,13 +57,14 @@ class SingleDeviceEngine:
         self.step_timeout_s = step_timeout_s
         self.load_timeout_s = load_timeout_s
         self.stats = EngineStats()
+        n = source.spec.num_hidden_layers
+        self._compute = StageCompute(source, LayerRange(0, n, n), dtype, max_requests=max_requests)
         self._thread = MlxThread(f"mlx-{source.name}")
-        self._model: ShardModel | None = None
-        self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
 
     async def start(self) -> None:
-        await self._thread.run(self._load, timeout=self.load_timeout_s)
+        seconds = await self._thread.run(self._compute.load, timeout=self.load_timeout_s)
+        log.info("loaded %s (%s) in %.2fs", self.source.name, self.dtype, seconds)
 
     def close(self) -> None:
         self._thread.close()
@@ -86,65 +73,10 @@ class SingleDeviceEngine:
     def context_length(self) -> int:
         return self.source.spec.context_length
 
-    # --- the MLX thread -------------------------------------------------------------------------
-    def _load(self) -> None:
-        spec = self.source.spec
-        started = time.perf_counter()
-        self._model = self.source.load_shard(LayerRange(0, spec.num_hidden_layers, spec.num_hidden_layers), self.dtype)
-        self.source.release_weights()
-        log.info("loaded %s (%s) in %.2fs", self.source.name, self.dtype, time.perf_counter() - started)
+    @property
+    def open_requests(self) -> int:
+        return len(self._compute.requests)
 
-    def _require_model(self) -> ShardModel:
-        if self._model is None:
-            raise RuntimeError("engine not started")
-        return self._model
-
-    def _forward_last(self, cache: list[KVCache], ids: Sequence[int]) -> mx.array:
-        """Run ``ids`` through the model in fixed-size chunks; return the last position's logits."""
-        model = self._require_model()
-        logits: mx.array | None = None
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = mx.array([list(ids[start : start + PREFILL_CHUNK])], dtype=mx.int32)
-            logits = model(chunk, cache)[:, -1, :]
-            mx.eval(logits)
-        assert logits is not None
-        return logits[0]
-
-    def _pick(self, logits: mx.array, params: SamplingParams, position: int) -> int:
-        if params.greedy:
-            return int(mx.argmax(logits).item())  # type: ignore[arg-type]
-        row = np.array(logits.astype(mx.float32), copy=False)
-        return sample(row, params, position)
-
-    def _prefill(self, rid: str, prompt: Sequence[int], params: SamplingParams) -> int:
-        if len(self._requests) >= self.max_requests:
-            raise EngineBusy(f"{self.max_requests} requests already running")
-        model = self._require_model()
-        request = _Request(cache=model.make_cache(), params=params)
-        self._requests[rid] = request
-        t0 = time.perf_counter()
-        token = self._pick(self._forward_last(request.cache, prompt), params, 0)
-        self.stats.prefill_seconds += time.perf_counter() - t0
-        self.stats.prompt_tokens += len(prompt)
-        return token
-
-    def _decode(self, rid: str, token: int, position: int) -> int:
-        request = self._requests[rid]
-        t0 = time.perf_counter()
-        nxt = self._pick(self._forward_last(request.cache, [token]), request.params, position)
-        self.stats.decode_seconds += time.perf_counter() - t0
-        return nxt
-
-    def _release(self, rid: str) -> None:
-        self._requests.pop(rid, None)
-
-    def _logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits at every position of ``ids`` in one forward pass (teacher forcing, tests)."""
-        model = self._require_model()
-        out = model(mx.array([list(ids)], dtype=mx.int32), model.make_cache())
-        return np.array(out[0].astype(mx.float32))
-
-    # --- the asyncio side -----------------------------------------------------------------------
     def check_fits(self, prompt_len: int) -> None:
         if prompt_len == 0:
             raise ContextOverflow("the prompt is empty")
@@ -152,6 +84,20 @@ class SingleDeviceEngine:
             raise ContextOverflow(
                 f"the prompt has {prompt_len} tokens; this model's context is {self.context_length} tokens"
             )
+
+    def _prefill(self, rid: str, prompt: Sequence[int], params: SamplingParams) -> int:
+        self._compute.open(rid, params)
+        t0 = time.perf_counter()
+        token = self._compute.prefill_local(rid, prompt)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        self.stats.prompt_tokens += len(prompt)
+        return token
+
+    def _decode(self, rid: str, token: int, position: int) -> int:
+        t0 = time.perf_counter()
+        nxt = self._compute.decode_local(rid, token, position)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return nxt
 
     async def generate(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int) -> AsyncGenerator[int]:
         """Yield up to ``max_tokens`` token ids (never past the context). Closing the iterator frees the cache."""
@@ -171,7 +117,8 @@ class SingleDeviceEngine:
         finally:
             self.stats.requests_active -= 1
             if self._thread.alive:
-                self._thread.submit(self._release, rid, timeout=self.step_timeout_s)
+                self._thread.submit(self._compute.close, rid, timeout=self.step_timeout_s)
 
     async def logits(self, ids: Sequence[int]) -> np.ndarray:
-        return await self._thread.run(self._logits, list(ids), timeout=self.step_timeout_s)
+        """Logits at every position of ``ids`` in one forward pass (teacher forcing, tests)."""
+        return await self._thread.run(self._compute.logits_all, list(ids), timeout=self.step_timeout_s)

@@ -114,7 +114,7 @@ async def test_closing_the_iterator_frees_the_cache(engine: SingleDeviceEngine, 
     assert engine.stats.requests_active == 0
     # The release is queued on the MLX thread behind any running step; a no-op job proves it ran.
     await engine.logits([1])
-    assert engine._requests == {}
+    assert engine.open_requests == 0
 
 
 async def test_context_limits(engine: SingleDeviceEngine) -> None:

@@ -1,0 +1,162 @@
+"""The MLX side of one stage: a shard of the model and a KV cache per request.
+
+Every method here runs on the stage's dedicated MLX thread. The single-device engine is this class over
+all layers, so a split pipeline and one device run the very same forward calls: prompts are cut into the
+same fixed-size chunks, each chunk goes through every layer in order, and the last stage picks the token
+from the same logits with the same sampler.
+
+Activations cross stages as raw bytes with dtype and shape (bfloat16 travels as its 16-bit pattern), so a
+received tensor is bit for bit the one that was sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from exo_stable.loader import ModelSource
+from exo_stable.model import LayerRange, ShardModel
+from exo_stable.modelspec import Dtype
+from exo_stable.sampling import SamplingParams, sample
+
+PREFILL_CHUNK = 512
+"""Prompt tokens per forward call; the same on every stage and on the single device."""
+
+_WIRE_DTYPES: dict[str, tuple[mx.Dtype, type[np.generic]]] = {
+    "float32": (mx.float32, np.float32),
+    "float16": (mx.float16, np.float16),
+    "bfloat16": (mx.bfloat16, np.uint16),
+}
+
+
+class StageBusy(RuntimeError):
+    """The stage already holds the most request caches it may."""
+
+
+class UnknownRequest(KeyError):
+    """A step for a request this stage has no cache for (finished, cancelled, or never started)."""
+
+
+def prompt_chunks(ids: Sequence[int]) -> list[list[int]]:
+    return [list(ids[i : i + PREFILL_CHUNK]) for i in range(0, len(ids), PREFILL_CHUNK)]
+
+
+def tensor_to_bytes(x: mx.array) -> tuple[str, tuple[int, ...], bytes]:
+    """Exact bytes of an activation: (dtype name, shape, data)."""
+    name = str(x.dtype).removeprefix("mlx.core.")
+    if name not in _WIRE_DTYPES:
+        raise TypeError(f"activations of dtype {name} cannot travel")
+    view = x.view(mx.uint16) if name == "bfloat16" else x
+    return name, tuple(x.shape), np.array(view, copy=False).tobytes()
+
+
+def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes) -> mx.array:
+    if dtype not in _WIRE_DTYPES:
+        raise TypeError(f"unknown activation dtype {dtype!r}")
+    mx_dtype, np_dtype = _WIRE_DTYPES[dtype]
+    array = mx.array(np.frombuffer(data, dtype=np_dtype).reshape(tuple(shape)))
+    return array.view(mx.bfloat16) if dtype == "bfloat16" else array.astype(mx_dtype)
+
+
+@dataclass
+class RequestCache:
+    cache: list[KVCache]
+    params: SamplingParams
+    started: float = field(default_factory=time.perf_counter)
+    tokens_in: int = 0
+
+
+@dataclass
+class ComputeStats:
+    forward_calls: int = 0
+    tokens_forwarded: int = 0
+    forward_seconds: float = 0.0
+    requests_opened: int = 0
+    requests_closed: int = 0
+
+
+class StageCompute:
+    """A shard plus per-request KV caches. Not thread-safe: call only from the owning MLX thread."""
+
+    def __init__(self, source: ModelSource, layers: LayerRange, dtype: Dtype, *, max_requests: int = 16) -> None:
+        self.source = source
+        self.layers = layers
+        self.dtype = dtype
+        self.max_requests = max_requests
+        self.model: ShardModel | None = None
+        self.requests: dict[str, RequestCache] = {}
+        self.stats = ComputeStats()
+
+    def load(self) -> float:
+        """Build the shard (only its layers are kept); returns seconds taken."""
+        started = time.perf_counter()
+        self.model = self.source.load_shard(self.layers, self.dtype)
+        self.source.release_weights()
+        return time.perf_counter() - started
+
+    def _model(self) -> ShardModel:
+        if self.model is None:
+            raise RuntimeError("stage not loaded")
+        return self.model
+
+    def open(self, rid: str, params: SamplingParams) -> None:
+        if rid in self.requests:
+            return
+        if len(self.requests) >= self.max_requests:
+            raise StageBusy(f"stage {self.layers} already holds {self.max_requests} requests")
+        self.requests[rid] = RequestCache(self._model().make_cache(), params)
+        self.stats.requests_opened += 1
+
+    def close(self, rid: str) -> bool:
+        found = self.requests.pop(rid, None) is not None
+        if found:
+            self.stats.requests_closed += 1
+        return found
+
+    def forward(self, rid: str, x: mx.array) -> mx.array:
+        """One forward call: token ids ``[1, L]`` (first stage) or hidden states ``[1, L, H]`` in.
+
+        Returns hidden states (evaluated) or, on the last stage, the last position's logits ``[V]``.
+        """
+        request = self.requests.get(rid)
+        if request is None:
+            raise UnknownRequest(rid)
+        started = time.perf_counter()
+        out = self._model()(x, request.cache)
+        result = out[0, -1, :] if self.layers.is_last else out
+        mx.eval(result)
+        self.stats.forward_calls += 1
+        self.stats.tokens_forwarded += int(x.shape[1])
+        self.stats.forward_seconds += time.perf_counter() - started
+        request.tokens_in += int(x.shape[1])
+        return result
+
+    def pick(self, rid: str, logits: mx.array, position: int) -> int:
+        """The token at generated ``position`` from the last position's logits (last stage only)."""
+        params = self.requests[rid].params
+        if params.greedy:
+            return int(mx.argmax(logits).item())  # type: ignore[arg-type]
+        return sample(np.array(logits.astype(mx.float32), copy=False), params, position)
+
+    def prefill_local(self, rid: str, prompt: Sequence[int]) -> int:
+        """The whole prompt through a single-stage (whole-model) shard; returns the first token."""
+        logits: mx.array | None = None
+        for chunk in prompt_chunks(prompt):
+            logits = self.forward(rid, mx.array([chunk], dtype=mx.int32))
+        assert logits is not None, "empty prompt"
+        return self.pick(rid, logits, 0)
+
+    def decode_local(self, rid: str, token: int, position: int) -> int:
+        """One decode step on a whole-model shard: ``token`` in, the token at ``position`` out."""
+        return self.pick(rid, self.forward(rid, mx.array([[token]], dtype=mx.int32)), position)
+
+    def logits_all(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits at every position in one uncached pass (teacher forcing; whole-model shards only)."""
+        model = self._model()
+        out = model(mx.array([list(ids)], dtype=mx.int32), model.make_cache())
+        return np.array(out[0].astype(mx.float32))
