@@ -1,0 +1,1 @@
+"""Cluster membership: how nodes find each other (mDNS discovery and static peer lists)."""
