@@ -50,6 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
     serve.add_argument("--max-concurrent", type=int, default=8, help="requests generating at once")
+    serve.add_argument("--node-id", help="this node's name in the cluster (default: HOSTNAME-PORT)")
+    serve.add_argument(
+        "--peers",
+        default=os.environ.get("EXO_STABLE_PEERS", ""),
+        help="host:port,... of other nodes to join (for networks without multicast)",
+    )
+    serve.add_argument(
+        "--discovery",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="find peers with zeroconf (_exo-stable._tcp.local.)",
+    )
+    serve.add_argument(
+        "--cluster-secret", default=None, help="shared secret peers must prove (or set EXO_STABLE_CLUSTER_SECRET)"
+    )
+    serve.add_argument("--memory-gb", type=float, help="memory this node offers for the model (default: available)")
+    serve.add_argument("--split", help="force the layers per stage, e.g. 10,12,8 (one count per node)")
+    serve.add_argument("--max-stages", type=int, help="use at most this many nodes as stages")
 
     gen = sub.add_parser("generate", help="generate a reply to PROMPT in the terminal")
     gen.add_argument("prompt")
@@ -92,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from exo_stable.api.server import ApiConfig
+    from exo_stable.cluster.discovery import parse_static_peers
     from exo_stable.node import NodeConfig, serve
+    from exo_stable.wire.handshake import resolve_secret
 
+    split = tuple(int(x) for x in args.split.split(",")) if args.split else None
     config = NodeConfig(
         model=_model_path(args.model),
         dtype=_dtype(args.dtype),  # type: ignore[arg-type]
@@ -105,6 +126,13 @@ def _serve(args: argparse.Namespace) -> int:
             max_tokens_cap=args.max_tokens_cap,
         ),
         max_concurrent=args.max_concurrent,
+        node_id=args.node_id,
+        peers=tuple(parse_static_peers(args.peers)) if args.peers else (),
+        discovery=args.discovery,
+        cluster_secret=resolve_secret(args.cluster_secret),
+        memory_bytes=int(args.memory_gb * (1 << 30)) if args.memory_gb else None,
+        split=split,
+        max_stages=args.max_stages,
     )
     asyncio.run(serve(config))
     return 0

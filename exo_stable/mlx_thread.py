@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -96,6 +98,14 @@ class MlxThread:
         with contextlib.suppress(queue.Full):
             self._jobs.put(_STOP, timeout=timeout)
         self._thread.join(timeout)
+        # join() returns before the OS thread has run its C++ thread-local destructors, and MLX's take the
+        # GIL: if the interpreter is finalizing by then, that thread is unwound inside a noexcept destructor
+        # and the process aborts ("terminate called without an active exception"). Nothing signals the OS
+        # thread's end, so wait (bounded) until /proc no longer lists it; without /proc this is a no-op.
+        task = f"/proc/self/task/{self._thread.native_id}"
+        deadline = time.monotonic() + timeout
+        while os.path.exists(task) and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     @property
     def alive(self) -> bool:

@@ -1,23 +1,65 @@
-"""One exo-stable node serving its model over HTTP until told to stop."""
+"""One exo-stable node: the OpenAI API, its peers, its stage of the pipeline, until told to stop.
+
+The actor tree of a node::
+
+    ActorSystem
+     ├─ barriers  BarrierActor      named barriers (plan loads, request starts)
+     └─ stages    Supervisor        the StageActor of this node's layers, restarted on a crash
+
+beside them the PeerManager (links and membership), the Coordinator (placement and plan commits) and the
+PipelineOwner (requests owned here), all owned by the node's TaskGroup. A node alone is a one-stage
+pipeline over the same code path; more nodes split the layers between them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
+import socket
 import sys
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from exo_stable.api.server import ApiConfig, create_app
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import open_model
+from actors import ActorSystem, Strategy, Supervisor
+from exo_stable.api.server import ApiConfig, create_app, json_response
+from exo_stable.cluster.coordinator import ClusterOptions, Coordinator, StageHost
+from exo_stable.cluster.peers import PeerManager
+from exo_stable.loader import ModelSource, open_model
 from exo_stable.modelspec import Dtype
-from exo_stable.service import InferenceService
+from exo_stable.pipeline.barrier import BarrierActor, Barriers
+from exo_stable.pipeline.owner import PipelineOwner
+from exo_stable.service import GenerationJob, GenerationResult, Service
+from exo_stable.textstream import Delta
+from exo_stable.wire.handshake import Identity, PeerInfo, new_session_id
+from exo_stable.wire.messages import (
+    ActivationChunk,
+    BarrierArrive,
+    Message,
+    PeerAddress,
+    PeerDirectory,
+    PlanCommit,
+    PlanProposal,
+    RequestClose,
+    RequestOpen,
+    ResendTokens,
+    StageFailure,
+    StageStatus,
+    StepInput,
+    TokenChunk,
+)
+from exo_stable.wire.peerlink import WIRE_PATH
 
 log = logging.getLogger(__name__)
+
+_BYTES_PER_PARAM = {Dtype.FLOAT32: 4.0, Dtype.BFLOAT16: 2.0, Dtype.FLOAT16: 2.0, Dtype.QUANTIZED: 0.6}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,41 +70,309 @@ class NodeConfig:
     port: int = 52415
     api: ApiConfig = field(default_factory=ApiConfig)
     max_concurrent: int = 8
+    node_id: str | None = None
+    peers: tuple[tuple[str, int], ...] = ()
+    discovery: bool = False
+    cluster_secret: bytes | None = None
+    memory_bytes: int | None = None
+    split: tuple[int, ...] | None = None
+    max_stages: int | None = None
     shutdown_timeout_s: float = 10.0
 
 
-async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> None:
-    """Load the model, serve the API, and stop cleanly on SIGINT/SIGTERM."""
-    source = open_model(config.model)
-    engine = SingleDeviceEngine(source, dtype=config.dtype, max_requests=config.max_concurrent)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+def available_memory() -> int:
     try:
-        await engine.start()
-        service = InferenceService(engine, max_active=config.max_concurrent)
-        runner = web.AppRunner(
-            create_app(service, config.api), shutdown_timeout=config.shutdown_timeout_s, access_log=None
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class ClusterService(Service):
+    """The API's backend on a node: requests run on the cluster's committed plan."""
+
+    def __init__(self, node: Node, *, max_active: int) -> None:
+        source = node.source
+        super().__init__(
+            source.tokenizer,
+            model_name=source.name,
+            context_length=source.spec.context_length,
+            dtype=str(node.config.dtype),
+            max_active=max_active,
         )
+        self.node = node
+
+    async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
+        self.requests_started += 1
+        try:
+            async with aclosing(self.node.owner.stream(job, result)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self.generated_tokens += result.completion_tokens
+
+    def unavailable(self) -> str | None:
+        if self.node.coordinator.active is None:
+            return "the cluster has no pipeline plan yet (the model is loading or peers are joining)"
+        return None
+
+    def health(self) -> dict[str, Any]:
+        body = super().health()
+        plan = self.node.coordinator.active
+        body |= {"node_id": self.node.node_id, "plan_epoch": None if plan is None else plan.epoch}
+        return body
+
+
+class Node:
+    """Wires the parts of a node together and routes every incoming message to its handler."""
+
+    def __init__(self, config: NodeConfig, source: ModelSource) -> None:
+        self.config = config
+        self.source = source
+        self.node_id = config.node_id or f"{socket.gethostname()}-{config.port or secrets.token_hex(3)}"
+        self.memory_bytes = config.memory_bytes or available_memory()
+        self.unexpected = 0
+        self._peers_ready = asyncio.Event()
+        self._directory_changed = asyncio.Event()
+        self.port = config.port
+        self.options = ClusterOptions(
+            split=config.split,
+            max_stages=config.max_stages,
+            max_requests=config.max_concurrent * 2,
+            bytes_per_param=_BYTES_PER_PARAM[config.dtype],
+        )
+        # Built in run(), once the actor system is up:
+        self.peers: PeerManager
+        self.coordinator: Coordinator
+        self.stage_host: StageHost
+        self.owner: PipelineOwner
+        self.barriers: Barriers
+
+    async def dispatch(self, sender: str, message: Message) -> None:
+        match message:
+            case PlanProposal() | StageStatus() | PlanCommit():
+                await self.coordinator.handle(sender, message)
+            case PeerDirectory(peers=entries):
+                for entry in entries:
+                    if entry.node_id != self.node_id and entry.node_id not in self.peers.connected_peers():
+                        self.peers.dial(entry.host, entry.port)
+            case BarrierArrive():
+                await self.barriers.arrive(message)
+            case TokenChunk() | StageFailure():
+                self.owner.deliver(message)
+            case RequestOpen():
+                if not await self.stage_host.deliver(message):
+                    no = BarrierArrive(name=message.barrier, member=self.node_id, ok=False, detail="no stage loaded")
+                    await self.send(message.owner, no)
+            case StepInput() | ActivationChunk() | RequestClose() | ResendTokens():
+                if not await self.stage_host.deliver(message):
+                    self.unexpected += 1
+            case _:
+                self.unexpected += 1
+                log.warning("%s: unexpected %s from %s", self.node_id, type(message).__name__, sender)
+
+    def _on_membership(self, peer: PeerInfo | str, up: bool) -> None:
+        self.coordinator.on_membership(peer, up)
+        if up:
+            self._directory_changed.set()
+
+    def directory(self) -> PeerDirectory:
+        """This node and every peer it knows, with the API address each one advertised."""
+        entries = []
+        known = [(self.node_id, self.identity.capabilities)]
+        known += [(node_id, info.capabilities) for node_id, info in self.peers.connected_peers().items()]
+        for node_id, capabilities in known:
+            address = _api_address(capabilities)
+            if address is not None:
+                host, _, port = address.rpartition(":")
+                entries.append(PeerAddress(node_id, host, int(port)))
+        return PeerDirectory(peers=tuple(entries))
+
+    async def _gossip(self, stop: asyncio.Event) -> None:
+        """Tell every peer about every other one whenever someone joins, so that members form a full mesh."""
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(5.0):
+                    await self._directory_changed.wait()
+            except TimeoutError:
+                continue
+            self._directory_changed.clear()
+            directory = self.directory()
+            for node_id in list(self.peers.connected_peers()):
+                try:
+                    await self.peers.send(node_id, directory, timeout=5.0)
+                except (ConnectionError, TimeoutError) as exc:
+                    log.info("%s: could not send the peer directory to %s: %r", self.node_id, node_id, exc)
+
+    async def send(self, node_id: str, message: Message) -> None:
+        await self.peers.send(node_id, message)
+
+    def cluster_view(self) -> dict[str, Any]:
+        plan = self.coordinator.active
+        layers = {s.node_id: [s.start, s.end] for s in plan.stages} if plan else {}
+        peers = self.peers.connected_peers()
+        nodes = []
+        for node_id in sorted(self.coordinator.members):
+            info = peers.get(node_id)
+            api = _api_address(info.capabilities if info else self.identity.capabilities)
+            nodes.append({"id": node_id, "address": api, "health": "up", "layers": layers.get(node_id)})
+        return {
+            "nodes": nodes,
+            "plan": None
+            if plan is None
+            else {
+                "epoch": plan.epoch,
+                "leader": plan.leader,
+                "model_fingerprint": plan.model_fingerprint,
+                "stages": [{"node_id": s.node_id, "start": s.start, "end": s.end} for s in plan.stages],
+            },
+        }
+
+    async def run(
+        self, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None, handle_signals: bool = True
+    ) -> None:
+        """Run until ``stop`` is set (or SIGINT/SIGTERM arrives, when ``handle_signals``)."""
+        config = self.config
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            async with ActorSystem(f"node {self.node_id}", shutdown_timeout=30.0) as system:
+                self.barriers = Barriers(await system.spawn(BarrierActor(), name="barriers"))
+                stages = Supervisor("stages", [], strategy=Strategy.ONE_FOR_ONE, max_restarts=3, period_s=30.0)
+                await system.spawn(stages, name="stages")
+                self.stage_host = StageHost(
+                    self.source,
+                    dtype=config.dtype,
+                    node_id=self.node_id,
+                    send=self.send,
+                    supervisor=stages,
+                    options=self.options,
+                )
+                self.coordinator = Coordinator(
+                    self.node_id,
+                    source=self.source,
+                    memory_bytes=self.memory_bytes,
+                    send=self.send,
+                    stage_host=self.stage_host,
+                    barriers=self.barriers,
+                    options=self.options,
+                )
+                self.owner = PipelineOwner(
+                    self.node_id,
+                    tokenizer=self.source.tokenizer,
+                    send=self.send,
+                    plan=lambda: self.coordinator.active,
+                    barriers=self.barriers,
+                )
+                await self._serve(stop, ready)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    async def _serve(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
+        config = self.config
+        service = ClusterService(self, max_active=config.max_concurrent)
+        app = create_app(service, config.api)
+        app.router.add_get("/v1/cluster", self._cluster_route)
+        app.router.add_get(WIRE_PATH, self._wire_route)
+        runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_s, access_log=None, handle_signals=False)
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port)
             await site.start()
-            port = runner.addresses[0][1] if runner.addresses else config.port
-            print(
-                f"exo-stable: serving {source.name} ({config.dtype}) on http://{config.host}:{port}/v1",
-                flush=True,
+            port = int(runner.addresses[0][1]) if runner.addresses else config.port
+            self.port = port
+            self.identity = Identity(
+                node_id=self.node_id,
+                session_id=new_session_id(),
+                capabilities=("mlx", f"api={config.host}:{port}"),
+                memory_bytes=self.memory_bytes,
+                model_fingerprint=self.source.fingerprint,
             )
-            if config.api.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
-                log.warning("serving on %s without an API key: anyone who reaches it can use it", config.host)
-            if ready is not None:
-                ready.set()
-            await stop.wait()
-            print("exo-stable: shutting down", file=sys.stderr, flush=True)
+            self.peers = PeerManager(
+                self.identity,
+                dispatch=self.dispatch,
+                on_membership=self._on_membership,
+                secret=config.cluster_secret,
+            )
+            self.coordinator.wait_links = self.peers.wait_connected_to
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.peers.run(stop), name="peers")
+                tg.create_task(self.coordinator.run(stop), name="coordinator")
+                tg.create_task(self._gossip(stop), name="gossip")
+                await self.peers.wait_ready(timeout=10.0)
+                self._peers_ready.set()
+                for host, peer_port in config.peers:
+                    if (host, peer_port) != (config.host, port):
+                        self.peers.dial(host, peer_port)
+                if config.discovery:
+                    tg.create_task(self._discover(port, stop), name="discovery")
+                tg.create_task(self._announce(port, ready, stop), name="announce")
+                await stop.wait()
+                print("exo-stable: shutting down", file=sys.stderr, flush=True)
         finally:
             await runner.cleanup()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        engine.close()
+
+    async def _announce(self, port: int, ready: asyncio.Event | None, stop: asyncio.Event) -> None:
+        """Print the ready line once this node's first plan is committed (the model is loaded)."""
+        while not stop.is_set():
+            try:
+                plan = await self.coordinator.wait_plan(timeout=5.0)
+                break
+            except TimeoutError:
+                continue
+        else:
+            return
+        print(
+            f"exo-stable: serving {self.source.name} ({self.config.dtype}) on http://{self.config.host}:{port}/v1"
+            f" as {self.node_id}, plan {plan.epoch}: "
+            + " ".join(f"{s.node_id}[{s.start},{s.end})" for s in plan.stages),
+            flush=True,
+        )
+        if ready is not None:
+            ready.set()
+
+    async def _discover(self, port: int, stop: asyncio.Event) -> None:
+        from exo_stable.cluster.discovery import Discovery
+        from exo_stable.wire.messages import PROTOCOL_VERSION
+
+        async with Discovery(
+            self.node_id,
+            port,
+            protocol_version=PROTOCOL_VERSION,
+            model_fingerprint=self.source.fingerprint,
+            memory_bytes=self.memory_bytes,
+        ) as discovery:
+            while not stop.is_set():
+                try:
+                    event = await discovery.next_event(timeout=5.0)
+                except TimeoutError:
+                    continue
+                if event.kind in ("found", "updated") and event.peer.model_fingerprint == self.source.fingerprint:
+                    self.peers.dial(event.peer.host, event.peer.port)
+
+    async def wait_listening(self, timeout: float) -> int:  # noqa: ASYNC109
+        """Wait until the API and wire routes accept connections; returns the port."""
+        async with asyncio.timeout(timeout):
+            await self._peers_ready.wait()
+        return self.port
+
+    async def _wire_route(self, request: web.Request) -> web.StreamResponse:
+        async with asyncio.timeout(10.0):
+            await self._peers_ready.wait()  # a peer may dial in before this node's links are set up
+        return await self.peers.handle(request)
+
+    async def _cluster_route(self, request: web.Request) -> web.Response:
+        return json_response(self.cluster_view())
+
+
+def _api_address(capabilities: tuple[str, ...]) -> str | None:
+    return next((c.removeprefix("api=") for c in capabilities if c.startswith("api=")), None)
+
+
+async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Load the model, join the cluster, serve the API; stop cleanly on SIGINT/SIGTERM."""
+    source = open_model(config.model)
+    await Node(config, source).run(ready=ready)

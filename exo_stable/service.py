@@ -1,8 +1,10 @@
-"""The request owner on one node: prompt ids in, text deltas and one finish reason out.
+"""What the HTTP API runs requests on: prompt ids in, text deltas and one finish reason out.
 
-It admits a bounded number of requests at once (a queue with a deadline beyond that), runs each through
-the engine, and applies stop rules through one TextStream per request. Whatever way a request ends (it
-finishes, the client goes away, an error), closing its iterator frees the engine's KV cache.
+A :class:`Service` admits a bounded number of requests at once (a queue with a deadline beyond that) and
+streams each one's deltas. Two kinds exist: :class:`InferenceService` on the single-device engine (the
+terminal's ``generate`` and the fallback), and the cluster's service on the pipeline (``exo_stable.node``).
+Whatever way a request ends (it finishes, the client goes away, an error), closing its iterator frees
+its KV caches.
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from exo_stable.engine import SingleDeviceEngine
+from exo_stable.engine import ContextOverflow, SingleDeviceEngine
 from exo_stable.sampling import SamplingParams
 from exo_stable.textstream import Delta, TextStream
+from exo_stable.tokenizer import Tokenizer
 
 
 class ServiceBusy(RuntimeError):
     """No room for another request within the admission deadline."""
+
+
+class ServiceUnavailable(RuntimeError):
+    """The backend cannot run requests now (no pipeline yet), or a request's pipeline failed under it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,22 +47,61 @@ class GenerationResult:
     completion_tokens: int = 0
     finish_reason: str | None = None
     first_token_s: float | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 def default_seed() -> int:
     return secrets.randbits(63)
 
 
-class InferenceService:
-    """Runs generation jobs on a single-device engine with bounded admission."""
+class Service:
+    """Bounded admission, model facts, and the ``stream`` every backend provides."""
 
-    def __init__(self, engine: SingleDeviceEngine, *, max_active: int = 8, admission_timeout_s: float = 30.0) -> None:
-        self.engine = engine
-        self.tokenizer = engine.source.tokenizer
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str,
+        context_length: int,
+        dtype: str,
+        max_active: int = 8,
+        admission_timeout_s: float = 30.0,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.context_length = context_length
+        self.dtype = dtype
         self.max_active = max_active
         self.admission_timeout_s = admission_timeout_s
         self._slots = asyncio.Semaphore(max_active)
         self.active = 0
+        self.requests_started = 0
+        self.generated_tokens = 0
+
+    def check_fits(self, prompt_len: int) -> None:
+        if prompt_len == 0:
+            raise ContextOverflow("the prompt is empty")
+        if prompt_len >= self.context_length:
+            raise ContextOverflow(
+                f"the prompt has {prompt_len} tokens; this model's context is {self.context_length} tokens"
+            )
+
+    def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
+        raise NotImplementedError
+
+    def unavailable(self) -> str | None:
+        """Why requests cannot run right now, or None when they can."""
+        return None
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "dtype": self.dtype,
+            "active_requests": self.active,
+            "requests_started": self.requests_started,
+            "generated_tokens": self.generated_tokens,
+        }
 
     async def admit(self) -> None:
         """Wait (with a deadline) for a free slot; pair with :meth:`release`."""
@@ -71,8 +118,24 @@ class InferenceService:
         self.active -= 1
         self._slots.release()
 
+
+class InferenceService(Service):
+    """Runs generation jobs on a single-device engine."""
+
+    def __init__(self, engine: SingleDeviceEngine, *, max_active: int = 8, admission_timeout_s: float = 30.0) -> None:
+        super().__init__(
+            engine.source.tokenizer,
+            model_name=engine.source.name,
+            context_length=engine.context_length,
+            dtype=str(engine.dtype),
+            max_active=max_active,
+            admission_timeout_s=admission_timeout_s,
+        )
+        self.engine = engine
+
     async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
         """Yield deltas until one carries the finish reason. The caller must hold an admission slot."""
+        self.requests_started += 1
         text = TextStream(self.tokenizer, stop=job.stop, max_tokens=job.max_tokens)
         started = time.perf_counter()
         async with aclosing(self.engine.generate(job.prompt_ids, job.params, job.max_tokens)) as tokens:
@@ -80,6 +143,8 @@ class InferenceService:
                 if result.first_token_s is None:
                     result.first_token_s = time.perf_counter() - started
                 delta = text.push(token)
+                result.token_ids.append(token)
+                self.generated_tokens += 1
                 result.completion_tokens = len(text.completion_ids)
                 if delta.finish_reason is not None:
                     result.finish_reason = delta.finish_reason

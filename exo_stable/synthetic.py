@@ -45,7 +45,9 @@ def tiny_spec(*, layers: int = 8, hidden: int = 64, heads: int = 4, kv_heads: in
         head_dim=hidden // heads,
         rope_theta=10000.0,
         rope_traditional=True,
-        tie_word_embeddings=True,
+        # An untied head keeps random logits from peaking on the input token (a tied one makes every
+        # continuation repeat itself, which would make split-point tests blind).
+        tie_word_embeddings=False,
         context_length=2048,
     )
 
@@ -77,7 +79,8 @@ def random_weights(spec: ModelSpec, *, seed: int = 0, dtype: mx.Dtype = mx.float
     weights["model.norm.weight"] = mx.ones((spec.hidden_size,), dtype=dtype)
     if not spec.tie_word_embeddings:
         key, sub = mx.random.split(key)
-        weights["lm_head.weight"] = (mx.random.normal((spec.vocab_size, spec.hidden_size), key=sub) * 0.05).astype(
+        scale = 3.0 / spec.hidden_size**0.5  # logits of standard deviation ~3: varied, neither flat nor spiky
+        weights["lm_head.weight"] = (mx.random.normal((spec.vocab_size, spec.hidden_size), key=sub) * scale).astype(
             dtype
         )
     mx.eval(weights)

@@ -12,9 +12,7 @@ from hypothesis import strategies as st
 from exo_stable.detokenizer import StreamingDetokenizer
 from exo_stable.tokenizer import Tokenizer, byte_level_decode_map
 
-_SETTINGS = settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +98,7 @@ def test_text_streams_exactly(tok: Tokenizer, text: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["é", "日", "😀", "a日b😀c", "Ångström 你好"])
-def test_byte_by_byte_holds_back_incomplete_characters(
-    tok: Tokenizer, byte_ids: dict[int, int], text: str
-) -> None:
+def test_byte_by_byte_holds_back_incomplete_characters(tok: Tokenizer, byte_ids: dict[int, int], text: str) -> None:
     data = text.encode("utf-8")
     ids = [byte_ids[b] for b in data]
     pieces, tail = _stream(tok, ids)
@@ -190,9 +186,7 @@ def test_stream_equals_decode(tok: Tokenizer, byte_ids: dict[int, int], data: st
 
 @_SETTINGS
 @given(data=st.data())
-def test_emitted_text_is_final_whatever_follows(
-    tok: Tokenizer, byte_ids: dict[int, int], data: st.DataObject
-) -> None:
+def test_emitted_text_is_final_whatever_follows(tok: Tokenizer, byte_ids: dict[int, int], data: st.DataObject) -> None:
     """No U+FFFD is emitted early: what was emitted stays a prefix whatever tokens come next."""
     head = data.draw(_token_ids(tok, byte_ids))
     tail = data.draw(_token_ids(tok, byte_ids))

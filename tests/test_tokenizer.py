@@ -85,9 +85,7 @@ def test_chat_case_rendering_and_ids(tok: Tokenizer, oracle: dict[str, Any], nam
 
 
 @pytest.mark.parametrize("name", RAW_NAMES + CHAT_NAMES)
-def test_hf_dir_round_trip_matches_gguf(
-    tok: Tokenizer, hf_tok: Tokenizer, oracle: dict[str, Any], name: str
-) -> None:
+def test_hf_dir_round_trip_matches_gguf(tok: Tokenizer, hf_tok: Tokenizer, oracle: dict[str, Any], name: str) -> None:
     case = _case(oracle, name)
     if "text" in case:
         assert hf_tok.encode(case["text"]) == case["ids"]
@@ -114,9 +112,7 @@ def test_hf_dir_round_trip_attributes(tok: Tokenizer, hf_tok: Tokenizer) -> None
 
 
 def test_default_model_special_tokens(tok: Tokenizer) -> None:
-    assert tok.eos_ids == frozenset(
-        {0, 2}
-    )  # <|im_end|> plus <|endoftext|> (llama.cpp's end-of-generation set)
+    assert tok.eos_ids == frozenset({0, 2})  # <|im_end|> plus <|endoftext|> (llama.cpp's end-of-generation set)
     assert tok.is_special(0) and tok.is_special(1) and tok.is_special(2)
     assert not tok.is_special(tok.encode("hello")[0])
     assert tok.token_bytes(2) == b"<|im_end|>"
@@ -184,9 +180,7 @@ _CHAT_TEXT = st.text(
         max_size=4,
     )
 )
-def test_encode_chat_equals_llamacpp_way_for_normal_content(
-    tok: Tokenizer, turns: list[tuple[str, str]]
-) -> None:
+def test_encode_chat_equals_llamacpp_way_for_normal_content(tok: Tokenizer, turns: list[tuple[str, str]]) -> None:
     msgs = [ChatMessage(r, c) for r, c in turns]
     rendered = tok.render_chat(msgs)
     ids = tok.encode_chat(msgs)
@@ -236,9 +230,7 @@ def test_unassigned_code_point_is_its_own_piece(tok: Tokenizer) -> None:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    text=st.lists(st.sampled_from(["<|im_end|>", "<|im_start|>", "a", " ", "\n", "<", "|", "1"])).map("".join)
-)
+@given(text=st.lists(st.sampled_from(["<|im_end|>", "<|im_start|>", "a", " ", "\n", "<", "|", "1"])).map("".join))
 def test_parse_special_round_trip(tok: Tokenizer, text: str) -> None:
     ids = tok.encode(text, parse_special=True)
     assert tok.decode(ids) == text
@@ -251,11 +243,7 @@ def test_decode_invalid_utf8_uses_replacement(tok: Tokenizer) -> None:
     raw = b"\xe6\x97A\x80\xe6"
     ids = [tok.token_to_id(inv[b]) for b in raw]
     assert None not in ids
-    assert (
-        tok.decode([i for i in ids if i is not None])
-        == raw.decode("utf-8", "replace")
-        == "\ufffdA\ufffd\ufffd"
-    )
+    assert tok.decode([i for i in ids if i is not None]) == raw.decode("utf-8", "replace") == "\ufffdA\ufffd\ufffd"
 
 
 def test_token_bytes_out_of_range(tok: Tokenizer) -> None:
@@ -339,9 +327,7 @@ def test_template_that_transforms_content_still_protects_special_text() -> None:
 
 
 def test_template_is_sandboxed() -> None:
-    t = Tokenizer.from_gguf_metadata(
-        _tiny_metadata(**{"tokenizer.chat_template": "{{ messages.__class__.__mro__ }}"})
-    )
+    t = Tokenizer.from_gguf_metadata(_tiny_metadata(**{"tokenizer.chat_template": "{{ messages.__class__.__mro__ }}"}))
     with pytest.raises(jinja2.exceptions.SecurityError):
         t.render_chat([ChatMessage("user", "x")])
 

@@ -43,6 +43,9 @@ def _strategy(info: msgspec.inspect.Type) -> st.SearchStrategy[typing.Any]:
             return st.lists(_strategy(info.item_type), max_size=5).map(tuple)
         case i.TupleType():
             return st.tuples(*[_strategy(t) for t in info.item_types])
+        case i.StructType():  # a nested struct (e.g. StageRange inside a plan)
+            nested = info.cls
+            return st.fixed_dictionaries({f.name: _strategy(f.type) for f in info.fields}).map(lambda kw: nested(**kw))
     raise AssertionError(f"no strategy for {info}")
 
 

@@ -64,7 +64,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str | int]  # msgspec allows one array-like type per union
     echo: bool = False
 
 

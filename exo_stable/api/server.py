@@ -22,7 +22,14 @@ from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError, error_json
 from exo_stable.engine import ContextOverflow
 from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult, InferenceService, ServiceBusy, default_seed
+from exo_stable.service import (
+    GenerationJob,
+    GenerationResult,
+    Service,
+    ServiceBusy,
+    ServiceUnavailable,
+    default_seed,
+)
 from exo_stable.textstream import Delta
 from exo_stable.tokenizer import ChatMessage
 
@@ -41,7 +48,7 @@ class ApiConfig:
     max_tokens_cap: int = 4096
 
 
-SERVICE_KEY = web.AppKey("service", InferenceService)
+SERVICE_KEY = web.AppKey("service", Service)
 CONFIG_KEY = web.AppKey("config", ApiConfig)
 
 
@@ -97,12 +104,12 @@ async def _decode(request: web.Request, kind: type[T]) -> T:
 
 
 def _sampling(
-    req: s._Sampling, max_tokens: int | None, config: ApiConfig, service: InferenceService, prompt_len: int
+    req: s._Sampling, max_tokens: int | None, config: ApiConfig, service: Service, prompt_len: int
 ) -> tuple[SamplingParams, int]:
     if req.n not in (None, 1):
         raise ApiError(400, "Only n=1 is supported", param="n", code="unsupported_value")
     try:
-        service.engine.check_fits(prompt_len)
+        service.check_fits(prompt_len)
     except ContextOverflow as exc:
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
     if max_tokens is not None and max_tokens > config.max_tokens_cap:
@@ -112,7 +119,7 @@ def _sampling(
             param="max_tokens",
             code="invalid_value",
         )
-    room = service.engine.context_length - prompt_len
+    room = service.context_length - prompt_len
     limit = min(max_tokens or config.max_tokens_cap, room)
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
     params = SamplingParams(
@@ -127,7 +134,7 @@ def _sampling(
 class _Run:
     """One admitted request: its job, its result, and its stream of deltas."""
 
-    def __init__(self, service: InferenceService, job: GenerationJob) -> None:
+    def __init__(self, service: Service, job: GenerationJob) -> None:
         self.service = service
         self.job = job
         self.result = GenerationResult(prompt_tokens=len(job.prompt_ids))
@@ -142,7 +149,9 @@ class _Run:
         return self.service.stream(self.job, self.result)
 
 
-async def _admitted(service: InferenceService) -> None:
+async def _admitted(service: Service) -> None:
+    if (reason := service.unavailable()) is not None:
+        raise ApiError(503, reason, type="server_error", code="unavailable")
     try:
         await service.admit()
     except ServiceBusy as exc:
@@ -159,11 +168,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
     params, limit = _sampling(req, req.max_completion_tokens or req.max_tokens, config, service, len(prompt))
     run = _Run(service, GenerationJob(prompt, params, limit, req.stop_list()))
-    model = service.engine.source.name
+    model = service.model_name
     await _admitted(service)
     try:
         if not req.stream:
-            text = "".join([d.text async for d in _collect(run)])
+            text = "".join([d.text async for d in _collect(run, request)])
             choice = s.ChatChoice(0, s.ChatMessageOut("assistant", text), run.result.finish_reason)
             return json_response(s.ChatCompletion(f"chatcmpl-{run.id}", run.created, model, [choice], run.usage()))
 
@@ -204,12 +213,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "Only one prompt per request is supported", param="prompt", code="unsupported_value")
     params, limit = _sampling(req, req.max_tokens, config, service, len(prompt))
     run = _Run(service, GenerationJob(prompt, params, limit, req.stop_list()))
-    model = service.engine.source.name
+    model = service.model_name
     prefix = prompt_text if req.echo else ""
     await _admitted(service)
     try:
         if not req.stream:
-            text = prefix + "".join([d.text async for d in _collect(run)])
+            text = prefix + "".join([d.text async for d in _collect(run, request)])
             choice = s.CompletionChoice(0, text, run.result.finish_reason)
             return json_response(s.Completion(f"cmpl-{run.id}", run.created, model, [choice], usage=run.usage()))
 
@@ -230,13 +239,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
         service.release()
 
 
-async def _collect(run: _Run) -> AsyncGenerator[Delta]:
+async def _collect(run: _Run, request: web.Request) -> AsyncGenerator[Delta]:
+    """The deltas of an unstreamed reply; a client that goes away meanwhile stops the generation."""
     try:
         async with aclosing(run.deltas()) as deltas:
             async for delta in deltas:
+                if request.transport is None or request.transport.is_closing():
+                    log.info("client disconnected from %s after %d tokens", run.id, run.result.completion_tokens)
+                    raise ApiError(499, "the client closed the request", code="client_closed_request")
                 yield delta
     except TimeoutError as exc:
         raise ApiError(504, f"generation stalled: {exc}", type="server_error", code="timeout") from exc
+    except ServiceUnavailable as exc:
+        raise ApiError(503, str(exc), type="server_error", code="unavailable") from exc
 
 
 async def _sse(
@@ -268,6 +283,9 @@ async def _sse(
         # The client went away: closing the iterator above already freed the request's cache.
         log.info("client disconnected from %s after %d tokens: %s", run.id, run.result.completion_tokens, exc)
         return response
+    except ServiceUnavailable as exc:
+        log.warning("request %s failed mid-stream: %s", run.id, exc)
+        await send(ApiError(503, str(exc), type="server_error", code="unavailable").body())
     except Exception as exc:  # reported to the client as an error event, and logged with its traceback
         log.exception("request %s failed mid-stream", run.id)
         err = ApiError(500, f"generation failed: {exc}", type="server_error", code="internal_error")
@@ -279,7 +297,7 @@ async def _sse(
 
 async def models(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    return json_response(s.ModelList([s.ModelCard(service.engine.source.name, int(time.time()))]))
+    return json_response(s.ModelList([s.ModelCard(service.model_name, int(time.time()))]))
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -299,21 +317,10 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
-    stats = service.engine.stats
-    return json_response(
-        {
-            "status": "ok",
-            "model": service.engine.source.name,
-            "dtype": str(service.engine.dtype),
-            "active_requests": service.active,
-            "requests_started": stats.requests_started,
-            "generated_tokens": stats.generated_tokens,
-        }
-    )
+    return json_response(request.app[SERVICE_KEY].health())
 
 
-def create_app(service: InferenceService, config: ApiConfig) -> web.Application:
+def create_app(service: Service, config: ApiConfig) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_body_bytes)
     app[SERVICE_KEY] = service
     app[CONFIG_KEY] = config

@@ -260,6 +260,131 @@ class ActivationChunk(WireMessage, frozen=True, tag="act"):
     tensor_checksum: int
     plan_epoch: int = 0
     tensor_name: str = ""
+    position: int = 0
+    final: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline: plans, barriers, requests and their steps
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StageRange(msgspec.Struct, frozen=True):
+    """Layers ``[start, end)`` held by ``node_id`` (embedded in plan messages)."""
+
+    node_id: str
+    start: int
+    end: int
+
+
+class SamplingSpec(msgspec.Struct, frozen=True):
+    """A request's sampling parameters; the last stage samples with them (greedy when temperature is 0)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+class PeerAddress(msgspec.Struct, frozen=True):
+    node_id: str
+    host: str
+    port: int
+
+
+class PeerDirectory(WireMessage, frozen=True, tag="peers"):
+    """The nodes a node knows, so that every member can link to every other one (a full mesh)."""
+
+    peers: tuple[PeerAddress, ...]
+
+
+class PlanProposal(WireMessage, frozen=True, tag="plan"):
+    """The leader asks every member to load its layer range for plan ``epoch``."""
+
+    epoch: int
+    leader: str
+    model_fingerprint: str
+    n_layers: int
+    stages: tuple[StageRange, ...]
+
+
+class StageStatus(WireMessage, frozen=True, tag="stage_status"):
+    """A member's answer to a proposal: its range is loaded (or why not)."""
+
+    epoch: int
+    node_id: str
+    ready: bool
+    detail: str = ""
+    load_s: float = 0.0
+
+
+class PlanCommit(WireMessage, frozen=True, tag="plan_commit"):
+    """Every stage of plan ``epoch`` is loaded: new requests use it."""
+
+    epoch: int
+    leader: str
+    model_fingerprint: str
+    n_layers: int
+    stages: tuple[StageRange, ...]
+
+
+class BarrierArrive(WireMessage, frozen=True, tag="barrier"):
+    """``member`` reached the named barrier (``ok`` false: it cannot, and says why)."""
+
+    name: str
+    member: str
+    ok: bool = True
+    detail: str = ""
+    attempt: int = 0
+
+
+class RequestOpen(WireMessage, frozen=True, tag="req_open"):
+    """The owner announces a request to every stage of its plan; each answers with BarrierArrive."""
+
+    request_id: str
+    owner: str
+    plan_epoch: int
+    sampling: SamplingSpec
+    max_tokens: int
+    prompt_tokens: int
+    barrier: str = ""
+
+
+class StepInput(WireMessage, frozen=True, tag="step"):
+    """Token ids into stage 0: a chunk of the prompt, or the token generated at ``position - 1``.
+
+    ``final`` marks the forward call whose logits yield the token at ``position``.
+    """
+
+    request_id: str
+    plan_epoch: int
+    step: int
+    position: int
+    tokens: tuple[int, ...]
+    final: bool = True
+
+
+class RequestClose(WireMessage, frozen=True, tag="req_close"):
+    """The owner is done with a request (finished, cancelled, failed): free its caches."""
+
+    request_id: str
+    reason: str = "finished"
+
+
+class ResendTokens(WireMessage, frozen=True, tag="resend"):
+    """The owner asks the last stage for tokens it is missing or that failed validation."""
+
+    request_id: str
+    positions: tuple[int, ...]
+
+
+class StageFailure(WireMessage, frozen=True, tag="stage_failure"):
+    """A stage could not run a request's step; the owner ends or recovers the request."""
+
+    request_id: str
+    node_id: str
+    detail: str
+    step: int = -1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,6 +421,16 @@ Message = (
     | SyncState
     | TensorPayload
     | ActivationChunk
+    | PeerDirectory
+    | PlanProposal
+    | StageStatus
+    | PlanCommit
+    | BarrierArrive
+    | RequestOpen
+    | StepInput
+    | RequestClose
+    | ResendTokens
+    | StageFailure
     | Note
     | Echo
 )

@@ -65,6 +65,10 @@ class WireServer:
     def link(self, peer_id: str) -> PeerLink | None:
         return self._links.get(peer_id)
 
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The websocket handler, for a node that serves the wire route on its own application."""
+        return await self._handle(request)
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get(WIRE_PATH, self._handle)

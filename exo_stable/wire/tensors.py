@@ -22,6 +22,8 @@ def chunk_activation(
     step: int,
     plan_epoch: int = 0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    position: int = 0,
+    final: bool = True,
 ) -> list[ActivationChunk]:
     """Split ``tensor`` into chunks of at most ``chunk_bytes`` (one chunk for an empty tensor)."""
     if chunk_bytes <= 0:
@@ -48,6 +50,8 @@ def chunk_activation(
                 tensor_checksum=tensor.checksum,
                 plan_epoch=plan_epoch,
                 tensor_name=tensor.name,
+                position=position,
+                final=final,
             )
         )
     return chunks

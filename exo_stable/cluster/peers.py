@@ -1,0 +1,222 @@
+"""PeerManager: every link of this node, one router for outgoing messages, one dispatcher for incoming.
+
+Each node dials the peers it knows (static ``--peers`` or discovered) and accepts the peers that dial it.
+A pair of nodes that know each other therefore holds two links; a message to a peer goes over the link this
+node dialed when it is up, else over the one the peer dialed. Messages to this node itself are dispatched
+in process, never through a socket. Every link task (delivery pump, membership watcher) is owned by the
+manager's TaskGroup; a peer shows up when a link to it completes the handshake and goes down when no link
+to it is connected any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from exo_stable.wire.handshake import Identity, PeerInfo
+from exo_stable.wire.health import NetworkHealthMonitor
+from exo_stable.wire.messages import Hello, Message
+from exo_stable.wire.peerlink import WIRE_PATH, LinkClosed, LinkConfig, PeerLink
+from exo_stable.wire.server import WireServer
+
+log = logging.getLogger(__name__)
+
+Dispatch = Callable[[str, Message], Awaitable[None]]
+MembershipHook = Callable[[PeerInfo | str, bool], None]
+
+_POLL_S = 5.0  # upper bound of one wait in the link watchers; they loop, so it only bounds each wait
+
+
+class PeerUnreachable(ConnectionError):
+    """No connected link leads to that node."""
+
+
+@dataclass
+class _Peer:
+    info: PeerInfo | None = None
+    out: PeerLink | None = None
+    inbound: PeerLink | None = None
+    up: bool = False
+
+
+class PeerManager:
+    """Links to peers, routing, and membership events for one node."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        dispatch: Dispatch,
+        on_membership: MembershipHook,
+        secret: bytes | None = None,
+        config: LinkConfig | None = None,
+    ) -> None:
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.config = config or LinkConfig.from_env()
+        self.monitor = NetworkHealthMonitor()
+        self._dispatch = dispatch
+        self._on_membership = on_membership
+        self._secret = secret
+        self.server = WireServer(identity, secret=secret, config=self.config, on_new_peer=self._accept)
+        self._peers: dict[str, _Peer] = {}
+        self._dialed: dict[str, PeerLink] = {}  # by URL
+        self._links: list[PeerLink] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self._ready = asyncio.Event()
+        self._membership = asyncio.Event()
+        self.unroutable = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The wire route's handler (the node serves it on the same port as its API)."""
+        return await self.server.handle(request)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Own every link task until ``stop`` is set; then close all links (each with its deadline)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._ready.set()
+                await stop.wait()
+                for link in list(self._links):
+                    await link.close()
+        finally:
+            self._tg = None
+
+    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
+
+    def _spawn(self, link: PeerLink, label: str) -> None:
+        assert self._tg is not None, "PeerManager.run() is not running"
+        self._links.append(link)
+        self._tg.create_task(self._pump(link), name=f"pump {label}")
+        self._tg.create_task(self._watch(link), name=f"watch {label}")
+
+    # -- links -----------------------------------------------------------------------------------------
+
+    def dial(self, host: str, port: int) -> None:
+        """Keep a link to the node at ``host:port`` (reconnecting forever until the manager stops)."""
+        url = f"ws://{host}:{port}{WIRE_PATH}"
+        if url in self._dialed:
+            return
+        link = PeerLink(self.identity, url=url, secret=self._secret, config=self.config, monitor=self.monitor)
+        self._dialed[url] = link
+        self._spawn(link, url)
+        assert self._tg is not None
+        self._tg.create_task(link.start(), name=f"start {url}")
+
+    def _accept(self, hello: Hello) -> PeerLink | None:
+        if hello.node_id == self.node_id:
+            return None
+        link = PeerLink(
+            self.identity, peer_id=hello.node_id, secret=self._secret, config=self.config, monitor=self.monitor
+        )
+        self._peers.setdefault(hello.node_id, _Peer()).inbound = link
+        self._spawn(link, f"from {hello.node_id}")
+        return link
+
+    async def _pump(self, link: PeerLink) -> None:
+        """Deliver what the link receives, in order, to the node's dispatcher."""
+        while not link.closed:
+            try:
+                message = await link.recv(timeout=_POLL_S)
+            except TimeoutError:
+                continue
+            except LinkClosed:
+                return
+            sender = link.peer_id
+            if sender is None:
+                continue
+            await self._dispatch(sender, message)
+
+    async def _watch(self, link: PeerLink) -> None:
+        """Turn the link's connections into membership events."""
+        while not link.closed:
+            try:
+                info = await link.wait_connected(timeout=_POLL_S)
+            except TimeoutError:
+                continue
+            except LinkClosed:
+                return
+            if info.node_id == self.node_id:
+                log.warning("%s: %s leads to this node itself; closing that link", self.node_id, link.url)
+                await link.close()
+                return
+            peer = self._peers.setdefault(info.node_id, _Peer())
+            peer.info = info
+            if link.url is not None:
+                peer.out = link
+            self._update(info.node_id)
+            while link.connected:
+                try:
+                    await link.wait_disconnected(timeout=_POLL_S)
+                except TimeoutError:
+                    continue
+            self._update(info.node_id)
+
+    def _update(self, node_id: str) -> None:
+        peer = self._peers[node_id]
+        up = any(link is not None and link.connected for link in (peer.out, peer.inbound))
+        if up != peer.up:
+            peer.up = up
+            assert peer.info is not None
+            log.info("%s: peer %s is %s", self.node_id, node_id, "up" if up else "down")
+            self._membership.set()
+            self._on_membership(peer.info if up else node_id, up)
+
+    # -- routing ---------------------------------------------------------------------------------------
+
+    async def wait_connected_to(self, node_ids: set[str], timeout: float) -> None:  # noqa: ASYNC109
+        """Wait until a link to each of ``node_ids`` (this node aside) is up."""
+        async with asyncio.timeout(timeout):
+            while missing := {n for n in node_ids if n != self.node_id and not self._is_up(n)}:
+                log.debug("%s: waiting for links to %s", self.node_id, sorted(missing))
+                self._membership.clear()
+                await self._membership.wait()
+
+    def _is_up(self, node_id: str) -> bool:
+        peer = self._peers.get(node_id)
+        return peer is not None and peer.up
+
+    def dialed(self, host: str, port: int) -> bool:
+        return f"ws://{host}:{port}{WIRE_PATH}" in self._dialed
+
+    def connected_peers(self) -> dict[str, PeerInfo]:
+        return {nid: p.info for nid, p in self._peers.items() if p.up and p.info is not None}
+
+    async def send(self, node_id: str, message: Message, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Queue ``message`` for ``node_id`` (this node: dispatched in process)."""
+        if node_id == self.node_id:
+            await self._dispatch(node_id, message)
+            return
+        peer = self._peers.get(node_id)
+        for link in (peer.out, peer.inbound) if peer else ():
+            if link is not None and link.connected and not link.closed:
+                await link.send(message, timeout=timeout)
+                return
+        # A link that is reconnecting keeps what is queued and delivers it once back: prefer it over failing.
+        for link in (peer.out, peer.inbound) if peer else ():
+            if link is not None and not link.closed:
+                await link.send(message, timeout=timeout)
+                return
+        self.unroutable += 1
+        raise PeerUnreachable(f"no link from {self.node_id} to {node_id}")
+
+    def statistics(self) -> dict[str, object]:
+        return {
+            nid: {
+                "up": p.up,
+                "health": self.monitor.state(nid).value,
+                "rtt_ms": None
+                if p.out is None or p.out.statistics().rtt_s is None
+                else round(1000 * (p.out.statistics().rtt_s or 0.0), 3),
+            }
+            for nid, p in self._peers.items()
+        }

@@ -1,0 +1,230 @@
+"""The request owner on the pipeline: any node can own a request and run it on the cluster's plan.
+
+For each request the owner registers its StreamAssembler and inbox *before* the first message leaves,
+announces the request to every stage of the plan and waits at the request's barrier (deadline, retries,
+missing stages named), sends the prompt to stage 0 in the same chunks the single device uses, then
+assembles the token chunks that come back: verified, reordered, deduplicated, decoded, with stop and
+finish decided in one place. Whatever way the request ends, every stage is told to free its caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from exo_stable.pipeline.assembler import StreamAssembler
+from exo_stable.pipeline.barrier import BarrierError, Barriers
+from exo_stable.service import GenerationJob, GenerationResult, ServiceUnavailable
+from exo_stable.stagecompute import prompt_chunks
+from exo_stable.textstream import Delta
+from exo_stable.tokenizer import Tokenizer
+from exo_stable.wire.messages import (
+    Message,
+    PlanCommit,
+    RequestClose,
+    RequestOpen,
+    ResendTokens,
+    SamplingSpec,
+    StageFailure,
+    StepInput,
+    TokenChunk,
+)
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, Message], Awaitable[None]]
+
+
+class NoPlan(ServiceUnavailable):
+    """The cluster has no committed plan yet."""
+
+
+class PipelineFailed(ServiceUnavailable):
+    """A stage reported that it cannot run the request, or the pipeline stalled past its deadline."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerConfig:
+    open_timeout_s: float = 10.0
+    open_retries: int = 2
+    first_token_timeout_s: float = 300.0
+    token_timeout_s: float = 60.0
+    inbox_size: int = 1024
+
+
+@dataclass
+class _Owned:
+    assembler: StreamAssembler
+    plan: PlanCommit
+    inbox: asyncio.Queue[TokenChunk | StageFailure] = field(default_factory=lambda: asyncio.Queue(maxsize=1024))
+    overflowed: bool = False
+
+
+@dataclass
+class OwnerStats:
+    requests: int = 0
+    finished: int = 0
+    failed: int = 0
+    late_messages: int = 0
+    resend_requests: int = 0
+
+
+class PipelineOwner:
+    """Owns requests on this node and runs them through the committed plan."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        tokenizer: Tokenizer,
+        send: Send,
+        plan: Callable[[], PlanCommit | None],
+        barriers: Barriers,
+        config: OwnerConfig | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.tokenizer = tokenizer
+        self.send = send
+        self.plan = plan
+        self.config = config or OwnerConfig()
+        self.requests: dict[str, _Owned] = {}
+        self.barriers = barriers
+        self.stats = OwnerStats()
+        self._ids = itertools.count()
+
+    # -- messages from stages --------------------------------------------------------------------------
+
+    def deliver(self, message: TokenChunk | StageFailure) -> None:
+        """Route a stage's message to its request (called by the node's dispatcher; never blocks)."""
+        owned = self.requests.get(message.request_id)
+        if owned is None:
+            self.stats.late_messages += 1  # a token run ahead of a request already closed
+            return
+        try:
+            owned.inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            owned.overflowed = True
+
+    # -- one request -----------------------------------------------------------------------------------
+
+    async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
+        """Yield the request's deltas, the last one carrying its finish reason."""
+        plan = self.plan()
+        if plan is None:
+            raise NoPlan("the cluster has no pipeline plan yet")
+        rid = f"{self.node_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        budget = job.max_tokens
+        assembler = StreamAssembler(
+            rid, self.tokenizer, max_tokens=job.max_tokens, stop=job.stop, plan_epoch=plan.epoch
+        )
+        owned = _Owned(assembler, plan, asyncio.Queue(maxsize=self.config.inbox_size))
+        self.requests[rid] = owned  # registered before anything is sent
+        self.stats.requests += 1
+        stage_nodes = [s.node_id for s in plan.stages]
+        started = time.perf_counter()
+        try:
+            await self._open(rid, job, plan, budget)
+            chunks = prompt_chunks(job.prompt_ids)
+            for step, chunk in enumerate(chunks):
+                await self.send(
+                    stage_nodes[0],
+                    StepInput(
+                        request_id=rid,
+                        plan_epoch=plan.epoch,
+                        step=step,
+                        position=0,
+                        tokens=tuple(chunk),
+                        final=step == len(chunks) - 1,
+                    ),
+                )
+            deadline = self.config.first_token_timeout_s
+            while not assembler.finished:
+                if assembler.next_position >= budget:
+                    delta = assembler.finish_length()
+                    result.finish_reason = delta.finish_reason
+                    yield delta
+                    break
+                message = await self._next(owned, deadline, rid)
+                deadline = self.config.token_timeout_s
+                if isinstance(message, StageFailure):
+                    raise PipelineFailed(f"stage {message.node_id} failed request {rid}: {message.detail}")
+                step_result = assembler.accept(message)
+                if result.first_token_s is None and assembler.next_position > 0:
+                    result.first_token_s = time.perf_counter() - started
+                result.token_ids = list(assembler.token_ids)
+                result.completion_tokens = len(result.token_ids)
+                if step_result.missing:
+                    self.stats.resend_requests += 1
+                    await self.send(stage_nodes[-1], ResendTokens(request_id=rid, positions=step_result.missing))
+                for delta in step_result.deltas:
+                    if delta.finish_reason is not None:
+                        result.finish_reason = delta.finish_reason
+                    yield delta
+            self.stats.finished += 1
+        except BaseException:
+            self.stats.failed += 1
+            raise
+        finally:
+            del self.requests[rid]
+            await self._close(rid, stage_nodes)
+
+    async def _next(self, owned: _Owned, timeout: float, rid: str) -> TokenChunk | StageFailure:  # noqa: ASYNC109
+        if owned.overflowed:
+            raise PipelineFailed(f"request {rid}: more than {self.config.inbox_size} chunks waiting")
+        try:
+            async with asyncio.timeout(timeout):
+                return await owned.inbox.get()
+        except TimeoutError as exc:
+            missing = owned.assembler.next_position
+            raise PipelineFailed(f"request {rid}: no token at position {missing} within {timeout:.0f}s") from exc
+
+    async def _open(self, rid: str, job: GenerationJob, plan: PlanCommit, budget: int) -> None:
+        p = job.params
+        name = f"open/{rid}"
+        message = RequestOpen(
+            request_id=rid,
+            owner=self.node_id,
+            plan_epoch=plan.epoch,
+            sampling=SamplingSpec(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed),
+            max_tokens=budget,
+            prompt_tokens=len(job.prompt_ids),
+            barrier=name,
+        )
+
+        async def resend(missing: frozenset[str], attempt: int) -> None:
+            log.warning("request %s: attempt %d, stages not ready: %s", rid, attempt, sorted(missing))
+            for node in sorted(missing):
+                await self.send(node, message)
+
+        members = frozenset(s.node_id for s in plan.stages)
+        async with self.barriers.opened(name, members, resend) as barrier:
+            for stage in plan.stages:
+                await self.send(stage.node_id, message)
+            try:
+                await barrier.sync_with_timeout(self.config.open_timeout_s, self.config.open_retries)
+            except BarrierError as exc:
+                raise PipelineFailed(f"request {rid} could not start: {exc}") from exc
+
+    async def _close(self, rid: str, nodes: list[str]) -> None:
+        for node in nodes:
+            try:
+                await self.send(node, RequestClose(request_id=rid))
+            except (ConnectionError, TimeoutError) as exc:
+                # The stage is gone or unreachable: its caches went with it, or its link will deliver later.
+                log.warning("request %s: could not tell %s to close: %r", rid, node, exc)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "active": len(self.requests),
+            "requests": self.stats.requests,
+            "finished": self.stats.finished,
+            "failed": self.stats.failed,
+            "late_messages": self.stats.late_messages,
+            "resend_requests": self.stats.resend_requests,
+        }
