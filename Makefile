@@ -39,6 +39,9 @@ test: lint pytest
 
 bench: model
 	LD_PRELOAD=$(OPENBLAS) $(BIN)/python benchmarks/bench_engine.py
+	LD_PRELOAD=$(OPENBLAS) $(BIN)/python benchmarks/bench_cluster.py
+	$(BIN)/python benchmarks/bench_wire.py
+	$(BIN)/python benchmarks/bench_actors.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

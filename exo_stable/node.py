@@ -214,7 +214,8 @@ class Node:
         for node_id in sorted(self.coordinator.members):
             info = peers.get(node_id)
             api = _api_address(info.capabilities if info else self.identity.capabilities)
-            nodes.append({"id": node_id, "address": api, "health": "up", "layers": layers.get(node_id)})
+            health = "alive" if node_id == self.node_id else self.peers.monitor.state(node_id).value
+            nodes.append({"id": node_id, "address": api, "health": health, "layers": layers.get(node_id)})
         return {
             "nodes": nodes,
             "plan": None

@@ -312,7 +312,15 @@ class Coordinator:
     async def handle(self, sender: str, message: PlanProposal | StageStatus | PlanCommit) -> None:
         match message:
             case PlanProposal():
-                if message.epoch < self.highest_epoch or message.model_fingerprint != self.fingerprint:
+                if message.model_fingerprint != self.fingerprint:
+                    detail = (
+                        f"{self.node_id} holds model {self.fingerprint}, the plan is for {message.model_fingerprint}"
+                    )
+                    await self.send(
+                        sender, StageStatus(epoch=message.epoch, node_id=self.node_id, ready=False, detail=detail)
+                    )
+                    return
+                if message.epoch < self.highest_epoch:
                     return
                 self.highest_epoch = message.epoch
                 assert self._tg is not None
