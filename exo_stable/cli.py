@@ -82,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="complete PROMPT as plain text, without the chat template")
 
     sub.add_parser("fetch", help="download and verify the default model")
+
+    verify = sub.add_parser(
+        "verify",
+        help="check that a split model answers token for token like one device",
+        description="Run prompts through the single device and through a cluster (greedy and seeded) and compare."
+        " Exit status: 0 when every run is identical, 1 otherwise, 2 for usage or setup errors.",
+    )
+    verify.add_argument("--model", help="the model (default: SmolLM2-135M); with --tiny, its tokenizer's source")
+    verify.add_argument("--dtype", choices=dtypes)
+    verify.add_argument("--nodes", help="URL,URL,... of a running cluster's nodes (compares text through the API)")
+    verify.add_argument("--api-key", default=os.environ.get(ENV_API_KEY), help="for --nodes")
+    verify.add_argument("--stages", default="2,3", help="in-process clusters of these many nodes (default 2,3)")
+    verify.add_argument("--all-splits", action="store_true", help="every split point (use a small model: --tiny 6)")
+    verify.add_argument("--tiny", type=int, metavar="LAYERS", help="verify a random tiny llama of LAYERS layers")
+    verify.add_argument("--max-tokens", type=int, default=24)
+    verify.add_argument("--seed", type=int, default=7, help="seed of the seeded runs (and of --tiny's weights)")
+    verify.add_argument("--prompts", help="a JSON file: a list of strings or of message lists")
+    verify.add_argument("--stress", metavar="DURATION", help="then keep requests going this long (30s, 2m)")
+    verify.add_argument("--concurrency", type=int, default=4, help="requests at once in --stress (default 4)")
+    verify.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
     return parser
 
 
@@ -100,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "generate":
             return asyncio.run(_generate(args))
+        if args.command == "verify":
+            return _verify(args)
     except KeyboardInterrupt:
         return 130
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -172,6 +194,86 @@ async def _generate(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import contextlib
+    import tempfile
+
+    from exo_stable.verify import (
+        DEFAULT_PROMPTS,
+        VerifyOptions,
+        VerifySetupError,
+        all_splits,
+        load_prompts,
+        parse_duration,
+        run_verify,
+    )
+
+    def fail(message: str) -> int:
+        print(f"exo-stable verify: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        stages = tuple(int(x) for x in args.stages.split(",") if x.strip())
+        stress = parse_duration(args.stress) if args.stress else None
+        prompts = tuple(load_prompts(Path(args.prompts))) if args.prompts else DEFAULT_PROMPTS
+    except (ValueError, OSError) as exc:
+        return fail(str(exc))
+    nodes = tuple(u.strip() for u in (args.nodes or "").split(",") if u.strip())
+    if not stages or min(stages) < 1:
+        return fail("--stages needs node counts >= 1, e.g. 2,3")
+    if args.max_tokens < 1 or args.concurrency < 1 or (args.tiny is not None and args.tiny < 1):
+        return fail("--max-tokens, --concurrency and --tiny must be >= 1")
+    if nodes and (args.all_splits or args.tiny):
+        return fail("--all-splits and --tiny need in-process clusters; a running cluster (--nodes) keeps its split")
+    if not nodes and args.log_level.upper() == "INFO" and "EXO_STABLE_LOG" not in os.environ:
+        logging.getLogger().setLevel(logging.WARNING)  # the nodes' chatter would drown the table
+    real_stdout = sys.stdout
+    with tempfile.TemporaryDirectory(prefix="exo-verify-") as tmp:
+        model = _model_path(args.model)
+        if args.tiny:
+            from exo_stable.synthetic import tiny_gguf
+
+            model = tiny_gguf(Path(tmp) / f"tiny-{args.tiny}.gguf", model, layers=args.tiny, seed=args.seed)
+        if args.all_splits and not nodes:
+            from exo_stable.loader import open_model
+
+            layers = open_model(model).spec.num_hidden_layers
+            count = sum(len(all_splits(layers, n)) for n in stages if n <= layers)
+            if count > 40:
+                print(
+                    f"exo-stable verify: --all-splits means {count} splits of {layers} layers; "
+                    "a tiny random model (--tiny 6) checks every split point in seconds",
+                    file=sys.stderr,
+                )
+        options = VerifyOptions(
+            model=model,
+            dtype=_dtype(args.dtype),  # type: ignore[arg-type]
+            stages=stages,
+            every_split=args.all_splits,
+            nodes=nodes,
+            api_key=args.api_key or None,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            prompts=prompts,
+            stress=stress,
+            concurrency=args.concurrency,
+            request_timeout_s=args.timeout,
+        )
+
+        def note(line: str) -> None:
+            print(f"exo-stable verify: {line}", file=sys.stderr, flush=True)
+
+        try:
+            # Nodes print their own status lines on stdout; the report alone goes there.
+            with contextlib.redirect_stdout(sys.stderr):
+                ok = asyncio.run(run_verify(options, real_stdout, note))
+        except VerifySetupError as exc:
+            return fail(str(exc))
+        except ExceptionGroup as group:
+            return fail(f"a node failed: {group.exceptions!r}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -196,6 +196,8 @@ class Node:
             except TimeoutError:
                 continue
             self._directory_changed.clear()
+            if stop.is_set():
+                return
             directory = self.directory()
             for node_id in list(self.peers.connected_peers()):
                 try:
@@ -312,6 +314,9 @@ class Node:
                     tg.create_task(self._discover(port, stop), name="discovery")
                 tg.create_task(self._announce(port, ready, stop), name="announce")
                 await stop.wait()
+                # Wake the loops that wait for changes so they see the stop now, not at their next deadline.
+                self._directory_changed.set()
+                self.coordinator.wake()
                 print("exo-stable: shutting down", file=sys.stderr, flush=True)
         finally:
             await runner.cleanup()

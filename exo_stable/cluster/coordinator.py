@@ -215,6 +215,8 @@ class Coordinator:
                         await self._changed.wait()
                 except TimeoutError:
                     continue
+                if stop.is_set():
+                    break
                 await self._settle()
                 self._changed.clear()
                 if self.leader == self.node_id:
@@ -236,6 +238,10 @@ class Coordinator:
             except TimeoutError:
                 if seen == self.membership_epoch:
                     return
+
+    def wake(self) -> None:
+        """Wake the planning loop (at shutdown, so that it notices the stop at once)."""
+        self._changed.set()
 
     def force_split(self, split: tuple[int, ...] | None) -> None:
         """Re-plan with these layer counts per stage (None: back to placement by memory). Leader only."""
