@@ -174,6 +174,8 @@ class Node:
         self.coordinator.on_membership(peer, up)
         if up:
             self._directory_changed.set()
+        else:
+            self.owner.on_peer_down(peer if isinstance(peer, str) else peer.node_id)
 
     def directory(self) -> PeerDirectory:
         """This node and every peer it knows, with the API address each one advertised."""
@@ -268,7 +270,10 @@ class Node:
                     send=self.send,
                     plan=lambda: self.coordinator.active,
                     barriers=self.barriers,
+                    wait_plan=self.coordinator.wait_plan_where,
+                    healthy=self.coordinator.healthy,
                 )
+                self.coordinator.on_commit = self.owner.on_plan_committed
                 await self._serve(stop, ready)
         finally:
             for sig in signals:

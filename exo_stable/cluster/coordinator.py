@@ -162,6 +162,7 @@ class Coordinator:
     ) -> None:
         self.node_id = node_id
         self.wait_links = wait_links
+        self.on_commit: Callable[[PlanCommit], None] | None = None
         self.barriers = barriers
         self.source = source
         self.fingerprint = source.fingerprint
@@ -238,6 +239,10 @@ class Coordinator:
             except TimeoutError:
                 if seen == self.membership_epoch:
                     return
+
+    def healthy(self, plan: PlanCommit) -> bool:
+        """Every stage of ``plan`` is a live member."""
+        return all(s.node_id in self.members for s in plan.stages)
 
     def wake(self) -> None:
         """Wake the planning loop (at shutdown, so that it notices the stop at once)."""
@@ -345,6 +350,8 @@ class Coordinator:
                 self.active = message
                 self.history.add(message)
                 self._committed.set()
+                if self.on_commit is not None:
+                    self.on_commit(message)
 
     async def _load(self, leader: str, proposal: PlanProposal) -> None:
         try:

@@ -98,6 +98,7 @@ class StreamAssembler:
         self.window = window
         self.max_tokens = max_tokens
         self._stream = TextStream(tokenizer, stop=stop, eos_ids=eos_ids, max_tokens=max_tokens)
+        self._vocab_size = tokenizer.vocab_size
         self._validator = TokenValidator(tokenizer.vocab_size, request_id=request_id, plan_epoch=plan_epoch)
         self._checker = SequenceIntegrityChecker()
         self._buffer: dict[int, TokenChunk] = {}
@@ -151,6 +152,18 @@ class StreamAssembler:
             gaps_requested=self._gaps_requested,
             ignored_after_finish=self._ignored,
         )
+
+    def rebind(self, plan_epoch: int) -> None:
+        """The request moved to plan ``plan_epoch`` (recovery): from now on only its chunks are valid.
+
+        Positions already delivered stay delivered; anything buffered from the old plan is dropped, since
+        the new plan sends every position from the next one on.
+        """
+        self._validator = TokenValidator(self._vocab_size, request_id=self.request_id, plan_epoch=plan_epoch)
+        self._buffer.clear()
+        self._checker.clear()
+        self._reported.clear()
+        self._frontier = self._checker.next_position - 1
 
     def missing_positions(self) -> tuple[int, ...]:
         """Every position outstanding: not arrived, yet below a later arrival (within the window)."""

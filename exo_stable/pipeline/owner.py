@@ -56,6 +56,8 @@ class OwnerConfig:
     first_token_timeout_s: float = 300.0
     token_timeout_s: float = 60.0
     inbox_size: int = 1024
+    max_recoveries: int = 3
+    recovery_timeout_s: float = 120.0
 
 
 @dataclass
@@ -73,6 +75,7 @@ class OwnerStats:
     failed: int = 0
     late_messages: int = 0
     resend_requests: int = 0
+    recoveries: int = 0
 
 
 class PipelineOwner:
@@ -86,12 +89,16 @@ class PipelineOwner:
         send: Send,
         plan: Callable[[], PlanCommit | None],
         barriers: Barriers,
+        wait_plan: Callable[[Callable[[PlanCommit], bool], float], Awaitable[PlanCommit]],
+        healthy: Callable[[PlanCommit], bool],
         config: OwnerConfig | None = None,
     ) -> None:
         self.node_id = node_id
         self.tokenizer = tokenizer
         self.send = send
         self.plan = plan
+        self.wait_plan = wait_plan
+        self.healthy = healthy
         self.config = config or OwnerConfig()
         self.requests: dict[str, _Owned] = {}
         self.barriers = barriers
@@ -114,65 +121,133 @@ class PipelineOwner:
     # -- one request -----------------------------------------------------------------------------------
 
     async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
-        """Yield the request's deltas, the last one carrying its finish reason."""
+        """Yield the request's deltas, the last one carrying its finish reason.
+
+        When the pipeline fails under the request (a stage's node goes away, a stage reports a failure, a
+        token does not come within its deadline), the owner waits for a healthy plan and replays the
+        request on it: the prompt in the same chunks, then every token already accepted, one decode step
+        each (the same forward calls as the original run), so the stages' caches are rebuilt bit for bit
+        and the stream goes on from the next position with nothing lost or repeated.
+        """
         plan = self.plan()
         if plan is None:
             raise NoPlan("the cluster has no pipeline plan yet")
         rid = f"{self.node_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        budget = job.max_tokens
         assembler = StreamAssembler(
             rid, self.tokenizer, max_tokens=job.max_tokens, stop=job.stop, plan_epoch=plan.epoch
         )
         owned = _Owned(assembler, plan, asyncio.Queue(maxsize=self.config.inbox_size))
         self.requests[rid] = owned  # registered before anything is sent
         self.stats.requests += 1
-        stage_nodes = [s.node_id for s in plan.stages]
         started = time.perf_counter()
+        recoveries = 0
         try:
-            await self._open(rid, job, plan, budget)
-            chunks = prompt_chunks(job.prompt_ids)
-            for step, chunk in enumerate(chunks):
-                await self.send(
-                    stage_nodes[0],
-                    StepInput(
-                        request_id=rid,
-                        plan_epoch=plan.epoch,
-                        step=step,
-                        position=0,
-                        tokens=tuple(chunk),
-                        final=step == len(chunks) - 1,
-                    ),
-                )
-            deadline = self.config.first_token_timeout_s
-            while not assembler.finished:
-                if assembler.next_position >= budget:
-                    delta = assembler.finish_length()
-                    result.finish_reason = delta.finish_reason
-                    yield delta
+            while True:
+                try:
+                    async for delta in self._attempt(rid, job, owned, result, started):
+                        yield delta
                     break
-                message = await self._next(owned, deadline, rid)
-                deadline = self.config.token_timeout_s
-                if isinstance(message, StageFailure):
-                    raise PipelineFailed(f"stage {message.node_id} failed request {rid}: {message.detail}")
-                step_result = assembler.accept(message)
-                if result.first_token_s is None and assembler.next_position > 0:
-                    result.first_token_s = time.perf_counter() - started
-                result.token_ids = list(assembler.token_ids)
-                result.completion_tokens = len(result.token_ids)
-                if step_result.missing:
-                    self.stats.resend_requests += 1
-                    await self.send(stage_nodes[-1], ResendTokens(request_id=rid, positions=step_result.missing))
-                for delta in step_result.deltas:
-                    if delta.finish_reason is not None:
-                        result.finish_reason = delta.finish_reason
-                    yield delta
+                except PipelineFailed as exc:
+                    recoveries += 1
+                    if recoveries > self.config.max_recoveries:
+                        raise
+                    failed = owned.plan
+                    log.warning(
+                        "request %s: %s; recovering (%d) from position %d",
+                        rid,
+                        exc,
+                        recoveries,
+                        assembler.next_position,
+                    )
+                    await self._close(rid, [s.node_id for s in failed.stages], reason="recovering")
+                    owned.plan = await self._healthy_plan(rid, failed)
+                    assembler.rebind(owned.plan.epoch)
+                    _drain(owned.inbox)
+                    self.stats.recoveries += 1
             self.stats.finished += 1
         except BaseException:
             self.stats.failed += 1
             raise
         finally:
             del self.requests[rid]
-            await self._close(rid, stage_nodes)
+            await self._close(rid, [s.node_id for s in owned.plan.stages])
+
+    async def _attempt(
+        self, rid: str, job: GenerationJob, owned: _Owned, result: GenerationResult, started: float
+    ) -> AsyncGenerator[Delta]:
+        """Run (or replay and continue) the request on ``owned.plan`` until it finishes."""
+        plan, assembler = owned.plan, owned.assembler
+        stage_nodes = [s.node_id for s in plan.stages]
+        history = assembler.token_ids
+        await self._open(rid, job, plan, job.max_tokens, history)
+        chunks = prompt_chunks(job.prompt_ids)
+        for step, chunk in enumerate(chunks):
+            await self.send(
+                stage_nodes[0],
+                StepInput(
+                    request_id=rid,
+                    plan_epoch=plan.epoch,
+                    step=step,
+                    position=0,
+                    tokens=tuple(chunk),
+                    final=step == len(chunks) - 1,
+                ),
+            )
+        # A replay recomputes the history before the next new token: allow for it in the first deadline.
+        deadline = self.config.first_token_timeout_s + self.config.token_timeout_s * len(history)
+        while not assembler.finished:
+            if assembler.next_position >= job.max_tokens:
+                delta = assembler.finish_length()
+                result.finish_reason = delta.finish_reason
+                yield delta
+                return
+            message = await self._next(owned, deadline, rid)
+            deadline = self.config.token_timeout_s
+            if isinstance(message, StageFailure):
+                raise PipelineFailed(f"stage {message.node_id} failed request {rid}: {message.detail}")
+            step_result = assembler.accept(message)
+            if result.first_token_s is None and assembler.next_position > 0:
+                result.first_token_s = time.perf_counter() - started
+            result.token_ids = list(assembler.token_ids)
+            result.completion_tokens = len(result.token_ids)
+            if step_result.missing:
+                self.stats.resend_requests += 1
+                await self.send(stage_nodes[-1], ResendTokens(request_id=rid, positions=step_result.missing))
+            for delta in step_result.deltas:
+                if delta.finish_reason is not None:
+                    result.finish_reason = delta.finish_reason
+                yield delta
+
+    async def _healthy_plan(self, rid: str, failed: PlanCommit) -> PlanCommit:
+        """A committed plan whose every stage is a live member (a new one if ``failed`` lost a node)."""
+        try:
+            return await self.wait_plan(self.healthy, self.config.recovery_timeout_s)
+        except TimeoutError as exc:
+            raise PipelineFailed(
+                f"request {rid}: no healthy plan within {self.config.recovery_timeout_s:.0f}s after plan "
+                f"{failed.epoch} failed"
+            ) from exc
+
+    def on_plan_committed(self, plan: PlanCommit) -> None:
+        """A new plan replaced the stages under older requests (their caches went with the old stage
+        actors wherever a node's layers changed): move them to it now, by replay, rather than at a deadline."""
+        for rid, owned in self.requests.items():
+            if owned.plan.epoch < plan.epoch and _stages_changed(owned.plan, plan):
+                failure = StageFailure(request_id=rid, node_id=plan.leader, detail=f"plan {plan.epoch} replaced it")
+                try:
+                    owned.inbox.put_nowait(failure)
+                except asyncio.QueueFull:
+                    owned.overflowed = True
+
+    def on_peer_down(self, node_id: str) -> None:
+        """A node went away: every request whose plan uses it fails now (and recovers), not at a deadline."""
+        for rid, owned in self.requests.items():
+            if any(s.node_id == node_id for s in owned.plan.stages):
+                failure = StageFailure(request_id=rid, node_id=node_id, detail=f"node {node_id} is down")
+                try:
+                    owned.inbox.put_nowait(failure)
+                except asyncio.QueueFull:
+                    owned.overflowed = True
 
     async def _next(self, owned: _Owned, timeout: float, rid: str) -> TokenChunk | StageFailure:  # noqa: ASYNC109
         if owned.overflowed:
@@ -184,7 +259,9 @@ class PipelineOwner:
             missing = owned.assembler.next_position
             raise PipelineFailed(f"request {rid}: no token at position {missing} within {timeout:.0f}s") from exc
 
-    async def _open(self, rid: str, job: GenerationJob, plan: PlanCommit, budget: int) -> None:
+    async def _open(
+        self, rid: str, job: GenerationJob, plan: PlanCommit, budget: int, history: tuple[int, ...] = ()
+    ) -> None:
         p = job.params
         name = f"open/{rid}"
         message = RequestOpen(
@@ -195,6 +272,7 @@ class PipelineOwner:
             max_tokens=budget,
             prompt_tokens=len(job.prompt_ids),
             barrier=name,
+            history=history,
         )
 
         async def resend(missing: frozenset[str], attempt: int) -> None:
@@ -211,10 +289,10 @@ class PipelineOwner:
             except BarrierError as exc:
                 raise PipelineFailed(f"request {rid} could not start: {exc}") from exc
 
-    async def _close(self, rid: str, nodes: list[str]) -> None:
+    async def _close(self, rid: str, nodes: list[str], reason: str = "finished") -> None:
         for node in nodes:
             try:
-                await self.send(node, RequestClose(request_id=rid))
+                await self.send(node, RequestClose(request_id=rid, reason=reason))
             except (ConnectionError, TimeoutError) as exc:
                 # The stage is gone or unreachable: its caches went with it, or its link will deliver later.
                 log.warning("request %s: could not tell %s to close: %r", rid, node, exc)
@@ -227,4 +305,17 @@ class PipelineOwner:
             "failed": self.stats.failed,
             "late_messages": self.stats.late_messages,
             "resend_requests": self.stats.resend_requests,
+            "recoveries": self.stats.recoveries,
         }
+
+
+def _drain(queue: asyncio.Queue[TokenChunk | StageFailure]) -> None:
+    """Drop what the failed attempt left behind (stale epochs would be rejected anyway)."""
+    while not queue.empty():
+        queue.get_nowait()
+
+
+def _stages_changed(old: PlanCommit, new: PlanCommit) -> bool:
+    """Whether any node of ``old`` holds different layers (or none) in ``new``."""
+    now = {s.node_id: (s.start, s.end) for s in new.stages}
+    return any(now.get(s.node_id) != (s.start, s.end) for s in old.stages)

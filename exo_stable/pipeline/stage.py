@@ -54,6 +54,7 @@ class _Request:
     owner: str
     plan_epoch: int
     max_tokens: int
+    history: tuple[int, ...] = ()  # tokens of a replay: fed forward instead of sampled
     sent: list[TokenChunk] = field(default_factory=list)  # last stage: every token sent, for resends
 
 
@@ -65,6 +66,8 @@ class StageStats:
     resent: int = 0
     bad_activations: int = 0
     failures: int = 0
+    replayed: int = 0
+    replay_divergences: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +162,15 @@ class StageActor(Actor[StageMessage]):
         ok, detail = True, ""
         s = msg.sampling
         params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+        known = self._requests.get(msg.request_id)
+        if known is not None and known.plan_epoch != msg.plan_epoch:
+            # The owner moved the request to another plan (recovery): start its caches afresh.
+            self._requests.pop(msg.request_id)
+            self._assembler.discard(msg.request_id)
+            await self._run(self._compute.close, msg.request_id)
         try:
             await self._run(self._compute.open, msg.request_id, params)
-            self._requests[msg.request_id] = _Request(msg.owner, msg.plan_epoch, msg.max_tokens)
+            self._requests[msg.request_id] = _Request(msg.owner, msg.plan_epoch, msg.max_tokens, msg.history)
             self._idle.clear()
         except StageBusy as exc:
             ok, detail = False, str(exc)
@@ -218,6 +227,17 @@ class StageActor(Actor[StageMessage]):
             return
         if not final:
             return  # a prompt chunk that is not the last one: nothing to sample yet
+        if position < len(request.history):
+            # Replaying after a failure: the owner already has this token. Feed it forward (the same forward
+            # calls as the original run rebuild the caches exactly); a different pick means the replay is
+            # not exact, which is counted and logged but cannot change what the client already has.
+            known = request.history[position]
+            self.stats.replayed += 1
+            if int(out) != known:
+                self.stats.replay_divergences += 1
+                log.warning("request %s: replay picked %d at position %d, history has %d", rid, out, position, known)
+            await self._continue(rid, request, step, position, known)
+            return
         token = self._validator.seal(
             TokenChunk(
                 request_id=rid,
@@ -230,13 +250,17 @@ class StageActor(Actor[StageMessage]):
         request.sent.append(token)
         self.stats.tokens_sent += 1
         await self._send(request.owner, token)
+        await self._continue(rid, request, step, position, token.token_id)
+
+    async def _continue(self, rid: str, request: _Request, step: int, position: int, token_id: int) -> None:
+        """Send the token at ``position`` round to stage 0 as the next step, unless the budget is spent."""
         if position + 1 < request.max_tokens and rid in self._requests:
             nxt = StepInput(
                 request_id=rid,
                 plan_epoch=request.plan_epoch,
                 step=step + 1,
                 position=position + 1,
-                tokens=(token.token_id,),
+                tokens=(token_id,),
             )
             await self._send(self.config.stages[0].node_id, nxt)
 
@@ -257,10 +281,11 @@ class StageActor(Actor[StageMessage]):
         request = self._requests.get(rid)
         if request is None:
             return
+        first = len(request.history)  # a replay sends tokens from the first new position on
         for position in positions:
-            if 0 <= position < len(request.sent):
+            if 0 <= position - first < len(request.sent):
                 self.stats.resent += 1
-                await self._send(request.owner, request.sent[position])
+                await self._send(request.owner, request.sent[position - first])
 
     async def _fail(self, rid: str, request: _Request, detail: str, step: int) -> None:
         self.stats.failures += 1

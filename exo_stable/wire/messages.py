@@ -348,6 +348,8 @@ class RequestOpen(WireMessage, frozen=True, tag="req_open"):
     max_tokens: int
     prompt_tokens: int
     barrier: str = ""
+    history: tuple[int, ...] = ()
+    """Tokens already generated (a replay after a failure): the last stage feeds these instead of sampling."""
 
 
 class StepInput(WireMessage, frozen=True, tag="step"):
