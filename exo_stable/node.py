@@ -118,7 +118,13 @@ class ClusterService(Service):
     def health(self) -> dict[str, Any]:
         body = super().health()
         plan = self.node.coordinator.active
-        body |= {"node_id": self.node.node_id, "plan_epoch": None if plan is None else plan.epoch}
+        body |= {
+            "node_id": self.node.node_id,
+            "plan_epoch": None if plan is None else plan.epoch,
+            "membership_epoch": self.node.coordinator.membership_epoch,
+            "stage": self.node.stage_host.snapshot(),
+            "owner": self.node.owner.snapshot(),
+        }
         return body
 
 

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from exo_stable.pipeline.assembler import StreamAssembler
@@ -64,7 +64,7 @@ class OwnerConfig:
 class _Owned:
     assembler: StreamAssembler
     plan: PlanCommit
-    inbox: asyncio.Queue[TokenChunk | StageFailure] = field(default_factory=lambda: asyncio.Queue(maxsize=1024))
+    inbox: asyncio.Queue[TokenChunk | StageFailure]
     overflowed: bool = False
 
 

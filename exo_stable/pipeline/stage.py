@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -302,5 +301,6 @@ class StageActor(Actor[StageMessage]):
             "steps": self.stats.steps,
             "tokens_sent": self.stats.tokens_sent,
             "stale_steps": self.stats.stale_steps,
-            "started": time.time(),
+            "replayed": self.stats.replayed,
+            "replay_divergences": self.stats.replay_divergences,
         }
