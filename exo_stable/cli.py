@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args)
     except KeyboardInterrupt:
         return 130
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # OSError covers a missing model and a port in use
         print(f"exo-stable: error: {exc}", file=sys.stderr)
         return 2
     return 1
