@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from contextlib import aclosing
 from pathlib import Path
@@ -156,8 +157,15 @@ def _serve(args: argparse.Namespace) -> int:
         split=split,
         max_stages=args.max_stages,
     )
+    # Until the node's event loop takes over SIGTERM (once the model is open), a SIGTERM ends the process
+    # cleanly: nothing has started that needs stopping.
+    signal.signal(signal.SIGTERM, _terminate_before_start)
     asyncio.run(serve(config))
     return 0
+
+
+def _terminate_before_start(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 async def _generate(args: argparse.Namespace) -> int:
