@@ -20,6 +20,7 @@ from typing import Any
 
 from exo_stable.pipeline.assembler import StreamAssembler
 from exo_stable.pipeline.barrier import BarrierError, Barriers
+from exo_stable.recovery import FailureKind, RecoveryManager, StepDeadline
 from exo_stable.service import GenerationJob, GenerationResult, ServiceUnavailable
 from exo_stable.stagecompute import prompt_chunks
 from exo_stable.textstream import Delta
@@ -47,6 +48,11 @@ class NoPlan(ServiceUnavailable):
 
 class PipelineFailed(ServiceUnavailable):
     """A stage reported that it cannot run the request, or the pipeline stalled past its deadline."""
+
+    def __init__(self, message: str, *, kind: FailureKind = FailureKind.STAGE_FAILURE, node_id: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.node_id = node_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,8 @@ class PipelineOwner:
         self.config = config or OwnerConfig()
         self.requests: dict[str, _Owned] = {}
         self.barriers = barriers
+        self.recovery = RecoveryManager()
+        self.step_deadline = StepDeadline(initial_s=self.config.token_timeout_s, ceiling_s=self.config.token_timeout_s)
         self.stats = OwnerStats()
         self._ids = itertools.count()
 
@@ -149,21 +157,32 @@ class PipelineOwner:
                     break
                 except PipelineFailed as exc:
                     recoveries += 1
+                    failed_at = time.perf_counter()
+                    decision = self.recovery.classify(self.recovery.event(exc.kind, exc.node_id, (rid,), str(exc)))
                     if recoveries > self.config.max_recoveries:
+                        self.recovery.outcome("failed")
                         raise
                     failed = owned.plan
                     log.warning(
-                        "request %s: %s; recovering (%d) from position %d",
+                        "request %s: %s; %s failure, %s (%s); recovering (%d) from position %d",
                         rid,
                         exc,
+                        decision.failure_class,
+                        decision.action,
+                        decision.reason,
                         recoveries,
                         assembler.next_position,
                     )
                     await self._close(rid, [s.node_id for s in failed.stages], reason="recovering")
-                    owned.plan = await self._healthy_plan(rid, failed)
+                    try:
+                        owned.plan = await self._healthy_plan(rid, failed)
+                    except PipelineFailed:
+                        self.recovery.outcome("failed")
+                        raise
                     assembler.rebind(owned.plan.epoch)
                     _drain(owned.inbox)
                     self.stats.recoveries += 1
+                    self.recovery.outcome("replayed", time.perf_counter() - failed_at)
             self.stats.finished += 1
         except BaseException:
             self.stats.failed += 1
@@ -201,10 +220,17 @@ class PipelineOwner:
                 result.finish_reason = delta.finish_reason
                 yield delta
                 return
+            waited = time.perf_counter()
             message = await self._next(owned, deadline, rid)
-            deadline = self.config.token_timeout_s
+            if assembler.next_position > len(history):
+                self.step_deadline.observe(time.perf_counter() - waited)
+            deadline = self.step_deadline.deadline()
             if isinstance(message, StageFailure):
-                raise PipelineFailed(f"stage {message.node_id} failed request {rid}: {message.detail}")
+                raise PipelineFailed(
+                    f"stage {message.node_id} failed request {rid}: {message.detail}",
+                    kind=_failure_kind(message.detail),
+                    node_id=message.node_id,
+                )
             step_result = assembler.accept(message)
             if result.first_token_s is None and assembler.next_position > 0:
                 result.first_token_s = time.perf_counter() - started
@@ -251,13 +277,19 @@ class PipelineOwner:
 
     async def _next(self, owned: _Owned, timeout: float, rid: str) -> TokenChunk | StageFailure:  # noqa: ASYNC109
         if owned.overflowed:
-            raise PipelineFailed(f"request {rid}: more than {self.config.inbox_size} chunks waiting")
+            raise PipelineFailed(
+                f"request {rid}: more than {self.config.inbox_size} chunks waiting", node_id=self.node_id
+            )
         try:
             async with asyncio.timeout(timeout):
                 return await owned.inbox.get()
         except TimeoutError as exc:
             missing = owned.assembler.next_position
-            raise PipelineFailed(f"request {rid}: no token at position {missing} within {timeout:.0f}s") from exc
+            raise PipelineFailed(
+                f"request {rid}: no token at position {missing} within {timeout:.1f}s",
+                kind=FailureKind.STEP_DEADLINE,
+                node_id=owned.plan.stages[-1].node_id,
+            ) from exc
 
     async def _open(
         self, rid: str, job: GenerationJob, plan: PlanCommit, budget: int, history: tuple[int, ...] = ()
@@ -287,7 +319,10 @@ class PipelineOwner:
             try:
                 await barrier.sync_with_timeout(self.config.open_timeout_s, self.config.open_retries)
             except BarrierError as exc:
-                raise PipelineFailed(f"request {rid} could not start: {exc}") from exc
+                missing = ",".join(sorted(exc.missing))
+                raise PipelineFailed(
+                    f"request {rid} could not start: {exc}", kind=FailureKind.BARRIER_TIMEOUT, node_id=missing
+                ) from exc
 
     async def _close(self, rid: str, nodes: list[str], reason: str = "finished") -> None:
         for node in nodes:
@@ -306,6 +341,8 @@ class PipelineOwner:
             "late_messages": self.stats.late_messages,
             "resend_requests": self.stats.resend_requests,
             "recoveries": self.stats.recoveries,
+            "step_deadline_s": round(self.step_deadline.deadline(), 3),
+            "recovery": self.recovery.snapshot(),
         }
 
 
@@ -319,3 +356,14 @@ def _stages_changed(old: PlanCommit, new: PlanCommit) -> bool:
     """Whether any node of ``old`` holds different layers (or none) in ``new``."""
     now = {s.node_id: (s.start, s.end) for s in new.stages}
     return any(now.get(s.node_id) != (s.start, s.end) for s in old.stages)
+
+
+def _failure_kind(detail: str) -> FailureKind:
+    """The kind of a stage's reported failure (node-down notices come from this node's own membership)."""
+    if detail.startswith("node ") and detail.endswith(" is down"):
+        return FailureKind.NODE_LOST
+    if detail.startswith("plan "):
+        return FailureKind.PLAN_REPLACED
+    if detail.startswith("bad activation"):
+        return FailureKind.CHECKSUM
+    return FailureKind.STAGE_FAILURE
