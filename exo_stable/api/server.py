@@ -161,7 +161,7 @@ async def _admitted(service: Service) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
     req = await _decode(request, s.ChatCompletionRequest)
-    messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in req.messages]
+    messages = _chat_messages(req.messages)
     try:
         prompt = service.tokenizer.encode_chat(messages)
     except ValueError as exc:
@@ -295,6 +295,11 @@ async def _sse(
     return response
 
 
+def _chat_messages(messages: list[s.ChatMessageIn]) -> list[ChatMessage]:
+    """OpenAI messages as the tokenizer's (the "developer" role is a system message to the template)."""
+    return [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in messages]
+
+
 async def models(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     return json_response(s.ModelList([s.ModelCard(service.model_name, int(time.time()))]))
@@ -308,7 +313,7 @@ async def tokenize(request: web.Request) -> web.Response:
     if req.text is not None:
         return json_response(s.TokenizeResponse(service.tokenizer.encode(req.text)))
     assert req.messages is not None
-    messages = [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in req.messages]
+    messages = _chat_messages(req.messages)
     try:
         ids = service.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
     except ValueError as exc:
