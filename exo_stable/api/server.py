@@ -81,6 +81,9 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(ApiError(404, f"No route {request.method} {request.path}", code="not_found"))
     except web.HTTPException:
         raise
+    except ConnectionResetError as exc:  # the client went away before its answer: nothing broke here
+        log.info("%s %s: the client went away: %r", request.method, request.path, exc)
+        return web.Response(status=499)
     except Exception as exc:  # answered as an OpenAI error object; logged with its traceback
         log.exception("%s %s failed", request.method, request.path)
         return error_response(ApiError(500, f"internal error: {exc}", type="server_error", code="internal_error"))

@@ -11,6 +11,7 @@ the plan it started with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -96,13 +97,22 @@ class StageHost:
         self.options = options
         self.current: tuple[int, tuple[StageRange, ...]] | None = None
         self.actor: StageActor | None = None
+        self._lock = asyncio.Lock()
 
     @property
     def child_name(self) -> str:
         return "stage"
 
     async def apply(self, epoch: int, stages: tuple[StageRange, ...]) -> float:
-        """Hold this node's stage of ``stages`` (or none); returns the seconds loading took."""
+        """Hold this node's stage of ``stages`` (or none); returns the seconds loading took.
+
+        Proposals and commits may overlap (two nodes proposing at once while membership forms): one at a
+        time, so that the stage child is never started twice.
+        """
+        async with self._lock:
+            return await self._apply(epoch, stages)
+
+    async def _apply(self, epoch: int, stages: tuple[StageRange, ...]) -> float:
         index = next((i for i, s in enumerate(stages) if s.node_id == self.node_id), None)
         if self.current is not None and self.current[1] == stages and index is not None:
             self.current = (epoch, stages)
@@ -181,6 +191,8 @@ class Coordinator:
         self._committed = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._committed_to: set[str] = set()
+        self._failed_rounds = 0
+        self._proposer: dict[int, str] = {}
 
     # -- membership ------------------------------------------------------------------------------------
 
@@ -223,9 +235,17 @@ class Coordinator:
                 if self.leader == self.node_id:
                     try:
                         await self._plan_round()
+                        self._failed_rounds = 0
                     except (PlacementError, ValueError, BarrierError, ConnectionError, TimeoutError) as exc:
                         self.last_error = str(exc)
-                        log.error("%s: planning failed: %s", self.node_id, exc)
+                        self._failed_rounds += 1
+                        delay = min(10.0, self.options.settle_s * 2**self._failed_rounds)
+                        log.error("%s: planning failed (%s); trying again in %.1fs", self.node_id, exc, delay)
+                        # Nothing else would wake this loop while membership stays the same: back off (or stop).
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(delay):
+                                await stop.wait()
+                        self._changed.set()
             self._tg = None
 
     async def _settle(self) -> None:
@@ -331,8 +351,13 @@ class Coordinator:
                         sender, StageStatus(epoch=message.epoch, node_id=self.node_id, ready=False, detail=detail)
                     )
                     return
-                if message.epoch < self.highest_epoch:
+                # Two nodes may propose the same epoch while membership forms: the smaller id wins.
+                earlier = self._proposer.get(message.epoch)
+                if message.epoch < self.highest_epoch or (earlier is not None and earlier <= sender):
                     return
+                self._proposer[message.epoch] = sender
+                for old_epoch in [e for e in self._proposer if e < message.epoch - 8]:
+                    del self._proposer[old_epoch]
                 self.highest_epoch = message.epoch
                 assert self._tg is not None
                 self._tg.create_task(self._load(sender, message), name=f"load plan {message.epoch}")
@@ -342,8 +367,9 @@ class Coordinator:
                 )
                 await self.barriers.arrive(arrival)
             case PlanCommit():
-                if self.active is not None and message.epoch <= self.active.epoch:
-                    return
+                active = self.active
+                if active is not None and (message.epoch, active.leader) <= (active.epoch, message.leader):
+                    return  # older, or the same epoch from a leader with a larger id
                 self.highest_epoch = max(self.highest_epoch, message.epoch)
                 if self.stage_host.current is None or self.stage_host.current[1] != message.stages:
                     await self.stage_host.apply(message.epoch, message.stages)

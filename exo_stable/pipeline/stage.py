@@ -173,7 +173,15 @@ class StageActor(Actor[StageMessage]):
             self._idle.clear()
         except StageBusy as exc:
             ok, detail = False, str(exc)
-        await self._send(msg.owner, BarrierArrive(name=msg.barrier, member=self.config.node_id, ok=ok, detail=detail))
+        try:
+            await self._send(
+                msg.owner, BarrierArrive(name=msg.barrier, member=self.config.node_id, ok=ok, detail=detail)
+            )
+        except (ConnectionError, TimeoutError) as exc:
+            log.warning("stage %d cannot answer %s's request %s: %r", self.config.index, msg.owner, msg.request_id, exc)
+            if ok:
+                self._requests.pop(msg.request_id, None)
+                await self._run(self._compute.close, msg.request_id)
 
     async def _step_tokens(self, msg: StepInput) -> None:
         if not self.is_first:
@@ -219,10 +227,15 @@ class StageActor(Actor[StageMessage]):
         if not self.is_last:
             dtype, shape, data = out
             payload = TensorPayload.from_bytes(dtype, shape, data)
-            for piece in chunk_activation(
+            pieces = chunk_activation(
                 payload, request_id=rid, step=step, plan_epoch=request.plan_epoch, position=position, final=final
-            ):
-                await self._send(self._next_node(), piece)
+            )
+            try:
+                for piece in pieces:
+                    await self._send(self._next_node(), piece)
+            except (ConnectionError, TimeoutError) as exc:
+                # The next stage is unreachable: this request cannot go on here; its owner recovers it.
+                await self._fail(rid, request, f"cannot reach {self._next_node()}: {exc!r}", step)
             return
         if not final:
             return  # a prompt chunk that is not the last one: nothing to sample yet
@@ -235,7 +248,10 @@ class StageActor(Actor[StageMessage]):
             if int(out) != known:
                 self.stats.replay_divergences += 1
                 log.warning("request %s: replay picked %d at position %d, history has %d", rid, out, position, known)
-            await self._continue(rid, request, step, position, known)
+            try:
+                await self._continue(rid, request, step, position, known)
+            except (ConnectionError, TimeoutError) as exc:
+                await self._fail(rid, request, f"cannot reach stage 0: {exc!r}", step)
             return
         token = self._validator.seal(
             TokenChunk(
@@ -248,8 +264,11 @@ class StageActor(Actor[StageMessage]):
         )
         request.sent.append(token)
         self.stats.tokens_sent += 1
-        await self._send(request.owner, token)
-        await self._continue(rid, request, step, position, token.token_id)
+        try:
+            await self._send(request.owner, token)
+            await self._continue(rid, request, step, position, token.token_id)
+        except (ConnectionError, TimeoutError) as exc:
+            await self._fail(rid, request, f"cannot deliver position {position}: {exc!r}", step)
 
     async def _continue(self, rid: str, request: _Request, step: int, position: int, token_id: int) -> None:
         """Send the token at ``position`` round to stage 0 as the next step, unless the budget is spent."""
@@ -287,11 +306,17 @@ class StageActor(Actor[StageMessage]):
                 await self._send(request.owner, request.sent[position - first])
 
     async def _fail(self, rid: str, request: _Request, detail: str, step: int) -> None:
+        """Tell the owner this request failed here and drop it (the owner replays it elsewhere)."""
         self.stats.failures += 1
         log.warning("stage %d failed request %s at step %d: %s", self.config.index, rid, step, detail)
-        await self._send(
-            request.owner, StageFailure(request_id=rid, node_id=self.config.node_id, detail=detail, step=step)
-        )
+        self._requests.pop(rid, None)
+        await self._run(self._compute.close, rid)
+        failure = StageFailure(request_id=rid, node_id=self.config.node_id, detail=detail, step=step)
+        try:
+            await self._send(request.owner, failure)
+        except (ConnectionError, TimeoutError) as exc:
+            # The owner is unreachable too: it notices the node set change (or its step deadline) by itself.
+            log.warning("stage %d could not report request %s to %s: %r", self.config.index, rid, request.owner, exc)
 
     def snapshot(self) -> dict[str, Any]:
         return {
