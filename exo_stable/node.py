@@ -124,6 +124,7 @@ class ClusterService(Service):
             "membership_epoch": self.node.coordinator.membership_epoch,
             "stage": self.node.stage_host.snapshot(),
             "owner": self.node.owner.snapshot(),
+            "peers": self.node.peers.statistics(),
         }
         return body
 

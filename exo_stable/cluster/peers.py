@@ -210,13 +210,21 @@ class PeerManager:
         raise PeerUnreachable(f"no link from {self.node_id} to {node_id}")
 
     def statistics(self) -> dict[str, object]:
-        return {
-            nid: {
-                "up": p.up,
-                "health": self.monitor.state(nid).value,
-                "rtt_ms": None
-                if p.out is None or p.out.statistics().rtt_s is None
-                else round(1000 * (p.out.statistics().rtt_s or 0.0), 3),
-            }
-            for nid, p in self._peers.items()
-        }
+        """Per peer: membership, health, RTT, and each of its links' integrity counters (for /health)."""
+        out: dict[str, object] = {}
+        for nid, p in self._peers.items():
+            links = {}
+            for direction, link in (("out", p.out), ("in", p.inbound)):
+                if link is None:
+                    continue
+                st = link.statistics()
+                links[direction] = {
+                    "connected": st.connected,
+                    "rtt_ms": None if st.rtt_s is None else round(1000 * st.rtt_s, 3),
+                    "retransmissions": st.retransmissions,
+                    "duplicates_suppressed": st.duplicates_suppressed,
+                    "corrupt_frames": st.corrupt_frames,
+                    "faults_injected": st.faults,
+                }
+            out[nid] = {"up": p.up, "health": self.monitor.state(nid).value, "links": links}
+        return out
