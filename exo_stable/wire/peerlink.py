@@ -83,7 +83,7 @@ class LinkConfig:
         return cls(**overrides)
 
 
-class LinkClosed(RuntimeError):
+class LinkClosed(ConnectionError):
     """The link was closed; it sends and receives nothing more."""
 
 
