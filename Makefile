@@ -11,7 +11,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /u
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install model serve test lint pytest bench clean
+.PHONY: install model serve test lint pytest bench report clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ bench: model
 	LD_PRELOAD=$(OPENBLAS) $(BIN)/python benchmarks/bench_cluster.py
 	$(BIN)/python benchmarks/bench_wire.py
 	$(BIN)/python benchmarks/bench_actors.py
+	LD_PRELOAD=$(OPENBLAS) $(BIN)/python benchmarks/bench_validation.py
+	LD_PRELOAD=$(OPENBLAS) $(BIN)/python benchmarks/chaos_report.py
+	$(MAKE) report
+
+# One JSON and PNG charts from whatever results the benchmarks saved (regenerates in seconds). The GPU figures
+# come from benchmarks/bench_gpu.py, run on a machine with an NVIDIA GPU (README, "NVIDIA GPUs").
+report: install
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -24,24 +24,52 @@ def _model_path(arg: str | None) -> Path:
     return ensure_default_model(progress=sys.stderr.isatty())
 
 
-def _dtype(arg: str | None) -> object:
+def _dtype(arg: str | None, device: str = "cpu") -> object:
     from exo_stable.modelspec import Dtype
     from exo_stable.platform import default_dtype
 
-    return Dtype(arg) if arg else default_dtype()
+    return Dtype(arg) if arg else default_dtype(device)
+
+
+def _device(args: argparse.Namespace) -> str:
+    """Resolve --device (default: the best available) and make it this process's device."""
+    from exo_stable.device import choose, describe, resolve
+
+    kind = resolve(args.device)
+    choose(kind)
+    logging.getLogger("exo_stable.device").info("computing on %s", describe(kind))
+    return kind.value
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "gpu"], help="compute on this device (default: the best available)")
+    p.add_argument(
+        "--gpu",
+        type=int,
+        metavar="N",
+        help="on a machine with several GPUs, use GPU N (sets CUDA_VISIBLE_DEVICES; nodes can share a host)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exo-stable", description=__doc__)
     parser.add_argument("--version", action="version", version=f"exo-stable {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("EXO_STABLE_LOG", "INFO"))
+    log_formats = ["text", "json"]
+    log_help = "log lines as text or as JSON objects with the request id (or set EXO_STABLE_LOG_FORMAT)"
+    default_log_format = os.environ.get("EXO_STABLE_LOG_FORMAT", "text").lower()
+    parser.add_argument("--log-format", default=default_log_format, choices=log_formats, help=log_help)
     sub = parser.add_subparsers(dest="command", required=True)
     dtypes = ["quantized", "float32", "bfloat16", "float16"]
 
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=52415, help="port (0 picks a free one; default 52415)")
-    serve.add_argument("--model", help="a GGUF file or an MLX/Hugging Face model directory (default: SmolLM2-135M)")
+    serve.add_argument(
+        "--model",
+        help="a GGUF file, an MLX/Hugging Face model directory, or random:<shape>[@seed] "
+        "(random weights of a published shape, e.g. random:llama-3-8b; default: SmolLM2-135M)",
+    )
     serve.add_argument("--dtype", choices=dtypes, help="weights in memory (default: fastest for this platform)")
     serve.add_argument(
         "--api-key",
@@ -69,6 +97,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-gb", type=float, help="memory this node offers for the model (default: available)")
     serve.add_argument("--split", help="force the layers per stage, e.g. 10,12,8 (one count per node)")
     serve.add_argument("--max-stages", type=int, help="use at most this many nodes as stages")
+    serve.add_argument("--log-format", default=argparse.SUPPRESS, choices=log_formats, help=log_help)
+    serve.add_argument(
+        "--trace-ring", type=int, default=128, help="keep the traces of this many recent requests (GET /v1/traces/ID)"
+    )
+    serve.add_argument(
+        "--replay",
+        choices=["exact", "fast"],
+        default="exact",
+        help="how recovery rebuilds a request's caches: exact (the same forward calls as the original run; "
+        "the answer goes on bit-identical) or fast (one batched re-prefill); default exact",
+    )
+    serve.add_argument(
+        "--validation",
+        choices=["off", "light", "strict"],
+        default="light",
+        help="validation level of requests that do not ask for one (body field exo_validation): off, light "
+        "(token and activation checksums, positions, UTF-8; default) or strict (adds end-to-end activation "
+        "checksums, every delta's encoding, spot-check recomputation)",
+    )
+    serve.add_argument(
+        "--spot-check-fraction",
+        type=_fraction,
+        default=0.05,
+        help="strict: the share of steps each stage computes twice and compares bit for bit (default 0.05)",
+    )
+    serve.add_argument(
+        "--no-adaptive-validation",
+        dest="adaptive_validation",
+        action="store_false",
+        help="keep every request at its level even when corruption or retransmits are seen",
+    )
+    _add_device_args(serve)
 
     gen = sub.add_parser("generate", help="generate a reply to PROMPT in the terminal")
     gen.add_argument("prompt")
@@ -81,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--system", help="a system message")
     gen.add_argument("--raw", action="store_true", help="complete PROMPT as plain text, without the chat template")
+    _add_device_args(gen)
 
     sub.add_parser("fetch", help="download and verify the default model")
 
@@ -108,11 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
-    from exo_stable.platform import maybe_reexec_with_openblas
+    from exo_stable.platform import maybe_reexec
 
-    maybe_reexec_with_openblas(args_list)
+    maybe_reexec(args_list)
     args = build_parser().parse_args(args_list)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from exo_stable.logs import LogFormat, configure
+
+    if args.log_format not in set(LogFormat):
+        print(f"exo-stable: error: log format {args.log_format!r} is not text or json", file=sys.stderr)
+        return 2
+    configure(args.log_level, args.log_format)
     try:
         if args.command == "fetch":
             print(_model_path(None))
@@ -135,18 +201,21 @@ def _serve(args: argparse.Namespace) -> int:
     from exo_stable.api.server import ApiConfig
     from exo_stable.cluster.discovery import parse_static_peers
     from exo_stable.node import NodeConfig, serve
+    from exo_stable.pipeline.levels import ValidationLevel
+    from exo_stable.recovery import ReplayMode
     from exo_stable.wire.handshake import resolve_secret
 
     split = tuple(int(x) for x in args.split.split(",")) if args.split else None
     config = NodeConfig(
         model=_model_path(args.model),
-        dtype=_dtype(args.dtype),  # type: ignore[arg-type]
+        dtype=_dtype(args.dtype, _device(args)),  # type: ignore[arg-type]
         host=args.host,
         port=args.port,
         api=ApiConfig(
             api_key=args.api_key or None,
             max_body_bytes=args.max_body_bytes,
             max_tokens_cap=args.max_tokens_cap,
+            trace_ring=args.trace_ring,
         ),
         max_concurrent=args.max_concurrent,
         node_id=args.node_id,
@@ -156,6 +225,10 @@ def _serve(args: argparse.Namespace) -> int:
         memory_bytes=int(args.memory_gb * (1 << 30)) if args.memory_gb else None,
         split=split,
         max_stages=args.max_stages,
+        replay=ReplayMode(args.replay),
+        validation=ValidationLevel(args.validation),
+        spot_check_fraction=args.spot_check_fraction,
+        adaptive_validation=args.adaptive_validation,
     )
     # Until the node's event loop takes over SIGTERM (once the model is open), a SIGTERM ends the process
     # cleanly: nothing has started that needs stopping.
@@ -176,7 +249,7 @@ async def _generate(args: argparse.Namespace) -> int:
     from exo_stable.tokenizer import ChatMessage
 
     source = open_model(_model_path(args.model))
-    engine = SingleDeviceEngine(source, dtype=_dtype(args.dtype))  # type: ignore[arg-type]
+    engine = SingleDeviceEngine(source, dtype=_dtype(args.dtype, _device(args)))  # type: ignore[arg-type]
     try:
         await engine.start()
         if args.raw:
@@ -282,6 +355,17 @@ def _verify(args: argparse.Namespace) -> int:
         except ExceptionGroup as group:
             return fail(f"a node failed: {group.exceptions!r}")
     return 0 if ok else 1
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not within [0, 1]")
+    return value
 
 
 if __name__ == "__main__":

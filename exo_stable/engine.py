@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
+import mlx.core as mx
 import numpy as np
 
+from exo_stable.device import DeviceKind, activate, chosen, describe
 from exo_stable.loader import ModelSource
 from exo_stable.mlx_thread import MlxThread
 from exo_stable.model import LayerRange
@@ -39,6 +42,14 @@ class EngineStats:
     decode_seconds: float = 0.0
 
 
+@dataclass
+class _Ahead:
+    """A greedy request's queued steps: tokens still computing, oldest first, and how many were queued."""
+
+    tokens: deque[mx.array]
+    queued: int
+
+
 class SingleDeviceEngine:
     """Holds one model on one MLX thread and runs any number of requests through it."""
 
@@ -50,21 +61,35 @@ class SingleDeviceEngine:
         max_requests: int = 16,
         step_timeout_s: float = 120.0,
         load_timeout_s: float = 600.0,
+        lookahead: bool = True,
+        lookahead_depth: int | None = None,
+        device: DeviceKind | None = None,
     ) -> None:
         self.source = source
         self.dtype = dtype
         self.max_requests = max_requests
         self.step_timeout_s = step_timeout_s
         self.load_timeout_s = load_timeout_s
+        self.lookahead = lookahead
+        self.device = device if device is not None else chosen()
+        # Steps queued ahead of the token being read: two keep a GPU busy through the host's turn; on a CPU,
+        # whose cores also run the host's turn, one was fastest (benchmarks/bench_gpu.py, README).
+        self.lookahead_depth = lookahead_depth or (2 if self.device is DeviceKind.GPU else 1)
         self.stats = EngineStats()
+        # Greedy requests decoding ahead: their queued steps, still computing. MLX thread only.
+        self._ahead: dict[str, _Ahead] = {}
         n = source.spec.num_hidden_layers
         self._compute = StageCompute(source, LayerRange(0, n, n), dtype, max_requests=max_requests)
         self._thread = MlxThread(f"mlx-{source.name}")
         self._ids = itertools.count()
 
     async def start(self) -> None:
-        seconds = await self._thread.run(self._compute.load, timeout=self.load_timeout_s)
-        log.info("loaded %s (%s) in %.2fs", self.source.name, self.dtype, seconds)
+        seconds = await self._thread.run(self._load, timeout=self.load_timeout_s)
+        log.info("loaded %s (%s, %s) in %.2fs", self.source.name, self.dtype, describe(self.device), seconds)
+
+    def _load(self) -> float:
+        activate(self.device)
+        return self._compute.load()
 
     def close(self) -> None:
         self._thread.close()
@@ -76,6 +101,10 @@ class SingleDeviceEngine:
     @property
     def open_requests(self) -> int:
         return len(self._compute.requests)
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by the open requests' KV caches (for /metrics; any thread)."""
+        return self._compute.kv_cache_bytes()
 
     def check_fits(self, prompt_len: int) -> None:
         if prompt_len == 0:
@@ -99,6 +128,36 @@ class SingleDeviceEngine:
         self.stats.decode_seconds += time.perf_counter() - t0
         return nxt
 
+    def _queue_ahead(self, rid: str, budget: int) -> None:
+        """Queue greedy steps until ``lookahead_depth`` run ahead of the token being read (never past budget)."""
+        pending = self._ahead[rid]
+        while len(pending.tokens) <= self.lookahead_depth and pending.queued < budget:
+            pending.tokens.append(self._compute.decode_ahead(rid, pending.tokens[-1]))
+            pending.queued += 1
+
+    def _prefill_ahead(self, rid: str, prompt: Sequence[int], params: SamplingParams, budget: int) -> int:
+        """Greedy prefill; the next decode steps are queued before the token at position 0 is read."""
+        self._compute.open(rid, params)
+        t0 = time.perf_counter()
+        self._ahead[rid] = _Ahead(deque([self._compute.prefill_ahead(rid, prompt)]), queued=1)
+        self._queue_ahead(rid, budget)
+        token = int(self._ahead[rid].tokens.popleft().item())  # type: ignore[arg-type]
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        self.stats.prompt_tokens += len(prompt)
+        return token
+
+    def _decode_ahead(self, rid: str, position: int, budget: int) -> int:
+        """The token at ``position`` (already computing); more steps are queued before it is read."""
+        t0 = time.perf_counter()
+        self._queue_ahead(rid, budget)
+        token = int(self._ahead[rid].tokens.popleft().item())  # type: ignore[arg-type]
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return token
+
+    def _close(self, rid: str) -> None:
+        self._ahead.pop(rid, None)
+        self._compute.close(rid)
+
     async def generate(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int) -> AsyncGenerator[int]:
         """Yield up to ``max_tokens`` token ids (never past the context). Closing the iterator frees the cache."""
         self.check_fits(len(prompt))
@@ -106,18 +165,29 @@ class SingleDeviceEngine:
         rid = f"r{next(self._ids)}"
         self.stats.requests_started += 1
         self.stats.requests_active += 1
+        ahead = self.lookahead and params.greedy
         try:
-            token = await self._thread.run(self._prefill, rid, list(prompt), params, timeout=self.step_timeout_s)
+            if ahead:
+                token = await self._thread.run(
+                    self._prefill_ahead, rid, list(prompt), params, budget, timeout=self.step_timeout_s
+                )
+            else:
+                token = await self._thread.run(self._prefill, rid, list(prompt), params, timeout=self.step_timeout_s)
             for position in range(1, budget + 1):
                 self.stats.generated_tokens += 1
                 yield token
                 if position == budget:
                     break
-                token = await self._thread.run(self._decode, rid, token, position, timeout=self.step_timeout_s)
+                if ahead:
+                    token = await self._thread.run(
+                        self._decode_ahead, rid, position, budget, timeout=self.step_timeout_s
+                    )
+                else:
+                    token = await self._thread.run(self._decode, rid, token, position, timeout=self.step_timeout_s)
         finally:
             self.stats.requests_active -= 1
             if self._thread.alive:
-                self._thread.submit(self._compute.close, rid, timeout=self.step_timeout_s)
+                self._thread.submit(self._close, rid, timeout=self.step_timeout_s)
 
     async def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits at every position of ``ids`` in one forward pass (teacher forcing, tests)."""

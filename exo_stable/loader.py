@@ -1,7 +1,9 @@
 """Find a model on disk, say what it is, and load any layer range of it.
 
 Two formats are accepted: a llama-architecture GGUF file (the default model is one), and an MLX /
-Hugging Face model directory (``config.json`` + ``*.safetensors`` + tokenizer files).
+Hugging Face model directory (``config.json`` + ``*.safetensors`` + tokenizer files). A third source needs
+no file: ``random:<shape>[@seed]`` is a published llama shape with seeded random weights, each shard
+generating only its own tensors (see :mod:`exo_stable.random_model`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any, Literal
 
 import mlx.core as mx
 
+from exo_stable import random_model
 from exo_stable.gguf import UnsupportedModelError, quant_specs, read_gguf
-from exo_stable.model import LayerRange, ShardModel, build_shard
+from exo_stable.model import LayerRange, ShardModel, build_shard, shard_weight_names
 from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec
 from exo_stable.tokenizer import Tokenizer
 
@@ -27,12 +30,13 @@ class ModelSource:
     """A model on disk: its spec, tokenizer, fingerprint, and a way to build any shard of it."""
 
     path: Path
-    format: Literal["gguf", "mlx"]
+    format: Literal["gguf", "mlx", "random"]
     name: str
     spec: ModelSpec
     tokenizer: Tokenizer
     fingerprint: str
     quant: dict[str, QuantSpec]
+    random: random_model.RandomModel | None = None
     _weights: dict[str, mx.array] | None = field(default=None, repr=False)
 
     def weights(self) -> dict[str, mx.array]:
@@ -44,6 +48,12 @@ class ModelSource:
         """Build layers ``layers`` (embedding/head included where they belong). Call on the MLX thread."""
         if layers.total != self.spec.num_hidden_layers:
             raise ValueError(f"{self.name} has {self.spec.num_hidden_layers} layers, not {layers.total}")
+        if self.random is not None:
+            # Only this shard's tensors are drawn; the whole model never exists on this node.
+            names = shard_weight_names(self.spec, layers, list(random_model.tensor_shapes(self.spec)))
+            draw = mx.float32 if dtype is Dtype.FLOAT32 else mx.float16 if dtype is Dtype.FLOAT16 else mx.bfloat16
+            weights, quant = random_model.generate(self.random, names, dtype=draw, quantize=dtype is Dtype.QUANTIZED)
+            return build_shard(self.spec, layers, weights, quant, dtype)
         return build_shard(self.spec, layers, self.weights(), self.quant, dtype)
 
     def release_weights(self) -> None:
@@ -51,9 +61,11 @@ class ModelSource:
         self._weights = None
 
 
-def open_model(path: Path) -> ModelSource:
+def open_model(path: Path | str) -> ModelSource:
     """Identify the model at ``path``; a clear error names what was found when it is not usable."""
-    path = path.expanduser()
+    if random_model.is_random(str(path)):
+        return _open_random(str(path))
+    path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
     if path.is_file():
@@ -87,6 +99,24 @@ def _open_gguf(path: Path) -> ModelSource:
         quant=quant_specs(weights),
         # Tensors are read again on the MLX thread that uses them (MLX streams are thread-bound).
         _weights=None,
+    )
+
+
+def _open_random(name: str) -> ModelSource:
+    try:
+        model = random_model.parse(name)
+    except ValueError as exc:
+        raise UnsupportedModelError(str(exc)) from None
+    tokenizer = random_model.synthetic_tokenizer(model.spec.vocab_size)
+    return ModelSource(
+        path=Path(name),
+        format="random",
+        name=model.name,
+        spec=model.spec,
+        tokenizer=tokenizer,
+        fingerprint=model.fingerprint(tokenizer),
+        quant={},
+        random=model,
     )
 
 
@@ -144,6 +174,8 @@ def _open_mlx_dir(path: Path) -> ModelSource:
 
 
 def _read_weights(source: ModelSource) -> dict[str, mx.array]:
+    if source.random is not None:
+        return random_model.generate(source.random, random_model.tensor_shapes(source.spec))[0]
     if source.format == "gguf":
         _, weights, _ = read_gguf(source.path)
         return weights

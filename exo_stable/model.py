@@ -57,9 +57,17 @@ class LayerRange:
         return f"[{self.start},{self.end})/{self.total}"
 
 
+def quantized_activation_dtype() -> mx.Dtype:
+    """Activations of a quantized model: float32 on CPUs and Metal (as llama.cpp), bfloat16 on CUDA GPUs,
+    where float32 activations would double the traffic of every quantized matrix product."""
+    from exo_stable.device import on_cuda
+
+    return mx.bfloat16 if on_cuda() else mx.float32
+
+
 def compute_dtype(dtype: Dtype) -> mx.Dtype:
-    """The activation dtype: float32 for quantized weights (as llama.cpp), else the weights' dtype."""
-    return _FLOAT_DTYPES.get(dtype, mx.float32)
+    """The activation dtype: see :func:`quantized_activation_dtype` for quantized weights, else the weights'."""
+    return _FLOAT_DTYPES.get(dtype) or quantized_activation_dtype()
 
 
 class ShardModel(nn.Module):
@@ -85,8 +93,13 @@ class ShardModel(nn.Module):
         """Token ids (first shard) or hidden states in; hidden states or logits (last shard) out."""
         h = self.embed_tokens(x) if self.range.is_first else x
         mask = create_attention_mask(h, cache[0])
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
+        overlap = _overlap_every()
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
             h = layer(h, mask, cache=layer_cache)
+            if overlap and (i + 1) % overlap == 0 and i + 1 < len(self.layers):
+                # On a GPU, start the layers built so far while Python builds the next ones: graph building
+                # and device work overlap instead of taking turns. Same operations, same bits.
+                mx.async_eval(h)  # type: ignore[no-untyped-call]
         if not self.range.is_last:
             return h
         h = self.norm(h)
@@ -95,6 +108,16 @@ class ShardModel(nn.Module):
             return out
         head: mx.array = self.lm_head(h)
         return head
+
+
+OVERLAP_LAYERS = 4
+"""On a GPU, a forward call starts every this many layers while the rest of its graph is being built."""
+
+
+def _overlap_every() -> int:
+    from exo_stable.device import gpu_backend
+
+    return OVERLAP_LAYERS if mx.default_device() == mx.gpu and gpu_backend() is not None else 0
 
 
 def shard_weight_names(spec: ModelSpec, layers: LayerRange, names: Sequence[str]) -> list[str]:
@@ -137,7 +160,10 @@ def build_shard(
             local_quant[local_name.rsplit(".", 1)[0]] = quant[module]
     if dtype is Dtype.QUANTIZED:
         _quantize_modules(model, local_quant)
-        params = {k: (v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v) for k, v in local.items()}
+        act = quantized_activation_dtype()
+        params = {
+            k: (v.astype(act) if v.dtype in (mx.float16, mx.bfloat16, mx.float32) else v) for k, v in local.items()
+        }
     else:
         params = _dequantized(local, local_quant, _FLOAT_DTYPES[dtype])
     missing = _missing(model, params)

@@ -20,7 +20,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +29,17 @@ from typing import Any
 from aiohttp import web
 
 from actors import ActorSystem, Strategy, Supervisor
-from exo_stable.api.server import ApiConfig, create_app, json_response
+from exo_stable.api.server import METRICS_KEY, ApiConfig, create_app, json_response
 from exo_stable.cluster.coordinator import ClusterOptions, Coordinator, StageHost
 from exo_stable.cluster.peers import PeerManager
+from exo_stable.fallback import FallbackCoordinator
 from exo_stable.loader import ModelSource, open_model
+from exo_stable.metrics import NodeCollector
 from exo_stable.modelspec import Dtype
 from exo_stable.pipeline.barrier import BarrierActor, Barriers
-from exo_stable.pipeline.owner import PipelineOwner
+from exo_stable.pipeline.levels import DEFAULT_SPOT_CHECK_FRACTION, AdaptiveConfig, IntegrityCounters, ValidationLevel
+from exo_stable.pipeline.owner import OwnerConfig, PipelineOwner
+from exo_stable.recovery import FailureKind, ReplayMode
 from exo_stable.service import GenerationJob, GenerationResult, Service
 from exo_stable.textstream import Delta
 from exo_stable.wire.handshake import Identity, PeerInfo, new_session_id
@@ -53,6 +57,7 @@ from exo_stable.wire.messages import (
     StageFailure,
     StageStatus,
     StepInput,
+    SuspectNode,
     TokenChunk,
 )
 from exo_stable.wire.peerlink import WIRE_PATH
@@ -78,6 +83,12 @@ class NodeConfig:
     split: tuple[int, ...] | None = None
     max_stages: int | None = None
     shutdown_timeout_s: float = 10.0
+    replay: ReplayMode = ReplayMode.EXACT
+    stage_max_restarts: int = 2
+    stage_restart_period_s: float = 30.0
+    validation: ValidationLevel = ValidationLevel.LIGHT
+    spot_check_fraction: float = DEFAULT_SPOT_CHECK_FRACTION
+    adaptive_validation: bool = True
 
 
 def available_memory() -> int:
@@ -89,6 +100,8 @@ def available_memory() -> int:
 
 class ClusterService(Service):
     """The API's backend on a node: requests run on the cluster's committed plan."""
+
+    backend = "pipeline"
 
     def __init__(self, node: Node, *, max_active: int) -> None:
         source = node.source
@@ -103,12 +116,33 @@ class ClusterService(Service):
 
     async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
         self.requests_started += 1
+        links_before = self._link_counters()
         try:
             async with aclosing(self.node.owner.stream(job, result)) as deltas:
                 async for delta in deltas:
                     yield delta
         finally:
             self.generated_tokens += result.completion_tokens
+            if result.trace is not None:
+                # Link counters are per link, not per request: what moved while this request ran.
+                for peer, (retransmits, corrupt) in self._link_counters().items():
+                    before = links_before.get(peer, (0, 0))
+                    if (retransmits - before[0]) or (corrupt - before[1]):
+                        result.trace.event(
+                            "links", peer=peer, retransmits=retransmits - before[0], corrupt_frames=corrupt - before[1]
+                        )
+
+    def _link_counters(self) -> dict[str, tuple[int, int]]:
+        """(retransmissions, corrupt frames) summed over both links to each peer."""
+        out: dict[str, tuple[int, int]] = {}
+        for peer, _, st in self.node.peers.link_statistics():
+            r, c = out.get(peer, (0, 0))
+            out[peer] = (r + st.retransmissions, c + st.corrupt_frames)
+        return out
+
+    def kv_cache_bytes(self) -> int | None:
+        actor = self.node.stage_host.actor
+        return None if actor is None else actor.kv_cache_bytes()
 
     def unavailable(self) -> str | None:
         if self.node.coordinator.active is None:
@@ -125,6 +159,11 @@ class ClusterService(Service):
             "stage": self.node.stage_host.snapshot(),
             "owner": self.node.owner.snapshot(),
             "peers": self.node.peers.statistics(),
+            "supervision": {
+                "escalations": self.node.escalations,
+                "stage_restarts": self.node.stage_host.restarts,
+                "suspects": sorted(self.node.coordinator.active_suspects()),
+            },
         }
         return body
 
@@ -153,10 +192,54 @@ class Node:
         self.stage_host: StageHost
         self.owner: PipelineOwner
         self.barriers: Barriers
+        self.fallback: FallbackCoordinator
+        self.escalations = 0
+        self._escalated: asyncio.Queue[BaseException] = asyncio.Queue(maxsize=16)
+
+    def _stage_supervisor(self) -> StageSupervisor:
+        return StageSupervisor(
+            "stages",
+            on_escalate=self._on_escalate,
+            max_restarts=self.config.stage_max_restarts,
+            period_s=self.config.stage_restart_period_s,
+        )
+
+    def _on_escalate(self, exc: BaseException) -> None:
+        """The stage supervisor gave up (a crash loop past its restart intensity): handled by _supervise."""
+        try:
+            self._escalated.put_nowait(exc)
+        except asyncio.QueueFull:
+            log.error("%s: escalation dropped, 16 already waiting: %r", self.node_id, exc)
+
+    async def _supervise(self, system: ActorSystem, stop: asyncio.Event) -> None:
+        """Escalations from the stage supervisor reach the RecoveryManager: it classifies them (persistent),
+        this node is marked suspect cluster-wide (plans leave it out; its stage is gone), and a fresh stage
+        supervisor takes the old one's place for the plans to come."""
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(5.0):
+                    exc = await self._escalated.get()
+            except TimeoutError:
+                continue
+            self.escalations += 1
+            recovery = self.owner.recovery
+            event = recovery.event(FailureKind.STAGE_ESCALATED, self.node_id, tuple(self.owner.requests), repr(exc))
+            decision = recovery.classify(event)
+            log.error(
+                "%s: the stage supervisor gave up (%r): %s, %s",
+                self.node_id,
+                exc,
+                decision.failure_class,
+                decision.mechanism,
+            )
+            supervisor = self._stage_supervisor()
+            await system.spawn(supervisor, name=f"stages-{self.escalations}")
+            self.stage_host.replace_supervisor(supervisor)
+            await self.coordinator.mark_suspect(self.node_id, decision.reason)
 
     async def dispatch(self, sender: str, message: Message) -> None:
         match message:
-            case PlanProposal() | StageStatus() | PlanCommit():
+            case PlanProposal() | StageStatus() | PlanCommit() | SuspectNode():
                 await self.coordinator.handle(sender, message)
             case PeerDirectory(peers=entries):
                 for entry in entries:
@@ -182,7 +265,11 @@ class Node:
         if up:
             self._directory_changed.set()
         else:
-            self.owner.on_peer_down(peer if isinstance(peer, str) else peer.node_id)
+            node = peer if isinstance(peer, str) else peer.node_id
+            self.owner.on_peer_down(node)
+            closed = self.stage_host.owner_gone(node)
+            if closed:
+                log.warning("%s: closed %d requests of %s, which is gone", self.node_id, closed, node)
 
     def directory(self) -> PeerDirectory:
         """This node and every peer it knows, with the API address each one advertised."""
@@ -216,6 +303,18 @@ class Node:
 
     async def send(self, node_id: str, message: Message) -> None:
         await self.peers.send(node_id, message)
+
+    def integrity_counters(self) -> IntegrityCounters:
+        """What adaptive strictness reads: the owner's findings plus this node's links' corrupt frames and
+        retransmits."""
+        own = self.owner.own_integrity()
+        corrupt = retransmits = 0
+        for peer in self.peers.statistics().values():
+            links = peer.get("links", {}) if isinstance(peer, dict) else {}
+            for link in links.values():
+                corrupt += int(link.get("corrupt_frames", 0))
+                retransmits += int(link.get("retransmissions", 0))
+        return IntegrityCounters(corruptions=own.corruptions + corrupt, retransmits=own.retransmits + retransmits)
 
     def cluster_view(self) -> dict[str, Any]:
         plan = self.coordinator.active
@@ -252,7 +351,7 @@ class Node:
         try:
             async with ActorSystem(f"node {self.node_id}", shutdown_timeout=30.0) as system:
                 self.barriers = Barriers(await system.spawn(BarrierActor(), name="barriers"))
-                stages = Supervisor("stages", [], strategy=Strategy.ONE_FOR_ONE, max_restarts=3, period_s=30.0)
+                stages = self._stage_supervisor()
                 await system.spawn(stages, name="stages")
                 self.stage_host = StageHost(
                     self.source,
@@ -271,25 +370,45 @@ class Node:
                     barriers=self.barriers,
                     options=self.options,
                 )
+                self.fallback = FallbackCoordinator(
+                    self.source,
+                    node_id=self.node_id,
+                    dtype=config.dtype,
+                    memory_bytes=self.memory_bytes,
+                    bytes_per_param=self.options.bytes_per_param,
+                )
                 self.owner = PipelineOwner(
                     self.node_id,
                     tokenizer=self.source.tokenizer,
                     send=self.send,
                     plan=lambda: self.coordinator.active,
                     barriers=self.barriers,
-                    wait_plan=self.coordinator.wait_plan_where,
+                    wait_plan=self.coordinator.wait_recoverable,
                     healthy=self.coordinator.healthy,
+                    config=OwnerConfig(
+                        replay=config.replay,
+                        validation=config.validation,
+                        spot_check_fraction=config.spot_check_fraction,
+                        adaptive=AdaptiveConfig(enabled=config.adaptive_validation),
+                    ),
+                    fallback=self.fallback,
+                    on_suspect=self.coordinator.mark_suspect,
                 )
                 self.coordinator.on_commit = self.owner.on_plan_committed
-                await self._serve(stop, ready)
+                self.owner.integrity = self.integrity_counters
+                try:
+                    await self._serve(stop, ready, system)
+                finally:
+                    self.fallback.close()
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
 
-    async def _serve(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
+    async def _serve(self, stop: asyncio.Event, ready: asyncio.Event | None, system: ActorSystem) -> None:
         config = self.config
         service = ClusterService(self, max_active=config.max_concurrent)
         app = create_app(service, config.api)
+        app[METRICS_KEY].register(NodeCollector(self))
         app.router.add_get("/v1/cluster", self._cluster_route)
         app.router.add_get(WIRE_PATH, self._wire_route)
         runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_s, access_log=None, handle_signals=False)
@@ -317,6 +436,7 @@ class Node:
                 tg.create_task(self.peers.run(stop), name="peers")
                 tg.create_task(self.coordinator.run(stop), name="coordinator")
                 tg.create_task(self._gossip(stop), name="gossip")
+                tg.create_task(self._supervise(system, stop), name="supervise")
                 await self.peers.wait_ready(timeout=10.0)
                 self._peers_ready.set()
                 for host, peer_port in config.peers:
@@ -384,6 +504,20 @@ class Node:
 
     async def _cluster_route(self, request: web.Request) -> web.Response:
         return json_response(self.cluster_view())
+
+
+class StageSupervisor(Supervisor):
+    """The supervisor of a node's stage (one_for_one): past its restart intensity it crashes, as any
+    supervisor does, and ``on_escalate`` hands the reason to the node (which re-plans without itself)."""
+
+    def __init__(
+        self, name: str, *, on_escalate: Callable[[BaseException], None], max_restarts: int, period_s: float
+    ) -> None:
+        super().__init__(name, [], strategy=Strategy.ONE_FOR_ONE, max_restarts=max_restarts, period_s=period_s)
+        self._on_escalate = on_escalate
+
+    async def on_failure(self, exc: BaseException) -> None:
+        self._on_escalate(exc)
 
 
 def _api_address(capabilities: tuple[str, ...]) -> str | None:

@@ -33,26 +33,61 @@ def openblas_loaded() -> bool:
     return "openblas" in os.environ.get("LD_PRELOAD", "")
 
 
-def maybe_reexec_with_openblas(argv: list[str]) -> None:
-    """On Linux, restart this process once with OpenBLAS preloaded, if it is installed.
+def gpu_index(argv: list[str]) -> int | None:
+    """The value of ``--gpu N`` in a command line (read before argparse: it must act before CUDA starts)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--gpu="):
+            value = arg.removeprefix("--gpu=")
+        elif arg == "--gpu" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        return int(value) if value.isdigit() else None  # argparse reports a bad value
+    return None
 
-    ``EXO_STABLE_BLAS=reference`` keeps the wheel's own BLAS. Never returns when it re-executes.
+
+def reexec_env(argv: list[str], environ: dict[str, str]) -> dict[str, str] | None:
+    """The environment this process should restart with, or None when it is right as it is.
+
+    On Linux, OpenBLAS is preloaded when installed (``EXO_STABLE_BLAS=reference`` keeps the wheel's own
+    BLAS); ``--gpu N`` sets ``CUDA_VISIBLE_DEVICES=N`` (CUDA reads it once, when it starts).
     """
-    if not sys.platform.startswith("linux") or os.environ.get(_REEXEC_MARK) or openblas_loaded():
-        return
-    if os.environ.get("EXO_STABLE_BLAS", "openblas") == "reference":
-        return
-    lib = find_openblas()
-    if lib is None:
-        return
-    env = dict(os.environ)
+    if environ.get(_REEXEC_MARK):
+        return None
+    env = dict(environ)
+    changed = False
+    gpu = gpu_index(argv)
+    if gpu is not None and environ.get("CUDA_VISIBLE_DEVICES") != str(gpu):
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        changed = True
+    if (
+        sys.platform.startswith("linux")
+        and "openblas" not in environ.get("LD_PRELOAD", "")
+        and environ.get("EXO_STABLE_BLAS", "openblas") != "reference"
+        and (lib := find_openblas()) is not None
+    ):
+        env["LD_PRELOAD"] = f"{lib} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else lib
+        changed = True
+    if not changed:
+        return None
     env[_REEXEC_MARK] = "1"
-    env["LD_PRELOAD"] = f"{lib} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else lib
-    os.execve(sys.executable, [sys.executable, "-m", "exo_stable", *argv], env)
+    return env
 
 
-def default_dtype() -> Dtype:
-    """float32 where a fast BLAS is loaded (Linux + OpenBLAS); otherwise keep the weights quantized."""
+def maybe_reexec(argv: list[str]) -> None:
+    """Restart this process once with :func:`reexec_env`'s environment. Never returns when it does."""
+    env = reexec_env(argv, dict(os.environ))
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "exo_stable", *argv], env)
+
+
+def default_dtype(device: str = "cpu") -> Dtype:
+    """bfloat16 on a GPU; float32 where a fast BLAS is loaded (Linux + OpenBLAS); else keep weights quantized.
+
+    On the H200, bfloat16 decoded faster than 4-bit weights (README's GPU section has the figures).
+    """
+    if device == "gpu":
+        return Dtype.BFLOAT16
     if sys.platform.startswith("linux") and openblas_loaded():
         return Dtype.FLOAT32
     return Dtype.QUANTIZED

@@ -36,6 +36,22 @@ class FailureKind(enum.StrEnum):
     STAGE_FAILURE = "stage_failure"  # a stage reported it could not run a step (crash, bad input)
     PLAN_REPLACED = "plan_replaced"  # a new plan took the stages away from under the request
     NO_PLAN = "no_plan"  # no plan fits the surviving nodes
+    STAGE_ESCALATED = "stage_escalated"  # a stage crashed past its supervisor's restart intensity
+    SPOT_CHECK = "spot_check"  # a strict request's step, computed twice on its stage, gave two different results
+
+
+class ReplayMode(enum.StrEnum):
+    """How a request's caches are rebuilt on a new (or restarted) pipeline.
+
+    ``exact``: the prompt in its chunks, then every generated token one decode step each: the same forward
+    calls as the original run, so the rest of the answer is bit-identical to an uninterrupted run.
+    ``fast``: prompt and generated tokens in one batched re-prefill (chunked like any prompt): fewer forward
+    calls, but batched arithmetic may round differently, so the continuation may differ from an
+    uninterrupted run (never the text already sent).
+    """
+
+    EXACT = "exact"
+    FAST = "fast"
 
 
 class FailureClass(enum.StrEnum):
@@ -60,6 +76,17 @@ class Decision:
     replan: bool  # wait for a plan without the node (True) or retry on the plan in force
     reason: str
 
+    @property
+    def mechanism(self) -> str:
+        """The mechanism this decision picks, cheapest first: retransmit, regenerate, replay, replan, fallback."""
+        match self.action:
+            case RecoveryAction.FALLBACK_SINGLE_DEVICE:
+                return "fallback"
+            case RecoveryAction.RESTART_PIPELINE:
+                return "replan" if self.replan else "replay"
+            case _:
+                return self.action.value
+
 
 @dataclass
 class RecoveryThresholds:
@@ -74,7 +101,10 @@ class RecoveryStats:
     events: Counter[str] = field(default_factory=Counter)
     classes: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
+    mechanisms: Counter[str] = field(default_factory=Counter)
     resume_s: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+    resume_by_mode: dict[str, deque[float]] = field(default_factory=dict)
+    replan_s: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
 
 class RecoveryManager:
@@ -113,6 +143,13 @@ class RecoveryManager:
                     True,
                     "no plan fits the surviving nodes",
                 )
+            case FailureKind.STAGE_ESCALATED:
+                decision = Decision(
+                    FailureClass.PERSISTENT,
+                    RecoveryAction.RESTART_PIPELINE,
+                    True,
+                    f"the stage supervisor of {event.node_id} gave up",
+                )
             case FailureKind.NODE_LOST:
                 decision = Decision(
                     FailureClass.PERSISTENT, RecoveryAction.RESTART_PIPELINE, True, f"node {event.node_id} is gone"
@@ -121,7 +158,7 @@ class RecoveryManager:
                 decision = Decision(
                     FailureClass.TRANSIENT, RecoveryAction.RESTART_PIPELINE, True, "the request moves to the new plan"
                 )
-            case FailureKind.CHECKSUM if same_node < threshold:
+            case FailureKind.CHECKSUM | FailureKind.SPOT_CHECK if same_node < threshold:
                 decision = Decision(FailureClass.TRANSIENT, RecoveryAction.REGENERATE, False, "ask for the token again")
             case _ if same_node >= threshold:
                 decision = Decision(
@@ -136,6 +173,7 @@ class RecoveryManager:
                     FailureClass.TRANSIENT, RecoveryAction.RESTART_PIPELINE, False, "replay on the plan in force"
                 )
         self.stats.classes[decision.failure_class.value] += 1
+        self.stats.mechanisms[decision.mechanism] += 1
         return decision
 
     def suspects(self, now: float | None = None) -> frozenset[str]:
@@ -145,11 +183,18 @@ class RecoveryManager:
         counts = Counter(e.node_id for e in self._history if now - e.at <= self.thresholds.window_s)
         return frozenset(node for node, n in counts.items() if n >= threshold)
 
-    def outcome(self, outcome: str, resume_s: float | None = None) -> None:
-        """Record how a recovery ended (``recovered``, ``failed``) and how long the stream paused."""
+    def outcome(self, outcome: str, resume_s: float | None = None, *, mode: str | None = None) -> None:
+        """Record how a recovery ended (``resumed``, ``fallback``, ``failed``) and how long the stream
+        paused: the failure seen → the next new token accepted (``resume_s``), per replay ``mode``."""
         self.stats.outcomes[outcome] += 1
         if resume_s is not None:
             self.stats.resume_s.append(resume_s)
+            if mode is not None:
+                self.stats.resume_by_mode.setdefault(mode, deque(maxlen=1024)).append(resume_s)
+
+    def replanned(self, seconds: float) -> None:
+        """A failed request found a healthy plan ``seconds`` after its failure (before its replay)."""
+        self.stats.replan_s.append(seconds)
 
     def snapshot(self) -> dict[str, object]:
         resume = sorted(self.stats.resume_s)
@@ -157,8 +202,14 @@ class RecoveryManager:
             "events": dict(self.stats.events),
             "classes": dict(self.stats.classes),
             "outcomes": dict(self.stats.outcomes),
+            "mechanisms": dict(self.stats.mechanisms),
             "resume_p50_s": _quantile(resume, 0.5),
             "resume_p99_s": _quantile(resume, 0.99),
+            "replan_p50_s": _quantile(sorted(self.stats.replan_s), 0.5),
+            "resume_by_mode": {
+                mode: {"n": len(v), "p50_s": _quantile(sorted(v), 0.5), "p99_s": _quantile(sorted(v), 0.99)}
+                for mode, v in self.stats.resume_by_mode.items()
+            },
         }
 
 

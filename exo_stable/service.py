@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exo_stable.engine import ContextOverflow, SingleDeviceEngine
+from exo_stable.pipeline.levels import ValidationLevel
+from exo_stable.recovery import ReplayMode
 from exo_stable.sampling import SamplingParams
 from exo_stable.textstream import Delta, TextStream
 from exo_stable.tokenizer import Tokenizer
+from exo_stable.trace import RequestTrace, StepRecord
 
 
 class ServiceBusy(RuntimeError):
@@ -37,6 +40,8 @@ class GenerationJob:
     params: SamplingParams
     max_tokens: int
     stop: Sequence[str] = ()
+    replay: ReplayMode | None = None  # how a recovery rebuilds this request's caches (None: the node's default)
+    validation: ValidationLevel | None = None  # the request's validation level (None: the node's default)
 
 
 @dataclass
@@ -48,6 +53,7 @@ class GenerationResult:
     finish_reason: str | None = None
     first_token_s: float | None = None
     token_ids: list[int] = field(default_factory=list)
+    trace: RequestTrace | None = None  # the request's trace, when the caller keeps one (the API does)
 
 
 def default_seed() -> int:
@@ -56,6 +62,8 @@ def default_seed() -> int:
 
 class Service:
     """Bounded admission, model facts, and the ``stream`` every backend provides."""
+
+    backend = "single_device"  # what runs the requests (in traces)
 
     def __init__(
         self,
@@ -91,6 +99,10 @@ class Service:
 
     def unavailable(self) -> str | None:
         """Why requests cannot run right now, or None when they can."""
+        return None
+
+    def kv_cache_bytes(self) -> int | None:
+        """Bytes this node's KV caches hold now (for /metrics), or None when unknown."""
         return None
 
     def health(self) -> dict[str, Any]:
@@ -133,15 +145,22 @@ class InferenceService(Service):
         )
         self.engine = engine
 
+    def kv_cache_bytes(self) -> int | None:
+        return self.engine.kv_cache_bytes()
+
     async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
         """Yield deltas until one carries the finish reason. The caller must hold an admission slot."""
         self.requests_started += 1
         text = TextStream(self.tokenizer, stop=job.stop, max_tokens=job.max_tokens)
-        started = time.perf_counter()
+        started = last = time.perf_counter()
         async with aclosing(self.engine.generate(job.prompt_ids, job.params, job.max_tokens)) as tokens:
             async for token in tokens:
+                now = time.perf_counter()
                 if result.first_token_s is None:
-                    result.first_token_s = time.perf_counter() - started
+                    result.first_token_s = now - started
+                if result.trace is not None:
+                    self._trace_step(result.trace, len(result.token_ids), len(job.prompt_ids), now - last)
+                last = now
                 delta = text.push(token)
                 result.token_ids.append(token)
                 self.generated_tokens += 1
@@ -156,3 +175,22 @@ class InferenceService(Service):
         delta = text.finish_length()
         result.finish_reason = delta.finish_reason
         yield delta
+
+    def _trace_step(self, trace: RequestTrace, position: int, prompt_tokens: int, seconds: float) -> None:
+        """One step of the whole model: the prompt (position 0), then one token each; timed token to token."""
+        n = self.engine.source.spec.num_hidden_layers
+        trace.step(
+            StepRecord(
+                step=position,
+                position=position,
+                node_id="single-device",
+                stage=0,
+                layers=(0, n),
+                tokens=prompt_tokens if position == 0 else 1,
+                stage_s=seconds,
+                bytes_out=0,
+                checksum="",
+                attempt=0,
+                at_s=trace.now(),
+            )
+        )

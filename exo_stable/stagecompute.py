@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from exo_stable.device import activate, chosen
 from exo_stable.loader import ModelSource
 from exo_stable.model import LayerRange, ShardModel
 from exo_stable.modelspec import Dtype
@@ -95,6 +96,7 @@ class StageCompute:
     def load(self) -> float:
         """Build the shard (only its layers are kept); returns seconds taken."""
         started = time.perf_counter()
+        activate(chosen())
         self.model = self.source.load_shard(self.layers, self.dtype)
         self.source.release_weights()
         return time.perf_counter() - started
@@ -118,6 +120,11 @@ class StageCompute:
             self.stats.requests_closed += 1
         return found
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes the open requests' KV caches hold. Safe from any thread: it reads array sizes (shape and
+        dtype), evaluates nothing, and copies the request table before walking it."""
+        return sum(int(c.nbytes) for r in list(self.requests.values()) for c in r.cache)
+
     def forward(self, rid: str, x: mx.array) -> mx.array:
         """One forward call: token ids ``[1, L]`` (first stage) or hidden states ``[1, L, H]`` in.
 
@@ -135,6 +142,16 @@ class StageCompute:
         self.stats.forward_seconds += time.perf_counter() - started
         request.tokens_in += int(x.shape[1])
         return result
+
+    def rewind(self, rid: str, tokens: int) -> None:
+        """Undo the cache side of the last forward call, of ``tokens`` positions, so that the same call can
+        run again on the same cache state (a spot check recomputes a step and compares bit for bit)."""
+        request = self.requests.get(rid)
+        if request is None:
+            raise UnknownRequest(rid)
+        for layer_cache in request.cache:
+            layer_cache.trim(tokens)
+        request.tokens_in -= tokens
 
     def pick(self, rid: str, logits: mx.array, position: int) -> int:
         """The token at generated ``position`` from the last position's logits (last stage only)."""
@@ -154,6 +171,36 @@ class StageCompute:
     def decode_local(self, rid: str, token: int, position: int) -> int:
         """One decode step on a whole-model shard: ``token`` in, the token at ``position`` out."""
         return self.pick(rid, self.forward(rid, mx.array([[token]], dtype=mx.int32)), position)
+
+    # ---- greedy decoding one step ahead (the single device's fast path) -----------------------------------
+
+    def prefill_ahead(self, rid: str, prompt: Sequence[int]) -> mx.array:
+        """The prompt through a whole-model shard; the first greedy token comes back unevaluated (queued)."""
+        logits: mx.array | None = None
+        for chunk in prompt_chunks(prompt):
+            logits = self.forward(rid, mx.array([chunk], dtype=mx.int32))
+        assert logits is not None, "empty prompt"
+        token = mx.argmax(logits)
+        mx.async_eval(token)  # type: ignore[no-untyped-call]
+        return token
+
+    def decode_ahead(self, rid: str, token: mx.array) -> mx.array:
+        """Queue the greedy decode step fed by ``token``, which may itself still be computing.
+
+        Nothing waits here: the device works on this step while the caller reads the previous token, builds
+        the next graph and hands the token on. The operations are those of :meth:`decode_local`, so the
+        tokens are the same; only the waiting moves.
+        """
+        request = self.requests.get(rid)
+        if request is None:
+            raise UnknownRequest(rid)
+        out = self._model()(token.reshape(1, 1), request.cache)
+        nxt = mx.argmax(out[0, -1, :])
+        mx.async_eval(nxt)  # type: ignore[no-untyped-call]
+        self.stats.forward_calls += 1
+        self.stats.tokens_forwarded += 1
+        request.tokens_in += 1
+        return nxt
 
     def logits_all(self, ids: Sequence[int]) -> np.ndarray:
         """Logits at every position in one uncached pass (teacher forcing; whole-model shards only)."""

@@ -103,11 +103,14 @@ def cluster(
     env: dict[str, str] | None = None,
     log_level: str | None = None,
     strict: bool = True,
+    node_env: dict[int, dict[str, str]] | None = None,
+    args: tuple[str, ...] = (),
 ) -> Iterator[Cluster]:
     """``n`` node processes on free ports; stopped with SIGTERM.
 
     The survivors must exit 0 with no traceback in their logs: asserted when ``strict``, else listed in
-    ``Cluster.unclean`` for the caller to judge.
+    ``Cluster.unclean`` for the caller to judge. ``node_env`` adds variables to single nodes' environments;
+    ``args`` are extra ``serve`` flags for every node.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     base = free_port_block(n)
@@ -130,10 +133,11 @@ def cluster(
             if log_level:
                 cmd += ["--log-level", log_level]
             cmd += ["serve", "--port", str(port), "--node-id", f"{prefix}{i}", "--peers", peers]
-            cmd += ["--no-discovery", "--dtype", "float32", "--cluster-secret", secret]
+            cmd += ["--no-discovery", "--dtype", "float32", "--cluster-secret", secret, *args]
+            env_i = child_env | (node_env or {}).get(i, {})
             with path.open("wb") as log:  # the child has its own copy of the descriptor
                 procs.append(
-                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env)
+                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env_i)
                 )
         yield c
     finally:
@@ -194,12 +198,15 @@ async def stream_chat(
     *,
     on_delta: Callable[[int], None] | None = None,
     timeout_s: float = STREAM_TIMEOUT_S,
+    extra: dict[str, Any] | None = None,
+    stop_after: int | None = None,
 ) -> StreamOutcome:
     """POST a streamed greedy chat request; read it to ``[DONE]`` or an error event, within ``timeout_s``.
 
-    Raises ``TimeoutError`` when the stream neither ends nor errors in time (a hang).
+    Raises ``TimeoutError`` when the stream neither ends nor errors in time (a hang). ``extra`` adds body
+    fields; ``stop_after``: the client goes away (closes the connection) after that many content deltas.
     """
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True} | (extra or {})
     out = StreamOutcome(started=time.perf_counter())
     async with asyncio.timeout(timeout_s):
         async with session.post(url, json=body) as resp:
@@ -225,6 +232,9 @@ async def stream_chat(
                     out.times.append(time.perf_counter())
                     if on_delta is not None:
                         on_delta(len(out.deltas))
+                    if stop_after is not None and len(out.deltas) >= stop_after:
+                        resp.close()  # the client disconnects mid-stream
+                        break
                 if choice["finish_reason"]:
                     out.finishes.append(choice["finish_reason"])
     out.ended = time.perf_counter()
@@ -281,6 +291,8 @@ class ScenarioResult:
     health: dict[str, Any] | None = None  # the owner's /health at the end
     resume_gap_s: float | None = None  # client side: the longest wait for a delta across the fault
     notes: list[str] = field(default_factory=list)
+    prefix: str = ""  # the text the client had when the fault struck
+    exact: bool = True  # exact replay: every stream must equal the reference; fast: only up to the fault
 
     @property
     def owner_recovery(self) -> dict[str, Any]:
@@ -294,7 +306,16 @@ def _session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STREAM_TIMEOUT_S + 60))
 
 
-async def _kill_mid_stream(c: Cluster, victim: int, expected: str, name: str, after: int = 5) -> ScenarioResult:
+async def _kill_mid_stream(
+    c: Cluster,
+    victim: int,
+    expected: str,
+    name: str,
+    after: int = 5,
+    *,
+    replay: str | None = None,
+    max_tokens: int = MAX_TOKENS,
+) -> ScenarioResult:
     res = ScenarioResult(name, expected)
     killed_at: list[int] = []
 
@@ -306,11 +327,15 @@ async def _kill_mid_stream(c: Cluster, victim: int, expected: str, name: str, af
     async with _session() as session:
         plan = await wait_stages(session, c.ports, 3, timeout_s=STARTUP_TIMEOUT_S)
         assert plan["stages"][victim]["node_id"] == c.node_id(victim), plan
-        out = await stream_chat(session, c.url(0, "/v1/chat/completions"), SHORT, on_delta=on_delta)
+        extra = None if replay is None else {"exo_replay": replay}
+        out = await stream_chat(
+            session, c.url(0, "/v1/chat/completions"), SHORT, max_tokens, on_delta=on_delta, extra=extra
+        )
         res.streams.append(out)
         assert killed_at, f"the stream ended before {after} deltas: {out}"
         res.faults_injected = 1
-        res.fault_detail = {"signal": "SIGKILL", "node": victim, "after_deltas": killed_at[0]}
+        res.fault_detail = {"signal": "SIGKILL", "node": victim, "after_deltas": killed_at[0], "replay": replay}
+        res.prefix = "".join(out.deltas[: killed_at[0]])
         res.resume_gap_s = out.max_gap_s(after=killed_at[0])
         survivors = [p for i, p in enumerate(c.ports) if i != victim]
         after_plan = await wait_stages(session, survivors, 2, timeout_s=60)

@@ -11,6 +11,7 @@ from exo_stable.recovery import (
     FailureKind,
     RecoveryManager,
     RecoveryThresholds,
+    ReplayMode,
     StepDeadline,
 )
 from exo_stable.wire.messages import RecoveryAction
@@ -33,6 +34,7 @@ class Clock:
         (FailureKind.STEP_DEADLINE, FailureClass.TRANSIENT, RecoveryAction.RESTART_PIPELINE, False),
         (FailureKind.STAGE_FAILURE, FailureClass.TRANSIENT, RecoveryAction.RESTART_PIPELINE, False),
         (FailureKind.PLAN_REPLACED, FailureClass.TRANSIENT, RecoveryAction.RESTART_PIPELINE, True),
+        (FailureKind.STAGE_ESCALATED, FailureClass.PERSISTENT, RecoveryAction.RESTART_PIPELINE, True),
     ],
 )
 def test_first_failure_of_each_kind(kind: FailureKind, cls: FailureClass, action: RecoveryAction, replan: bool) -> None:
@@ -110,3 +112,45 @@ def test_step_deadline_stays_within_its_bounds(steps: list[float]) -> None:
 def test_negative_step_times_are_refused() -> None:
     with pytest.raises(ValueError):
         StepDeadline().observe(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "mechanism"),
+    [
+        (FailureKind.CHECKSUM, "regenerate"),
+        (FailureKind.STAGE_FAILURE, "replay"),
+        (FailureKind.NODE_LOST, "replan"),
+        (FailureKind.STAGE_ESCALATED, "replan"),
+        (FailureKind.NO_PLAN, "fallback"),
+    ],
+)
+def test_each_decision_names_its_mechanism(kind: FailureKind, mechanism: str) -> None:
+    manager = RecoveryManager(clock=Clock())
+    assert manager.classify(manager.event(kind, "n1", ("r1",), "evidence")).mechanism == mechanism
+    assert manager.snapshot()["mechanisms"] == {mechanism: 1}
+
+
+def test_a_crash_loop_makes_the_node_suspect() -> None:
+    clock = Clock()
+    manager = RecoveryManager(RecoveryThresholds(base_repeats=3), clock=clock)
+    decisions = []
+    for _ in range(3):
+        decisions.append(manager.classify(manager.event(FailureKind.STAGE_FAILURE, "n1", ("r",), "crashed")))
+        clock.now += 1
+    assert [d.failure_class for d in decisions] == [FailureClass.TRANSIENT] * 2 + [FailureClass.PERSISTENT]
+    assert decisions[-1].replan and decisions[-1].mechanism == "replan"
+    assert manager.suspects() == frozenset({"n1"})
+
+
+def test_resume_times_are_reported_per_replay_mode() -> None:
+    manager = RecoveryManager(clock=Clock())
+    manager.outcome("resumed", 2.0, mode=ReplayMode.EXACT.value)
+    manager.outcome("resumed", 0.5, mode=ReplayMode.FAST.value)
+    manager.outcome("resumed", 0.7, mode=ReplayMode.FAST.value)
+    manager.replanned(0.3)
+    snap = manager.snapshot()
+    assert snap["resume_by_mode"] == {
+        "exact": {"n": 1, "p50_s": 2.0, "p99_s": 2.0},
+        "fast": {"n": 2, "p50_s": 0.5, "p99_s": 0.7},
+    }
+    assert snap["replan_p50_s"] == 0.3 and snap["resume_p99_s"] == 2.0

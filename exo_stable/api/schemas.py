@@ -51,6 +51,12 @@ class _Sampling(Struct, kw_only=True):
     n: int | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    exo_replay: Literal["exact", "fast"] | None = None
+    """Extension: how a recovery rebuilds this request's caches (default: the node's ``--replay``)."""
+    exo_validation: Literal["off", "light", "strict"] | None = None
+    """Extension: this request's validation level (default: the node's ``--validation``); see the README."""
+    exo_trace: bool = False
+    """Extension: add the request's trace summary to the response (``exo_trace``: the last stream chunk)."""
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

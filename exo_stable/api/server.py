@@ -1,7 +1,8 @@
 """aiohttp application serving the OpenAI-compatible API of one node.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``POST /v1/tokenize``,
-``GET /health``. Every error is an OpenAI error object. ``/v1/*`` requires the API key when one is set.
+``GET /health``, ``GET /metrics`` (Prometheus text format), ``GET /v1/traces/{id}`` (a recent request's trace).
+Every error is an OpenAI error object. ``/v1/*`` requires the API key when one is set.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from aiohttp import web
 from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError, error_json
 from exo_stable.engine import ContextOverflow
+from exo_stable.logs import REQUEST_ID
+from exo_stable.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from exo_stable.metrics import Metrics, RequestObserver, ServiceCollector
+from exo_stable.pipeline.levels import ValidationLevel
+from exo_stable.recovery import ReplayMode
 from exo_stable.sampling import SamplingParams
 from exo_stable.service import (
     GenerationJob,
@@ -32,6 +38,7 @@ from exo_stable.service import (
 )
 from exo_stable.textstream import Delta
 from exo_stable.tokenizer import ChatMessage
+from exo_stable.trace import TraceRing
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +53,13 @@ class ApiConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens_cap: int = 4096
+    trace_ring: int = 128  # traces of this many recent requests are kept for GET /v1/traces/{id}
 
 
 SERVICE_KEY = web.AppKey("service", Service)
 CONFIG_KEY = web.AppKey("config", ApiConfig)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+TRACES_KEY = web.AppKey("traces", TraceRing)
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -58,6 +68,16 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 def error_response(error: ApiError) -> web.Response:
     return web.Response(body=error_json(error), status=error.status, content_type="application/json")
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Whatever a handler logs carries its request's id (set by ``_Run``) and nothing leaks to the next one."""
+    token = REQUEST_ID.set(None)
+    try:
+        return await handler(request)
+    finally:
+        REQUEST_ID.reset(token)
 
 
 @web.middleware
@@ -134,22 +154,74 @@ def _sampling(
     return params, limit
 
 
+def _replay(req: s._Sampling) -> ReplayMode | None:
+    return None if req.exo_replay is None else ReplayMode(req.exo_replay)
+
+
+def _validation(req: s._Sampling) -> ValidationLevel | None:
+    return None if req.exo_validation is None else ValidationLevel(req.exo_validation)
+
+
 class _Run:
     """One admitted request: its job, its result, and its stream of deltas."""
 
-    def __init__(self, service: Service, job: GenerationJob) -> None:
-        self.service = service
+    def __init__(self, request: web.Request, job: GenerationJob, kind: str, *, trace: bool = False) -> None:
+        self.service = request.app[SERVICE_KEY]
+        self.metrics = request.app[METRICS_KEY]
         self.job = job
         self.result = GenerationResult(prompt_tokens=len(job.prompt_ids))
         self.id = uuid.uuid4().hex
+        self.response_id = f"{kind}-{self.id}"  # the response's "id": names the request in logs and traces
         self.created = int(time.time())
+        self.want_trace = trace  # the request asked for its trace's summary in the response ("exo_trace")
+        self.trace = request.app[TRACES_KEY].open(
+            self.response_id, backend=self.service.backend, prompt_tokens=len(job.prompt_ids)
+        )
+        self.result.trace = self.trace
+        REQUEST_ID.set(self.response_id)
+
+    def traced(self, body: Any) -> Any:
+        """``body`` with the trace's summary as ``exo_trace`` when the request asked for it."""
+        if not self.want_trace:
+            return body
+        self.trace.tokens(self.result.completion_tokens, self.result.first_token_s)
+        self.trace.finish_reason = self.result.finish_reason
+        out = msgspec.to_builtins(body)
+        out["exo_trace"] = self.trace.summary()
+        return out
 
     def usage(self) -> s.Usage:
         r = self.result
         return s.Usage(r.prompt_tokens, r.completion_tokens, r.prompt_tokens + r.completion_tokens)
 
-    def deltas(self) -> AsyncGenerator[Delta]:
-        return self.service.stream(self.job, self.result)
+    async def deltas(self) -> AsyncGenerator[Delta]:
+        """The service's deltas, with every token's arrival observed for /metrics."""
+        observer = RequestObserver(self.metrics, len(self.job.prompt_ids))
+        outcome = "error"
+        try:
+            async with aclosing(self.service.stream(self.job, self.result)) as deltas:
+                async for delta in deltas:
+                    observer.on_tokens(self.result.completion_tokens)
+                    self.trace.tokens(self.result.completion_tokens, self.result.first_token_s)
+                    yield delta
+            outcome = self.result.finish_reason or "unfinished"
+        except GeneratorExit:
+            outcome = "cancelled"  # the consumer stopped reading: the client went away
+            raise
+        finally:
+            observer.end(outcome)
+            self.trace.tokens(self.result.completion_tokens, self.result.first_token_s)
+            self.trace.end(self.result.finish_reason or outcome)
+            r = self.result
+            ttft = "-" if r.first_token_s is None else f"{r.first_token_s:.3f}s"
+            log.info(
+                "%s: %s after %d prompt + %d completion tokens, first token %s",
+                self.response_id,
+                outcome,
+                r.prompt_tokens,
+                r.completion_tokens,
+                ttft,
+            )
 
 
 async def _admitted(service: Service) -> None:
@@ -170,14 +242,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
     params, limit = _sampling(req, req.max_completion_tokens or req.max_tokens, config, service, len(prompt))
-    run = _Run(service, GenerationJob(prompt, params, limit, req.stop_list()))
+    job = GenerationJob(prompt, params, limit, req.stop_list(), _replay(req), validation=_validation(req))
+    run = _Run(request, job, "chatcmpl", trace=req.exo_trace)
     model = service.model_name
     await _admitted(service)
     try:
         if not req.stream:
             text = "".join([d.text async for d in _collect(run, request)])
             choice = s.ChatChoice(0, s.ChatMessageOut("assistant", text), run.result.finish_reason)
-            return json_response(s.ChatCompletion(f"chatcmpl-{run.id}", run.created, model, [choice], run.usage()))
+            body = s.ChatCompletion(f"chatcmpl-{run.id}", run.created, model, [choice], run.usage())
+            return json_response(run.traced(body))
 
         def chunk(delta: s.ChatDelta, finish: str | None = None) -> s.ChatCompletionChunk:
             return s.ChatCompletionChunk(
@@ -190,8 +264,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             run,
             first=chunk(s.ChatDelta(role="assistant", content="")),
             make=lambda d: chunk(s.ChatDelta(content=d.text) if d.text else s.ChatDelta(), d.finish_reason),
-            usage=(lambda: s.ChatCompletionChunk(f"chatcmpl-{run.id}", run.created, model, [], usage=run.usage()))
-            if include_usage
+            usage=(
+                lambda: s.ChatCompletionChunk(
+                    f"chatcmpl-{run.id}", run.created, model, [], usage=run.usage() if include_usage else None
+                )
+            )
+            if include_usage or req.exo_trace
             else None,
         )
     finally:
@@ -215,7 +293,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     else:
         raise ApiError(400, "Only one prompt per request is supported", param="prompt", code="unsupported_value")
     params, limit = _sampling(req, req.max_tokens, config, service, len(prompt))
-    run = _Run(service, GenerationJob(prompt, params, limit, req.stop_list()))
+    job = GenerationJob(prompt, params, limit, req.stop_list(), _replay(req), validation=_validation(req))
+    run = _Run(request, job, "cmpl", trace=req.exo_trace)
     model = service.model_name
     prefix = prompt_text if req.echo else ""
     await _admitted(service)
@@ -223,7 +302,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if not req.stream:
             text = prefix + "".join([d.text async for d in _collect(run, request)])
             choice = s.CompletionChoice(0, text, run.result.finish_reason)
-            return json_response(s.Completion(f"cmpl-{run.id}", run.created, model, [choice], usage=run.usage()))
+            return json_response(
+                run.traced(s.Completion(f"cmpl-{run.id}", run.created, model, [choice], usage=run.usage()))
+            )
 
         def chunk(text: str, finish: str | None = None) -> s.Completion:
             return s.Completion(f"cmpl-{run.id}", run.created, model, [s.CompletionChoice(0, text, finish)])
@@ -234,8 +315,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
             run,
             first=chunk(prefix) if prefix else None,
             make=lambda d: chunk(d.text, d.finish_reason),
-            usage=(lambda: s.Completion(f"cmpl-{run.id}", run.created, model, [], usage=run.usage()))
-            if include_usage
+            usage=(
+                lambda: s.Completion(
+                    f"cmpl-{run.id}", run.created, model, [], usage=run.usage() if include_usage else None
+                )
+            )
+            if include_usage or req.exo_trace
             else None,
         )
     finally:
@@ -281,7 +366,7 @@ async def _sse(
             async for delta in deltas:
                 await send(make(delta))
         if usage is not None:
-            await send(usage())
+            await send(run.traced(usage()))  # the trace's summary, when asked for, rides the last chunk
     except (ConnectionResetError, ConnectionError) as exc:
         # The client went away: closing the iterator above already freed the request's cache.
         log.info("client disconnected from %s after %d tokens: %s", run.id, run.result.completion_tokens, exc)
@@ -328,13 +413,33 @@ async def health(request: web.Request) -> web.Response:
     return json_response(request.app[SERVICE_KEY].health())
 
 
+async def trace(request: web.Request) -> web.Response:
+    request_id = request.match_info["id"]
+    found = request.app[TRACES_KEY].get(request_id)
+    if found is None:
+        ring = request.app[TRACES_KEY].capacity
+        raise ApiError(
+            404, f"No trace for {request_id!r} (the last {ring} requests are kept)", param="id", code="trace_not_found"
+        )
+    return json_response(found.as_dict())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS_KEY].render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
 def create_app(service: Service, config: ApiConfig) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[request_context, errors_and_auth], client_max_size=config.max_body_bytes)
     app[SERVICE_KEY] = service
     app[CONFIG_KEY] = config
+    app[METRICS_KEY] = Metrics()
+    app[METRICS_KEY].register(ServiceCollector(service))
+    app[TRACES_KEY] = TraceRing(config.trace_ring)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/tokenize", tokenize)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/traces/{id}", trace)
     return app

@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from actors import ChildSpec, Restart, Supervisor
+from actors import ActorDead, ChildSpec, MailboxFull, Restart, Supervisor
 from exo_stable.loader import ModelSource
 from exo_stable.modelspec import Dtype
-from exo_stable.pipeline.barrier import BarrierError, Barriers
+from exo_stable.pipeline.barrier import BarrierError, Barriers, DistributedBarrier
 from exo_stable.pipeline.placement import (
     NodeResources,
     PlacementError,
@@ -36,8 +36,12 @@ from exo_stable.wire.messages import (
     Message,
     PlanCommit,
     PlanProposal,
+    RequestClose,
+    ResendTokens,
+    StageFailure,
     StageRange,
     StageStatus,
+    SuspectNode,
 )
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ class ClusterOptions:
     plan_retries: int = 1
     max_requests: int = 16
     bytes_per_param: float = 4.0
+    suspect_ttl_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,29 +102,43 @@ class StageHost:
         self.options = options
         self.current: tuple[int, tuple[StageRange, ...]] | None = None
         self.actor: StageActor | None = None
+        self.restarts_before = 0
+        self._child: str | None = None  # the child holding this node's stage of the current plan
+        self._actors: dict[str, StageActor] = {}  # child name: its current incarnation
+        self._routes: dict[int, str] = {}  # plan epoch: the child that serves it
+        self._draining: set[str] = set()  # children of replaced plans that still serve running requests
         self._lock = asyncio.Lock()
 
     @property
-    def child_name(self) -> str:
-        return "stage"
+    def child_name(self) -> str | None:
+        return self._child
+
+    @property
+    def draining(self) -> int:
+        """Stages of replaced plans still serving the requests that started on them."""
+        return len(self._draining)
 
     async def apply(self, epoch: int, stages: tuple[StageRange, ...]) -> float:
         """Hold this node's stage of ``stages`` (or none); returns the seconds loading took.
 
         Proposals and commits may overlap (two nodes proposing at once while membership forms): one at a
-        time, so that the stage child is never started twice.
+        time, so that the stage child is never started twice. The stage of the replaced plan is stopped at
+        once when it holds no request; otherwise it drains: running requests keep their plan (their steps
+        carry its epoch) until they close, while new requests use the new stage.
         """
         async with self._lock:
             return await self._apply(epoch, stages)
 
     async def _apply(self, epoch: int, stages: tuple[StageRange, ...]) -> float:
         index = next((i for i, s in enumerate(stages) if s.node_id == self.node_id), None)
-        if self.current is not None and self.current[1] == stages and index is not None:
+        if self.current is not None and self.current[1] == stages and index is not None and self._child:
             self.current = (epoch, stages)
+            self._routes[epoch] = self._child
             return 0.0
-        if self.supervisor.child_ref(self.child_name) is not None:
-            await self.supervisor.terminate_child(self.child_name, timeout=30.0)
-        self.actor, self.current = None, None
+        old = self._child
+        self.actor, self.current, self._child = None, None, None
+        if old is not None:
+            await self._retire(old, epoch)
         if index is None:
             return 0.0
         config = StageConfig(
@@ -132,27 +151,136 @@ class StageHost:
             load_timeout_s=self.options.load_timeout_s,
         )
         started = time.perf_counter()
+        name = f"stage-{epoch}"
 
         def factory() -> StageActor:
-            self.actor = StageActor(self.source, config, self.send)
-            return self.actor
+            actor = StageActor(self.source, config, self.send)
+            self._actors[name] = actor
+            if self._child == name:
+                self.actor = actor
+            return actor
 
-        await self.supervisor.start_child(
-            ChildSpec(self.child_name, factory, restart=Restart.PERMANENT, shutdown_timeout=30.0),
-            timeout=self.options.load_timeout_s,
-        )
+        self._child = name
+        try:
+            await self.supervisor.start_child(
+                ChildSpec(name, factory, restart=Restart.PERMANENT, shutdown_timeout=30.0),
+                timeout=self.options.load_timeout_s,
+            )
+        except BaseException:
+            self._child, self.actor = None, None
+            self._actors.pop(name, None)
+            raise
         self.current = (epoch, stages)
+        self._routes[epoch] = name
         return time.perf_counter() - started
 
+    async def _retire(self, name: str, epoch: int) -> None:
+        """The stage ``name`` belongs to a replaced plan: drain it if it holds requests, else stop it."""
+        actor = self._actors.get(name)
+        if actor is not None and actor.open_requests > 0:
+            for older in list(self._draining):  # one replaced plan drains at a time: older ones fail over
+                await self._stop(older, failing=f"plan {epoch} replaced it")
+            self._draining.add(name)
+            log.info("%s: %s drains %d running requests", self.node_id, name, actor.open_requests)
+            return
+        await self._stop(name)
+
+    async def _stop(self, name: str, failing: str | None = None) -> None:
+        """Stop child ``name``; with ``failing``, first tell the owners of its requests why they fail here."""
+        self._draining.discard(name)
+        actor = self._actors.pop(name, None)
+        for epoch in [e for e, n in self._routes.items() if n == name]:
+            del self._routes[epoch]
+        if failing is not None and actor is not None:
+            for rid, owner, epoch in actor.request_owners():
+                failure = StageFailure(request_id=rid, node_id=self.node_id, detail=failing, plan_epoch=epoch)
+                try:
+                    await self.send(owner, failure)
+                except (ConnectionError, TimeoutError) as exc:
+                    log.warning("%s: could not tell %s that %s fails: %r", self.node_id, owner, rid, exc)
+        with contextlib.suppress(KeyError):  # never started, or the supervisor gave up on it
+            await self.supervisor.terminate_child(name, timeout=30.0)
+
+    def replace_supervisor(self, supervisor: Supervisor) -> None:
+        """The old supervisor gave up (its stages are gone with it): hold stages under ``supervisor`` from now on."""
+        self.restarts_before += self.supervisor.statistics().child_restarts
+        self.supervisor = supervisor
+        self.actor, self.current, self._child = None, None, None
+        self._actors.clear()
+        self._routes.clear()
+        self._draining.clear()
+
+    @property
+    def restarts(self) -> int:
+        """Restarts of this node's stage over every supervisor it had."""
+        return self.restarts_before + self.supervisor.statistics().child_restarts
+
+    def owner_gone(self, owner: str) -> int:
+        """``owner``'s node is gone: close every request it owned on this node's stages (no orphaned caches).
+        Returns how many were closed."""
+        closed = 0
+        for name, actor in list(self._actors.items()):
+            ref = self.supervisor.child_ref(name)
+            if ref is None:
+                continue
+            for rid, request_owner, _ in actor.request_owners():
+                if request_owner == owner:
+                    try:
+                        ref.tell_nowait(RequestClose(request_id=rid, reason=f"owner {owner} is gone"))
+                        closed += 1
+                    except MailboxFull:
+                        log.error("%s: cannot close %s of the gone owner %s: mailbox full", self.node_id, rid, owner)
+        return closed
+
     async def deliver(self, message: Any) -> bool:
-        ref = self.supervisor.child_ref(self.child_name)
+        if isinstance(message, RequestClose | ResendTokens):
+            # No epoch on these: the current stage and every draining one get them (unknown ids are ignored).
+            delivered = await self._deliver_current(message)
+            for name in list(self._draining):
+                actor, ref = self._actors.get(name), self.supervisor.child_ref(name)
+                if actor is None or ref is None:
+                    continue
+                await ref.ask(message, timeout=30.0)
+                delivered = True
+                if actor.open_requests == 0 and name in self._draining:
+                    log.info("%s: %s drained", self.node_id, name)
+                    await self._stop(name)
+            return delivered
+        route = self._routes.get(message.plan_epoch)
+        if route is not None and route != self._child:
+            ref = self.supervisor.child_ref(route)
+            if ref is None:
+                return False
+            await ref.tell(message, timeout=30.0)
+            return True
+        return await self._deliver_current(message)
+
+    async def _deliver_current(self, message: Any) -> bool:
+        name = self._child
+        if name is None:
+            return False
+        ref = self.supervisor.child_ref(name)
+        if ref is None and self.current is not None:
+            # This node holds a stage of the plan and its supervisor is restarting it: wait for the restart
+            # (or for the supervisor to give up) rather than refuse the message.
+            try:
+                await self.supervisor.wait_idle(timeout=self.options.load_timeout_s)
+            except (ActorDead, TimeoutError) as exc:
+                log.warning("%s: the stage is not coming back: %r", self.node_id, exc)
+                return False
+            ref = self.supervisor.child_ref(name)
         if ref is None:
             return False
         await ref.tell(message, timeout=30.0)
         return True
 
     def snapshot(self) -> dict[str, Any] | None:
-        return None if self.actor is None else self.actor.snapshot()
+        if self.actor is None:
+            return None
+        return self.actor.snapshot() | {
+            "epoch": None if self.current is None else self.current[0],
+            "draining": sorted(self._draining),
+        }
 
 
 class Coordinator:
@@ -193,6 +321,10 @@ class Coordinator:
         self._committed_to: set[str] = set()
         self._failed_rounds = 0
         self._proposer: dict[int, str] = {}
+        self.suspects: dict[str, tuple[float, str]] = {}  # node id: (until, on monotonic time; why)
+        self._round_barrier: DistributedBarrier | None = None
+        self._loads: set[asyncio.Task[None]] = set()  # plan loads in progress (owned by run's TaskGroup)
+        self._pulse = asyncio.Event()  # set (and replaced) on every commit, membership change and suspect change
 
     # -- membership ------------------------------------------------------------------------------------
 
@@ -216,6 +348,85 @@ class Coordinator:
             return
         self.membership_epoch += 1
         self._changed.set()
+        if not up:
+            node = peer if isinstance(peer, str) else peer.node_id
+            barrier = self._round_barrier
+            if barrier is not None and node in barrier.members:
+                # A stage of the plan being loaded is gone: fail the round now, not at the load deadline.
+                barrier.arrive(node, ok=False, detail=f"node {node} went down")
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake every waiter of :meth:`wait_recoverable` (each re-checks its condition)."""
+        pulse, self._pulse = self._pulse, asyncio.Event()
+        pulse.set()
+
+    # -- suspects --------------------------------------------------------------------------------------
+
+    def active_suspects(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(node for node, (until, _) in self.suspects.items() if until > now)
+
+    def _expire_suspects(self) -> bool:
+        """Forget suspects whose time is up; whether any was forgotten (they may join plans again)."""
+        now = time.monotonic()
+        expired = [node for node, (until, _) in self.suspects.items() if until <= now]
+        for node in expired:
+            del self.suspects[node]
+            log.info("%s: %s is no longer suspect", self.node_id, node)
+        return bool(expired)
+
+    def record_suspect(self, node_id: str, reason: str, ttl_s: float) -> bool:
+        """Leave ``node_id`` out of plans for ``ttl_s`` seconds; whether it was news (not suspect yet)."""
+        news = node_id not in self.active_suspects()
+        self.suspects[node_id] = (time.monotonic() + ttl_s, reason)
+        if news:
+            log.warning("%s: %s is suspect for %.0fs: %s", self.node_id, node_id, ttl_s, reason)
+            self._changed.set()  # the leader re-plans without it
+            self._notify()
+        return news
+
+    async def mark_suspect(self, node_id: str, reason: str) -> None:
+        """Record ``node_id`` as suspect here and tell every member, so that whoever leads plans without it."""
+        ttl = self.options.suspect_ttl_s
+        if not self.record_suspect(node_id, reason, ttl):
+            return
+        note = SuspectNode(node_id=node_id, reporter=self.node_id, reason=reason, ttl_s=ttl)
+        for member in sorted(self.members):
+            if member == self.node_id:
+                continue
+            try:
+                await self.send(member, note)
+            except (ConnectionError, TimeoutError) as exc:
+                log.warning("%s: could not tell %s that %s is suspect: %r", self.node_id, member, node_id, exc)
+
+    def infeasible(self) -> str | None:
+        """Why no plan fits the current members (minus suspects), or None when one does."""
+        try:
+            stages = self.compute_plan(self.highest_epoch + 1)
+        except (PlacementError, ValueError) as exc:
+            return str(exc)
+        if stages is None:
+            split = self.options.split
+            return f"the forced split {split} needs {len(split or ())} nodes; {len(self._plannable())} are usable"
+        return None
+
+    async def wait_recoverable(
+        self,
+        predicate: Callable[[PlanCommit], bool],
+        timeout: float,  # noqa: ASYNC109
+    ) -> PlanCommit | str:
+        """Wait for a committed plan satisfying ``predicate``; or, as soon as no plan fits the surviving
+        nodes, return why (the caller falls back or fails). Raises ``TimeoutError`` past ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                pulse = self._pulse
+                if self.active is not None and predicate(self.active):
+                    return self.active
+                reason = self.infeasible()
+                if reason is not None:
+                    return reason
+                await pulse.wait()
 
     # -- the leader's planning loop --------------------------------------------------------------------
 
@@ -227,7 +438,9 @@ class Coordinator:
                     async with asyncio.timeout(_POLL_S):
                         await self._changed.wait()
                 except TimeoutError:
-                    continue
+                    if not self._expire_suspects():
+                        continue
+                    self._notify()
                 if stop.is_set():
                     break
                 await self._settle()
@@ -246,6 +459,9 @@ class Coordinator:
                             async with asyncio.timeout(delay):
                                 await stop.wait()
                         self._changed.set()
+            # Stopping: a load may still wait (up to its deadline) for links to a node that is gone.
+            for load in list(self._loads):
+                load.cancel()
             self._tg = None
 
     async def _settle(self) -> None:
@@ -261,8 +477,14 @@ class Coordinator:
                     return
 
     def healthy(self, plan: PlanCommit) -> bool:
-        """Every stage of ``plan`` is a live member."""
-        return all(s.node_id in self.members for s in plan.stages)
+        """Every stage of ``plan`` is a live member, and none is suspect."""
+        suspects = self.active_suspects()
+        return all(s.node_id in self.members and s.node_id not in suspects for s in plan.stages)
+
+    def _plannable(self) -> list[Member]:
+        """Members a plan may use: all but the suspects."""
+        suspects = self.active_suspects()
+        return [m for m in self.members.values() if m.node_id not in suspects]
 
     def wake(self) -> None:
         """Wake the planning loop (at shutdown, so that it notices the stop at once)."""
@@ -284,11 +506,14 @@ class Coordinator:
     def compute_plan(self, epoch: int) -> tuple[StageRange, ...] | None:
         """This membership's plan, or None while a forced split waits for enough members."""
         split = self.options.split
-        if split is not None and len(self.members) < len(split):
-            log.info("%s: split %s waits for %d nodes (%d so far)", self.node_id, split, len(split), len(self.members))
+        usable = self._plannable()
+        if not usable:
+            raise PlacementError(f"every member is suspect: {sorted(self.active_suspects())}")
+        if split is not None and len(usable) < len(split):
+            log.info("%s: split %s waits for %d nodes (%d so far)", self.node_id, split, len(split), len(usable))
             return None
         footprint = footprint_from_spec(self.source.spec, self.options.bytes_per_param)
-        nodes = [NodeResources(m.node_id, m.memory_bytes) for m in self.members.values()]
+        nodes = [NodeResources(m.node_id, m.memory_bytes) for m in usable]
         plan = plan_placement(
             nodes,
             footprint,
@@ -323,9 +548,13 @@ class Coordinator:
 
         async with self.barriers.opened(plan_barrier(epoch), stage_nodes, resend) as barrier:
             log.info("%s: proposing plan %d: %s", self.node_id, epoch, _describe(stages))
-            for node in sorted(members):
-                await self.send(node, proposal)
-            result = await barrier.sync_with_timeout(self.options.load_timeout_s, self.options.plan_retries)
+            self._round_barrier = barrier
+            try:
+                for node in sorted(members):
+                    await self.send(node, proposal)
+                result = await barrier.sync_with_timeout(self.options.load_timeout_s, self.options.plan_retries)
+            finally:
+                self._round_barrier = None
         commit = PlanCommit(
             epoch=epoch,
             leader=self.node_id,
@@ -340,8 +569,10 @@ class Coordinator:
 
     # -- messages from peers ---------------------------------------------------------------------------
 
-    async def handle(self, sender: str, message: PlanProposal | StageStatus | PlanCommit) -> None:
+    async def handle(self, sender: str, message: PlanProposal | StageStatus | PlanCommit | SuspectNode) -> None:
         match message:
+            case SuspectNode():
+                self.record_suspect(message.node_id, f"{message.reason} (from {message.reporter})", message.ttl_s)
             case PlanProposal():
                 if message.model_fingerprint != self.fingerprint:
                     detail = (
@@ -360,7 +591,9 @@ class Coordinator:
                     del self._proposer[old_epoch]
                 self.highest_epoch = message.epoch
                 assert self._tg is not None
-                self._tg.create_task(self._load(sender, message), name=f"load plan {message.epoch}")
+                load = self._tg.create_task(self._load(sender, message), name=f"load plan {message.epoch}")
+                self._loads.add(load)
+                load.add_done_callback(self._loads.discard)
             case StageStatus():
                 arrival = BarrierArrive(
                     name=plan_barrier(message.epoch), member=message.node_id, ok=message.ready, detail=message.detail
@@ -376,6 +609,7 @@ class Coordinator:
                 self.active = message
                 self.history.add(message)
                 self._committed.set()
+                self._notify()
                 if self.on_commit is not None:
                     self.on_commit(message)
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from exo_stable.wire.handshake import Identity, PeerInfo
 from exo_stable.wire.health import NetworkHealthMonitor
 from exo_stable.wire.messages import Hello, Message
-from exo_stable.wire.peerlink import WIRE_PATH, LinkClosed, LinkConfig, PeerLink
+from exo_stable.wire.peerlink import WIRE_PATH, LinkClosed, LinkConfig, LinkStats, PeerLink
 from exo_stable.wire.server import WireServer
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,15 @@ class PeerManager:
                 return
         self.unroutable += 1
         raise PeerUnreachable(f"no link from {self.node_id} to {node_id}")
+
+    def link_statistics(self) -> list[tuple[str, str, LinkStats]]:
+        """(peer, direction ``out``/``in``, the link's snapshot) for every link this node holds (for /metrics)."""
+        out = []
+        for nid, p in self._peers.items():
+            for direction, link in (("out", p.out), ("in", p.inbound)):
+                if link is not None:
+                    out.append((nid, direction, link.statistics()))
+        return out
 
     def statistics(self) -> dict[str, object]:
         """Per peer: membership, health, RTT, and each of its links' integrity counters (for /health)."""

@@ -90,8 +90,10 @@ class StreamAssembler:
         plan_epoch: int = 0,
         window: int = 256,
         eos_ids: Iterable[int] | None = None,
+        verify_checksum: bool = True,
     ) -> None:
-        """``window``: positions ``[next, next + window)`` are accepted; later ones are rejected."""
+        """``window``: positions ``[next, next + window)`` are accepted; later ones are rejected.
+        ``verify_checksum`` False (validation level ``off``): tokens' end-to-end checksums are not checked."""
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self.request_id = request_id
@@ -99,7 +101,10 @@ class StreamAssembler:
         self.max_tokens = max_tokens
         self._stream = TextStream(tokenizer, stop=stop, eos_ids=eos_ids, max_tokens=max_tokens)
         self._vocab_size = tokenizer.vocab_size
-        self._validator = TokenValidator(tokenizer.vocab_size, request_id=request_id, plan_epoch=plan_epoch)
+        self._verify_checksum = verify_checksum
+        self._validator = TokenValidator(
+            tokenizer.vocab_size, request_id=request_id, plan_epoch=plan_epoch, verify_checksum=verify_checksum
+        )
         self._checker = SequenceIntegrityChecker()
         self._buffer: dict[int, TokenChunk] = {}
         self._frontier = -1  # the highest position known to exist (bounded by window when used)
@@ -159,7 +164,9 @@ class StreamAssembler:
         Positions already delivered stay delivered; anything buffered from the old plan is dropped, since
         the new plan sends every position from the next one on.
         """
-        self._validator = TokenValidator(self._vocab_size, request_id=self.request_id, plan_epoch=plan_epoch)
+        self._validator = TokenValidator(
+            self._vocab_size, request_id=self.request_id, plan_epoch=plan_epoch, verify_checksum=self._verify_checksum
+        )
         self._buffer.clear()
         self._checker.clear()
         self._reported.clear()

@@ -15,16 +15,28 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any
 
-from exo_stable.pipeline.assembler import StreamAssembler
+from exo_stable.fallback import FallbackCoordinator, FallbackUnavailable
+from exo_stable.mlx_thread import WorkerClosed, WorkerTimeout
+from exo_stable.pipeline.assembler import AssemblyStep, StreamAssembler
 from exo_stable.pipeline.barrier import BarrierError, Barriers
-from exo_stable.recovery import FailureKind, RecoveryManager, StepDeadline
+from exo_stable.pipeline.levels import (
+    DEFAULT_SPOT_CHECK_FRACTION,
+    AdaptiveConfig,
+    AdaptiveStrictness,
+    DeltaChecker,
+    IntegrityCounters,
+    ValidationLevel,
+)
+from exo_stable.recovery import FailureClass, FailureKind, RecoveryManager, ReplayMode, StepDeadline
 from exo_stable.service import GenerationJob, GenerationResult, ServiceUnavailable
 from exo_stable.stagecompute import prompt_chunks
 from exo_stable.textstream import Delta
 from exo_stable.tokenizer import Tokenizer
+from exo_stable.trace import RequestTrace
 from exo_stable.wire.messages import (
     Message,
     PlanCommit,
@@ -35,7 +47,9 @@ from exo_stable.wire.messages import (
     StageFailure,
     StepInput,
     TokenChunk,
+    ValidationError,
 )
+from exo_stable.wire.validation import TokenTransferValidator
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +76,28 @@ class OwnerConfig:
     first_token_timeout_s: float = 300.0
     token_timeout_s: float = 60.0
     inbox_size: int = 1024
-    max_recoveries: int = 3
+    max_recoveries: int = 6
     recovery_timeout_s: float = 120.0
+    replay: ReplayMode = ReplayMode.EXACT
+    validation: ValidationLevel = ValidationLevel.LIGHT  # requests that do not ask for a level run at this one
+    spot_check_fraction: float = DEFAULT_SPOT_CHECK_FRACTION  # strict: the share of steps recomputed
+    spot_check_seed: int = 0
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+
+
+class CorruptOutput(RuntimeError):
+    """A text delta failed its validation at the owner (it is never sent): the request ends with an error."""
+
+
+@dataclass
+class ValidationCounters:
+    """What the owner's validation found, over the node's life (for /health and adaptive strictness)."""
+
+    requests: dict[str, int]
+    token_checksum_failures: int = 0
+    tokens_rejected: int = 0
+    invalid_utf8_deltas: int = 0
+    suspicious_deltas: int = 0
 
 
 @dataclass
@@ -72,6 +106,11 @@ class _Owned:
     plan: PlanCommit
     inbox: asyncio.Queue[TokenChunk | StageFailure]
     overflowed: bool = False
+    mode: ReplayMode = ReplayMode.EXACT
+    failed_at: float | None = None  # set while the request recovers: the failure that paused its stream
+    on_fallback: bool = False  # runs on this node's single-device fallback (no plan fits the survivors)
+    level: ValidationLevel = ValidationLevel.LIGHT
+    deltas: DeltaChecker | None = None
 
 
 @dataclass
@@ -82,6 +121,8 @@ class OwnerStats:
     late_messages: int = 0
     resend_requests: int = 0
     recoveries: int = 0
+    fallbacks: int = 0
+    kept_plan: int = 0  # running requests that kept their plan while a newer one was committed
 
 
 class PipelineOwner:
@@ -95,10 +136,14 @@ class PipelineOwner:
         send: Send,
         plan: Callable[[], PlanCommit | None],
         barriers: Barriers,
-        wait_plan: Callable[[Callable[[PlanCommit], bool], float], Awaitable[PlanCommit]],
+        wait_plan: Callable[[Callable[[PlanCommit], bool], float], Awaitable[PlanCommit | str]],
         healthy: Callable[[PlanCommit], bool],
         config: OwnerConfig | None = None,
+        fallback: FallbackCoordinator | None = None,
+        on_suspect: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
+        """``wait_plan(predicate, timeout)``: a committed plan satisfying ``predicate``, or why none fits the
+        surviving nodes. ``on_suspect(node, reason)``: a node keeps failing; plans should leave it out."""
         self.node_id = node_id
         self.tokenizer = tokenizer
         self.send = send
@@ -106,12 +151,18 @@ class PipelineOwner:
         self.wait_plan = wait_plan
         self.healthy = healthy
         self.config = config or OwnerConfig()
+        self.fallback = fallback
+        self.on_suspect = on_suspect
         self.requests: dict[str, _Owned] = {}
         self.barriers = barriers
         self.recovery = RecoveryManager()
         self.step_deadline = StepDeadline(initial_s=self.config.token_timeout_s, ceiling_s=self.config.token_timeout_s)
         self.stats = OwnerStats()
         self._ids = itertools.count()
+        self.validation = ValidationCounters(requests={level.value: 0 for level in ValidationLevel})
+        self.adaptive = AdaptiveStrictness(self.config.validation, self.config.adaptive, clock=time.monotonic)
+        self.integrity: Callable[[], IntegrityCounters] = self.own_integrity
+        """Where adaptive strictness reads its counters (the node adds its links' to the owner's own)."""
 
     # -- messages from stages --------------------------------------------------------------------------
 
@@ -141,10 +192,24 @@ class PipelineOwner:
         if plan is None:
             raise NoPlan("the cluster has no pipeline plan yet")
         rid = f"{self.node_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        level = self.level_for(job.validation)
         assembler = StreamAssembler(
-            rid, self.tokenizer, max_tokens=job.max_tokens, stop=job.stop, plan_epoch=plan.epoch
+            rid,
+            self.tokenizer,
+            max_tokens=job.max_tokens,
+            stop=job.stop,
+            plan_epoch=plan.epoch,
+            verify_checksum=level is not ValidationLevel.OFF,
         )
-        owned = _Owned(assembler, plan, asyncio.Queue(maxsize=self.config.inbox_size))
+        mode = job.replay or self.config.replay
+        owned = _Owned(
+            assembler,
+            plan,
+            asyncio.Queue(maxsize=self.config.inbox_size),
+            mode=mode,
+            level=level,
+            deltas=DeltaChecker(level),
+        )
         self.requests[rid] = owned  # registered before anything is sent
         self.stats.requests += 1
         started = time.perf_counter()
@@ -152,37 +217,65 @@ class PipelineOwner:
         try:
             while True:
                 try:
-                    async for delta in self._attempt(rid, job, owned, result, started):
-                        yield delta
+                    attempt = (
+                        self._fallback_attempt(rid, job, owned, result, started)
+                        if owned.on_fallback
+                        else self._attempt(rid, job, owned, result, started)
+                    )
+                    async with aclosing(attempt) as deltas:
+                        async for delta in deltas:
+                            yield delta
                     break
                 except PipelineFailed as exc:
                     recoveries += 1
-                    failed_at = time.perf_counter()
+                    owned.failed_at = time.perf_counter()
                     decision = self.recovery.classify(self.recovery.event(exc.kind, exc.node_id, (rid,), str(exc)))
-                    if recoveries > self.config.max_recoveries:
+                    if result.trace is not None:
+                        result.trace.recovery(
+                            failure=exc.kind.value,
+                            node_id=exc.node_id,
+                            failure_class=decision.failure_class.value,
+                            mechanism=decision.mechanism,
+                            from_position=assembler.next_position,
+                            detail=str(exc),
+                        )
+                    if recoveries > self.config.max_recoveries or owned.on_fallback:
                         self.recovery.outcome("failed")
                         raise
                     failed = owned.plan
                     log.warning(
-                        "request %s: %s; %s failure, %s (%s); recovering (%d) from position %d",
+                        "request %s: %s; %s failure, %s (%s); recovering (%d) from position %d by %s replay",
                         rid,
                         exc,
                         decision.failure_class,
-                        decision.action,
+                        decision.mechanism,
                         decision.reason,
                         recoveries,
                         assembler.next_position,
+                        mode,
                     )
                     await self._close(rid, [s.node_id for s in failed.stages], reason="recovering")
+                    if (
+                        decision.failure_class is FailureClass.PERSISTENT
+                        and exc.kind in _SUSPECT_KINDS
+                        and self.on_suspect is not None
+                        and any(s.node_id == exc.node_id for s in failed.stages)
+                    ):
+                        await self.on_suspect(exc.node_id, decision.reason)
                     try:
-                        owned.plan = await self._healthy_plan(rid, failed)
+                        found = await self._healthy_plan(rid, failed)
+                        if isinstance(found, str):
+                            self._fall_back(rid, found)
+                            owned.on_fallback = True
+                        else:
+                            owned.plan = found
+                            assembler.rebind(found.epoch)
+                            self.recovery.replanned(time.perf_counter() - owned.failed_at)
                     except PipelineFailed:
                         self.recovery.outcome("failed")
                         raise
-                    assembler.rebind(owned.plan.epoch)
                     _drain(owned.inbox)
                     self.stats.recoveries += 1
-                    self.recovery.outcome("replayed", time.perf_counter() - failed_at)
             self.stats.finished += 1
         except BaseException:
             self.stats.failed += 1
@@ -198,18 +291,29 @@ class PipelineOwner:
         plan, assembler = owned.plan, owned.assembler
         stage_nodes = [s.node_id for s in plan.stages]
         history = assembler.token_ids
-        await self._open(rid, job, plan, job.max_tokens, history)
-        chunks = prompt_chunks(job.prompt_ids)
+        if result.trace is not None:
+            result.trace.plan(plan.epoch, plan.stages)
+        # Exact replay: the prompt chunks, then the stages feed each known token forward one decode step each.
+        # Fast replay: prompt and known tokens in one batched re-prefill; the last chunk samples position
+        # len(history).
+        fast = owned.mode is ReplayMode.FAST and bool(history)
+        if fast:
+            await self._open(rid, job, plan, job.max_tokens, first_position=len(history))
+            chunks = prompt_chunks([*job.prompt_ids, *history])
+        else:
+            await self._open(rid, job, plan, job.max_tokens, history)
+            chunks = prompt_chunks(job.prompt_ids)
         for step, chunk in enumerate(chunks):
+            final = step == len(chunks) - 1
             await self.send(
                 stage_nodes[0],
                 StepInput(
                     request_id=rid,
                     plan_epoch=plan.epoch,
                     step=step,
-                    position=0,
+                    position=len(history) if fast and final else 0,
                     tokens=tuple(chunk),
-                    final=step == len(chunks) - 1,
+                    final=final,
                 ),
             )
         # A replay recomputes the history before the next new token: allow for it in the first deadline.
@@ -225,17 +329,18 @@ class PipelineOwner:
             if assembler.next_position > len(history):
                 self.step_deadline.observe(time.perf_counter() - waited)
             deadline = self.step_deadline.deadline()
+            if isinstance(message, StageFailure) and message.plan_epoch not in (-1, plan.epoch):
+                self.stats.late_messages += 1  # a stage of the plan this request already left
+                continue
             if isinstance(message, StageFailure):
                 raise PipelineFailed(
                     f"stage {message.node_id} failed request {rid}: {message.detail}",
                     kind=_failure_kind(message.detail),
                     node_id=message.node_id,
                 )
-            step_result = assembler.accept(message)
-            if result.first_token_s is None and assembler.next_position > 0:
-                result.first_token_s = time.perf_counter() - started
-            result.token_ids = list(assembler.token_ids)
-            result.completion_tokens = len(result.token_ids)
+            step_result = self._accept(owned, message, result, started, len(history))
+            if result.trace is not None:
+                _trace_token(result.trace, message, step_result)
             if step_result.missing:
                 self.stats.resend_requests += 1
                 await self.send(stage_nodes[-1], ResendTokens(request_id=rid, positions=step_result.missing))
@@ -244,8 +349,93 @@ class PipelineOwner:
                     result.finish_reason = delta.finish_reason
                 yield delta
 
-    async def _healthy_plan(self, rid: str, failed: PlanCommit) -> PlanCommit:
-        """A committed plan whose every stage is a live member (a new one if ``failed`` lost a node)."""
+    def _accept(
+        self, owned: _Owned, chunk: TokenChunk, result: GenerationResult, started: float, replayed: int
+    ) -> AssemblyStep:
+        """Hand ``chunk`` to the assembler; note the first token and, after a recovery, the time to resume."""
+        assembler = owned.assembler
+        step = assembler.accept(chunk)
+        self._check(owned, step)
+        if result.first_token_s is None and assembler.next_position > 0:
+            result.first_token_s = time.perf_counter() - started
+        result.token_ids = list(assembler.token_ids)
+        result.completion_tokens = len(result.token_ids)
+        if owned.failed_at is not None and assembler.next_position > replayed:
+            how = "fallback" if owned.on_fallback else "resumed"
+            self.recovery.outcome(how, time.perf_counter() - owned.failed_at, mode=owned.mode.value)
+            owned.failed_at = None
+        return step
+
+    async def _fallback_attempt(
+        self, rid: str, job: GenerationJob, owned: _Owned, result: GenerationResult, started: float
+    ) -> AsyncGenerator[Delta]:
+        """Replay and continue the request on this node's single-device fallback until it finishes."""
+        assert self.fallback is not None
+        assembler = owned.assembler
+        history = assembler.token_ids
+        sealer = TokenTransferValidator()
+        self.stats.fallbacks += 1
+        tokens = self.fallback.generate(
+            rid, job.prompt_ids, job.params, history, mode=owned.mode, max_tokens=job.max_tokens
+        )
+        try:
+            async with aclosing(tokens) as stream:
+                async for position, token in stream:
+                    chunk = sealer.seal(
+                        TokenChunk(
+                            request_id=rid,
+                            sequence_position=position,
+                            token_id=token,
+                            source_device_rank=0,
+                            plan_epoch=owned.plan.epoch,
+                        )
+                    )
+                    step = self._accept(owned, chunk, result, started, len(history))
+                    for delta in step.deltas:
+                        if delta.finish_reason is not None:
+                            result.finish_reason = delta.finish_reason
+                        yield delta
+                    if assembler.finished:
+                        return
+        except (FallbackUnavailable, WorkerClosed, WorkerTimeout) as exc:
+            raise PipelineFailed(
+                f"request {rid}: the single-device fallback failed: {exc}",
+                kind=FailureKind.NO_PLAN,
+                node_id=self.node_id,
+            ) from exc
+        if not assembler.finished:
+            delta = assembler.finish_length()
+            result.finish_reason = delta.finish_reason
+            yield delta
+
+    def _fall_back(self, rid: str, why: str) -> None:
+        """No plan fits the surviving nodes (catastrophic): go on with the fallback, or fail with a clear error."""
+        decision = self.recovery.classify(self.recovery.event(FailureKind.NO_PLAN, self.node_id, (rid,), why))
+        if self.fallback is None:
+            raise PipelineFailed(
+                f"request {rid}: no pipeline plan fits the surviving nodes ({why}), and this node has no "
+                "single-device fallback",
+                kind=FailureKind.NO_PLAN,
+                node_id=self.node_id,
+            )
+        if (reason := self.fallback.unavailable()) is not None:
+            raise PipelineFailed(
+                f"request {rid}: no pipeline plan fits the surviving nodes ({why}), and the single-device "
+                f"fallback cannot hold the model: {reason}",
+                kind=FailureKind.NO_PLAN,
+                node_id=self.node_id,
+            )
+        log.warning(
+            "request %s: %s (%s): %s; continuing on this node alone",
+            rid,
+            why,
+            decision.failure_class,
+            decision.mechanism,
+        )
+
+    async def _healthy_plan(self, rid: str, failed: PlanCommit) -> PlanCommit | str:
+        """A committed plan whose every stage is a live member (a new one if ``failed`` lost a node), or why no
+        plan fits the surviving nodes."""
         try:
             return await self.wait_plan(self.healthy, self.config.recovery_timeout_s)
         except TimeoutError as exc:
@@ -255,15 +445,12 @@ class PipelineOwner:
             ) from exc
 
     def on_plan_committed(self, plan: PlanCommit) -> None:
-        """A new plan replaced the stages under older requests (their caches went with the old stage
-        actors wherever a node's layers changed): move them to it now, by replay, rather than at a deadline."""
-        for rid, owned in self.requests.items():
-            if owned.plan.epoch < plan.epoch and _stages_changed(owned.plan, plan):
-                failure = StageFailure(request_id=rid, node_id=plan.leader, detail=f"plan {plan.epoch} replaced it")
-                try:
-                    owned.inbox.put_nowait(failure)
-                except asyncio.QueueFull:
-                    owned.overflowed = True
+        """A new plan was committed: requests already running keep theirs (the stages of a replaced plan
+        drain them: their steps carry their plan's epoch); only new requests use ``plan``. A stage that
+        cannot keep an old plan's request tells its owner (a StageFailure), which then replays it."""
+        for owned in self.requests.values():
+            if owned.plan.epoch < plan.epoch:
+                self.stats.kept_plan += 1
 
     def on_peer_down(self, node_id: str) -> None:
         """A node went away: every request whose plan uses it fails now (and recovers), not at a deadline."""
@@ -292,10 +479,19 @@ class PipelineOwner:
             ) from exc
 
     async def _open(
-        self, rid: str, job: GenerationJob, plan: PlanCommit, budget: int, history: tuple[int, ...] = ()
+        self,
+        rid: str,
+        job: GenerationJob,
+        plan: PlanCommit,
+        budget: int,
+        history: tuple[int, ...] = (),
+        *,
+        first_position: int = 0,
     ) -> None:
         p = job.params
         name = f"open/{rid}"
+        owned = self.requests.get(rid)
+        level = self.config.validation if owned is None else owned.level
         message = RequestOpen(
             request_id=rid,
             owner=self.node_id,
@@ -305,6 +501,10 @@ class PipelineOwner:
             prompt_tokens=len(job.prompt_ids),
             barrier=name,
             history=history,
+            first_position=first_position,
+            validation=level.value,
+            spot_check_fraction=self.config.spot_check_fraction if level is ValidationLevel.STRICT else 0.0,
+            spot_check_seed=self.config.spot_check_seed,
         )
 
         async def resend(missing: frozenset[str], attempt: int) -> None:
@@ -341,9 +541,85 @@ class PipelineOwner:
             "late_messages": self.stats.late_messages,
             "resend_requests": self.stats.resend_requests,
             "recoveries": self.stats.recoveries,
+            "fallbacks": self.stats.fallbacks,
+            "kept_plan": self.stats.kept_plan,
+            "replay": self.config.replay.value,
+            "fallback": None if self.fallback is None else self.fallback.snapshot(),
             "step_deadline_s": round(self.step_deadline.deadline(), 3),
             "recovery": self.recovery.snapshot(),
+            "validation": self.validation_snapshot(),
         }
+
+    # -- validation levels -----------------------------------------------------------------------------
+
+    def level_for(self, requested: ValidationLevel | None) -> ValidationLevel:
+        """The level a new request runs at: what it asked for (or the node's), raised by adaptive strictness
+        when corruption or retransmits were seen lately; counted by level."""
+        self.adaptive.observe(self.integrity())
+        level = self.adaptive.effective(requested)
+        self.validation.requests[level.value] += 1
+        return level
+
+    def own_integrity(self) -> IntegrityCounters:
+        """Corruption this owner saw: tokens failing their checksum, invalid deltas, and the stages' reports of
+        bad activations and spot-check mismatches (failure events)."""
+        events = self.recovery.stats.events
+        v = self.validation
+        return IntegrityCounters(
+            corruptions=v.token_checksum_failures
+            + v.invalid_utf8_deltas
+            + events[FailureKind.CHECKSUM.value]
+            + events[FailureKind.SPOT_CHECK.value]
+        )
+
+    def _check(self, owned: _Owned, step: AssemblyStep) -> None:
+        """Count what the assembler rejected; check the deltas at the request's level (a delta that is not
+        valid UTF-8 is never sent: the request ends with :class:`CorruptOutput`)."""
+        if step.rejected is not None:
+            self.validation.tokens_rejected += 1
+            if step.rejected.error_type is ValidationError.CHECKSUM_MISMATCH:
+                self.validation.token_checksum_failures += 1
+        if owned.deltas is None:
+            return
+        for delta in step.deltas:
+            found = owned.deltas.check(delta.text)
+            if found is None:
+                continue
+            rid = owned.assembler.request_id
+            if found.fatal:
+                self.validation.invalid_utf8_deltas += 1
+                raise CorruptOutput(f"request {rid}: {found.result.detail}")
+            # Strict's EncodingValidator: U+FFFD or control characters may be the model's own output.
+            self.validation.suspicious_deltas += 1
+            log.warning("request %s: suspicious delta: %s", rid, found.result.detail)
+
+    def validation_snapshot(self) -> dict[str, object]:
+        self.adaptive.observe(self.integrity())  # the adaptive level as of now, not as of the last request
+        v = self.validation
+        return {
+            "default": self.config.validation.value,
+            "spot_check_fraction": self.config.spot_check_fraction,
+            "requests_by_level": dict(v.requests),
+            "token_checksum_failures": v.token_checksum_failures,
+            "tokens_rejected": v.tokens_rejected,
+            "invalid_utf8_deltas": v.invalid_utf8_deltas,
+            "suspicious_deltas": v.suspicious_deltas,
+            "adaptive": self.adaptive.snapshot(),
+        }
+
+
+_SUSPECT_KINDS = frozenset(
+    {FailureKind.STAGE_FAILURE, FailureKind.STAGE_ESCALATED, FailureKind.CHECKSUM, FailureKind.STEP_DEADLINE}
+)
+"""Failures that, repeated, make a node suspect (a lost node is gone anyway; a replaced plan is no fault)."""
+
+
+def _trace_token(trace: RequestTrace, token: TokenChunk, step: AssemblyStep) -> None:
+    """A token's forward steps go into the request's trace once (not again with a duplicate or a resend)."""
+    if not step.duplicate and step.rejected is None:
+        trace.hops(token.hops, lost=token.hops_lost)
+    if step.missing:
+        trace.resend(step.missing)
 
 
 def _drain(queue: asyncio.Queue[TokenChunk | StageFailure]) -> None:
@@ -366,4 +642,6 @@ def _failure_kind(detail: str) -> FailureKind:
         return FailureKind.PLAN_REPLACED
     if detail.startswith("bad activation"):
         return FailureKind.CHECKSUM
+    if detail.startswith("spot check"):
+        return FailureKind.SPOT_CHECK
     return FailureKind.STAGE_FAILURE

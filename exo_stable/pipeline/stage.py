@@ -12,18 +12,24 @@ this stage no longer holds is dropped and counted (the pipeline may run a token 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import msgspec
 
 from actors import Actor
 from exo_stable.loader import ModelSource
 from exo_stable.mlx_thread import MlxThread
 from exo_stable.model import LayerRange
 from exo_stable.modelspec import Dtype
+from exo_stable.pipeline.levels import ValidationLevel, spot_check_chosen
+from exo_stable.pipeline.stagefaults import StageFaultConfig, StageFaults
 from exo_stable.sampling import SamplingParams
 from exo_stable.stagecompute import StageBusy, StageCompute, UnknownRequest, tensor_from_bytes, tensor_to_bytes
 from exo_stable.wire.messages import (
@@ -35,9 +41,11 @@ from exo_stable.wire.messages import (
     ResendTokens,
     StageFailure,
     StageRange,
+    StepHop,
     StepInput,
     TensorPayload,
     TokenChunk,
+    tensor_checksum,
 )
 from exo_stable.wire.tensors import ActivationAssembler, TensorError, chunk_activation
 from exo_stable.wire.validation import TokenTransferValidator
@@ -47,6 +55,27 @@ log = logging.getLogger(__name__)
 Send = Callable[[str, Message], Awaitable[None]]
 StageMessage = RequestOpen | StepInput | ActivationChunk | RequestClose | ResendTokens
 
+MAX_PENDING_HOPS = 1024
+"""Trace hops the last stage holds for a request between tokens (prompt chunks, replayed positions)."""
+
+STAGE_FAULTS_ENV = "EXO_STABLE_STAGE_FAULTS"
+"""Injected stage faults, for chaos tests: ``crash_every_step`` makes every forward step raise (the actor
+crashes, its supervisor restarts it, and past its restart intensity escalates)."""
+
+
+class InjectedStageCrash(RuntimeError):
+    """A crash injected by ``EXO_STABLE_STAGE_FAULTS=crash_every_step``."""
+
+
+def stage_faults(environ: dict[str, str] | None = None) -> frozenset[str]:
+    """The stage faults named in the environment; unknown names are refused (a typo must not pass silently)."""
+    raw = (os.environ if environ is None else environ).get(STAGE_FAULTS_ENV, "")
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    unknown = names - {"crash_every_step"}
+    if unknown:
+        raise ValueError(f"{STAGE_FAULTS_ENV}: unknown stage faults {sorted(unknown)}")
+    return names
+
 
 @dataclass
 class _Request:
@@ -54,7 +83,13 @@ class _Request:
     plan_epoch: int
     max_tokens: int
     history: tuple[int, ...] = ()  # tokens of a replay: fed forward instead of sampled
+    first_position: int = 0  # a fast replay: the first position this stage samples (the rest was re-prefilled)
     sent: list[TokenChunk] = field(default_factory=list)  # last stage: every token sent, for resends
+    level: ValidationLevel = ValidationLevel.LIGHT  # what this stage checks for the request (pipeline/levels.py)
+    spot_fraction: float = 0.0  # strict: the share of steps recomputed and compared bit for bit
+    spot_seed: int = 0
+    pending_hops: list[StepHop] = field(default_factory=list)  # last stage: steps not yet behind a sent token
+    hops_lost: int = 0  # hops past MAX_PENDING_HOPS, counted and dropped
 
 
 @dataclass
@@ -67,6 +102,9 @@ class StageStats:
     failures: int = 0
     replayed: int = 0
     replay_divergences: int = 0
+    source_checksum_failures: int = 0  # strict: activations whose sender's checksum did not match (also bad)
+    spot_checks: int = 0  # strict: steps computed twice
+    spot_check_mismatches: int = 0  # ... whose two results differed
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +138,9 @@ class StageActor(Actor[StageMessage]):
         self._validator = TokenTransferValidator()
         self.stats = StageStats()
         self.load_s = 0.0
+        self.faults = stage_faults()
+        integrity = StageFaultConfig.from_env() or StageFaultConfig()
+        self.integrity_faults = StageFaults(integrity, stage=config.index)  # off unless configured
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -118,6 +159,10 @@ class StageActor(Actor[StageMessage]):
     def open_requests(self) -> int:
         return len(self._requests)
 
+    def request_owners(self) -> list[tuple[str, str, int]]:
+        """(request id, owner node, plan epoch) of every request this stage holds."""
+        return [(rid, request.owner, request.plan_epoch) for rid, request in self._requests.items()]
+
     async def wait_idle(self, timeout: float) -> None:  # noqa: ASYNC109
         """Wait until this stage holds no request (every owner closed its requests)."""
         async with asyncio.timeout(timeout):
@@ -127,6 +172,23 @@ class StageActor(Actor[StageMessage]):
         self._thread = MlxThread(f"mlx-stage{self.config.index}")
         self.load_s = await self._thread.run(self._compute.load, timeout=self.config.load_timeout_s)
         log.info("%s loaded layers %s in %.2fs", self.config.node_id, self.layers, self.load_s)
+
+    async def on_failure(self, exc: BaseException) -> None:
+        """This stage crashed: every request it held fails here now (their owners replay them), not at
+        their step deadlines."""
+        for rid, request in list(self._requests.items()):
+            failure = StageFailure(
+                request_id=rid,
+                node_id=self.config.node_id,
+                detail=f"stage {self.config.index} crashed: {exc!r}",
+                plan_epoch=request.plan_epoch,
+            )
+            try:
+                await self._send(request.owner, failure)
+            except (ConnectionError, TimeoutError) as send_exc:
+                log.warning("stage %d could not report its crash to %s: %r", self.config.index, request.owner, send_exc)
+        self._requests.clear()
+        self._idle.set()
 
     async def on_stop(self) -> None:
         if self._thread is not None:
@@ -169,7 +231,16 @@ class StageActor(Actor[StageMessage]):
             await self._run(self._compute.close, msg.request_id)
         try:
             await self._run(self._compute.open, msg.request_id, params)
-            self._requests[msg.request_id] = _Request(msg.owner, msg.plan_epoch, msg.max_tokens, msg.history)
+            self._requests[msg.request_id] = _Request(
+                msg.owner,
+                msg.plan_epoch,
+                msg.max_tokens,
+                msg.history,
+                first_position=msg.first_position,
+                level=_wire_level(msg.validation),
+                spot_fraction=msg.spot_check_fraction,
+                spot_seed=msg.spot_check_seed,
+            )
             self._idle.clear()
         except StageBusy as exc:
             ok, detail = False, str(exc)
@@ -187,25 +258,37 @@ class StageActor(Actor[StageMessage]):
         if not self.is_first:
             raise RuntimeError(f"token step sent to stage {self.config.index}, which is not the first")
         request = self._requests.get(msg.request_id)
-        if request is None:
+        if request is None or request.plan_epoch != msg.plan_epoch:
+            # Closed, or a step of the plan this request left (a replaced plan's stage still draining it).
             self.stats.stale_steps += 1
             return
         await self._forward(msg.request_id, request, msg.step, msg.position, msg.final, tokens=msg.tokens)
 
     async def _step_activation(self, chunk: ActivationChunk) -> None:
         request = self._requests.get(chunk.request_id)
-        if request is None:
+        if request is None or request.plan_epoch != chunk.plan_epoch:
+            # Closed, or a step of the plan this request left (a replaced plan's stage still draining it).
             self.stats.stale_steps += 1
             return
         try:
-            tensor = self._assembler.add(chunk)
+            tensor = self._assembler.add(chunk, verify=request.level is not ValidationLevel.OFF)
         except TensorError as exc:
             # The link already retransmits corrupted frames; a bad tensor here is a bug or memory fault.
             self.stats.bad_activations += 1
             await self._fail(chunk.request_id, request, f"bad activation: {exc}", chunk.step)
             return
+        if tensor is not None and request.level is ValidationLevel.STRICT and chunk.source_checksum != tensor.checksum:
+            # The sender's checksum, taken where the tensor left its layers, disagrees with the bytes that came:
+            # they changed in the sender's memory before framing (every later checksum was computed over them).
+            self.stats.bad_activations += 1
+            self.stats.source_checksum_failures += 1
+            what = "carries no source checksum" if chunk.source_checksum < 0 else "fails the sender's source checksum"
+            await self._fail(chunk.request_id, request, f"bad activation: step {chunk.step} {what}", chunk.step)
+            return
         if tensor is not None:
-            await self._forward(chunk.request_id, request, chunk.step, chunk.position, chunk.final, tensor=tensor)
+            await self._forward(
+                chunk.request_id, request, chunk.step, chunk.position, chunk.final, tensor=tensor, hops=chunk.hops
+            )
 
     async def _forward(
         self,
@@ -217,19 +300,46 @@ class StageActor(Actor[StageMessage]):
         *,
         tokens: tuple[int, ...] = (),
         tensor: TensorPayload | None = None,
+        hops: tuple[StepHop, ...] = (),
     ) -> None:
+        """Run one step; ``hops``: the trace facts of the stages before this one for the same step."""
+        if "crash_every_step" in self.faults:
+            raise InjectedStageCrash(f"injected crash of stage {self.config.index} at step {step} of {rid}")
+        spot = request.level is ValidationLevel.STRICT and spot_check_chosen(
+            request.spot_fraction, request.spot_seed, rid, step, self.config.index
+        )
+        started = time.perf_counter()
         try:
-            out = await self._run(self._compute_step, rid, tokens, tensor, position, final)
+            step_fn = functools.partial(self._compute_step, checks=(request.level, spot))
+            out = await self._run(step_fn, rid, tokens, tensor, position, final)
         except UnknownRequest:
             self.stats.stale_steps += 1
             return
+        except SpotCheckMismatch as exc:
+            # Which of the two results is right is unknown: fail the step; the owner replays the request,
+            # which regenerates this step's token.
+            self.stats.spot_check_mismatches += 1
+            await self._fail(rid, request, f"spot check mismatch: {exc}", step)
+            return
         self.stats.steps += 1
+        stage_s = time.perf_counter() - started
+        n_tokens = len(tokens) if tensor is None else tensor.shape[1]
         if not self.is_last:
-            dtype, shape, data = out
+            dtype, shape, data, source = out
+            data = self.integrity_faults.memory(dtype, data)  # injected for tests only; off unless configured
             payload = TensorPayload.from_bytes(dtype, shape, data)
             pieces = chunk_activation(
-                payload, request_id=rid, step=step, plan_epoch=request.plan_epoch, position=position, final=final
+                payload,
+                request_id=rid,
+                step=step,
+                plan_epoch=request.plan_epoch,
+                position=position,
+                final=final,
+                source_checksum=source,
             )
+            checksum = f"{payload.checksum:08x}"
+            hop = self._hop(step, position, tokens=n_tokens, stage_s=stage_s, bytes_out=len(data), checksum=checksum)
+            pieces = [msgspec.structs.replace(piece, hops=(*hops, hop)) for piece in pieces]
             try:
                 for piece in pieces:
                     await self._send(self._next_node(), piece)
@@ -237,6 +347,10 @@ class StageActor(Actor[StageMessage]):
                 # The next stage is unreachable: this request cannot go on here; its owner recovers it.
                 await self._fail(rid, request, f"cannot reach {self._next_node()}: {exc!r}", step)
             return
+        if not final or position < len(request.history):
+            # No token leaves with this step: its hops wait for the next one that does.
+            own = self._hop(step, position, tokens=n_tokens, stage_s=stage_s, bytes_out=0, checksum="")
+            self._keep_hops(request, (*hops, own))
         if not final:
             return  # a prompt chunk that is not the last one: nothing to sample yet
         if position < len(request.history):
@@ -253,22 +367,52 @@ class StageActor(Actor[StageMessage]):
             except (ConnectionError, TimeoutError) as exc:
                 await self._fail(rid, request, f"cannot reach stage 0: {exc!r}", step)
             return
-        token = self._validator.seal(
-            TokenChunk(
-                request_id=rid,
-                sequence_position=position,
-                token_id=int(out),
-                source_device_rank=self.config.index,
-                plan_epoch=request.plan_epoch,
-            )
+        token = TokenChunk(
+            request_id=rid,
+            sequence_position=position,
+            token_id=int(out),
+            source_device_rank=self.config.index,
+            plan_epoch=request.plan_epoch,
         )
+        if request.level is not ValidationLevel.OFF:
+            token = self._validator.seal(token)
         request.sent.append(token)
         self.stats.tokens_sent += 1
+        own = self._hop(step, position, tokens=n_tokens, stage_s=stage_s, bytes_out=0, checksum=token.checksum)
+        trail = (*request.pending_hops, *hops, own)
+        outgoing = msgspec.structs.replace(token, hops=trail, hops_lost=request.hops_lost)
+        request.pending_hops.clear()
+        request.hops_lost = 0
+        if self.integrity_faults.enabled:  # injected for tests only: the copy kept for resends stays right
+            outgoing = msgspec.structs.replace(outgoing, token_id=self.integrity_faults.token(token.token_id))
         try:
-            await self._send(request.owner, token)
+            # Stage 0 first: the next step waits on it, while the owner only hands the token to its client.
             await self._continue(rid, request, step, position, token.token_id)
+            await self._send(request.owner, outgoing)
         except (ConnectionError, TimeoutError) as exc:
             await self._fail(rid, request, f"cannot deliver position {position}: {exc!r}", step)
+
+    def _hop(self, step: int, position: int, *, tokens: int, stage_s: float, bytes_out: int, checksum: str) -> StepHop:
+        """This stage's trace facts for one step."""
+        return StepHop(
+            node_id=self.config.node_id,
+            stage=self.config.index,
+            start=self.layers.start,
+            end=self.layers.end,
+            step=step,
+            position=position,
+            tokens=tokens,
+            stage_s=stage_s,
+            bytes_out=bytes_out,
+            checksum=checksum,
+        )
+
+    @staticmethod
+    def _keep_hops(request: _Request, hops: tuple[StepHop, ...]) -> None:
+        """Hold the hops of a step that yields no token (bounded: the excess is counted, not kept)."""
+        room = MAX_PENDING_HOPS - len(request.pending_hops)
+        request.pending_hops.extend(hops[: max(0, room)])
+        request.hops_lost += max(0, len(hops) - max(0, room))
 
     async def _continue(self, rid: str, request: _Request, step: int, position: int, token_id: int) -> None:
         """Send the token at ``position`` round to stage 0 as the next step, unless the budget is spent."""
@@ -283,23 +427,55 @@ class StageActor(Actor[StageMessage]):
             await self._send(self.config.stages[0].node_id, nxt)
 
     def _compute_step(
-        self, rid: str, tokens: tuple[int, ...], tensor: TensorPayload | None, position: int, final: bool
+        self,
+        rid: str,
+        tokens: tuple[int, ...],
+        tensor: TensorPayload | None,
+        position: int,
+        final: bool,
+        *,
+        checks: tuple[ValidationLevel, bool] = (ValidationLevel.LIGHT, False),
     ) -> Any:
-        """On the MLX thread: one forward call; hidden-state bytes out, or the picked token on the last stage."""
+        """On the MLX thread: one forward call; ``(dtype, shape, bytes, source checksum)`` of the hidden states
+        out (the checksum only for strict requests, else -1), or the picked token on the last stage.
+
+        ``checks``: the request's level, and whether to spot-check this step: run it a second time on the same
+        cache state and compare the results bit for bit (raises :class:`SpotCheckMismatch`)."""
+        level, spot = checks
         if tensor is None:
             x = mx.array([list(tokens)], dtype=mx.int32)
         else:
             x = tensor_from_bytes(tensor.dtype, tensor.shape, tensor.data)
         out = self._compute.forward(rid, x)
         if not self.is_last:
-            return tensor_to_bytes(out)
+            dtype, shape, data = tensor_to_bytes(out)
+            data = self.integrity_faults.compute(dtype, data)  # injected for tests only; off unless configured
+            if spot:
+                self._spot_check(rid, x, data)
+            source = tensor_checksum(data) if level is ValidationLevel.STRICT else -1
+            return dtype, shape, data, source
+        if spot:
+            self._spot_check(rid, x, tensor_to_bytes(out)[2])
         return self._compute.pick(rid, out, position) if final else None
+
+    def _spot_check(self, rid: str, x: mx.array, first: bytes) -> None:
+        """On the MLX thread: rewind the request's caches by this step and compute it again; the two outputs
+        must be the same bytes. Catches a transient fault of this stage's compute or memory; a fault that
+        repeats identically (bad weights) gives the same wrong result twice and is not caught here."""
+        self.stats.spot_checks += 1
+        self._compute.rewind(rid, int(x.shape[1]))
+        again = tensor_to_bytes(self._compute.forward(rid, x))[2]
+        if again != first:
+            at = next((i for i, (a, b) in enumerate(zip(first, again, strict=False)) if a != b), len(first))
+            raise SpotCheckMismatch(
+                f"stage {self.config.index} computed the step twice; the results differ at byte {at} of {len(first)}"
+            )
 
     async def _resend(self, rid: str, positions: tuple[int, ...]) -> None:
         request = self._requests.get(rid)
         if request is None:
             return
-        first = len(request.history)  # a replay sends tokens from the first new position on
+        first = max(len(request.history), request.first_position)  # a replay sends the new positions only
         for position in positions:
             if 0 <= position - first < len(request.sent):
                 self.stats.resent += 1
@@ -311,21 +487,47 @@ class StageActor(Actor[StageMessage]):
         log.warning("stage %d failed request %s at step %d: %s", self.config.index, rid, step, detail)
         self._requests.pop(rid, None)
         await self._run(self._compute.close, rid)
-        failure = StageFailure(request_id=rid, node_id=self.config.node_id, detail=detail, step=step)
+        failure = StageFailure(
+            request_id=rid, node_id=self.config.node_id, detail=detail, step=step, plan_epoch=request.plan_epoch
+        )
         try:
             await self._send(request.owner, failure)
         except (ConnectionError, TimeoutError) as exc:
             # The owner is unreachable too: it notices the node set change (or its step deadline) by itself.
             log.warning("stage %d could not report request %s to %s: %r", self.config.index, rid, request.owner, exc)
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by this stage's request caches (any thread; see StageCompute.kv_cache_bytes)."""
+        return self._compute.kv_cache_bytes()
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "layers": [self.layers.start, self.layers.end],
             "open_requests": len(self._requests),
+            "kv_cache_bytes": self.kv_cache_bytes(),
             "load_s": round(self.load_s, 3),
             "steps": self.stats.steps,
             "tokens_sent": self.stats.tokens_sent,
             "stale_steps": self.stats.stale_steps,
             "replayed": self.stats.replayed,
             "replay_divergences": self.stats.replay_divergences,
+            "validation": {
+                "bad_activations": self.stats.bad_activations,
+                "source_checksum_failures": self.stats.source_checksum_failures,
+                "spot_checks": self.stats.spot_checks,
+                "spot_check_mismatches": self.stats.spot_check_mismatches,
+                "faults_injected": self.integrity_faults.counts.as_dict() if self.integrity_faults.enabled else None,
+            },
         }
+
+
+class SpotCheckMismatch(RuntimeError):
+    """A step computed twice on this stage gave two different results (strict validation)."""
+
+
+def _wire_level(text: str) -> ValidationLevel:
+    """A request's level as the owner sent it; one this node does not know is treated as ``strict``."""
+    try:
+        return ValidationLevel(text)
+    except ValueError:
+        return ValidationLevel.STRICT

@@ -179,13 +179,19 @@ class SequenceValidationResult:
 class TokenValidator:
     """Validates token chunks for one request: fields, request id, checksum, plan epoch, vocabulary."""
 
-    def __init__(self, vocab_size: int, *, request_id: str, plan_epoch: int | None = None) -> None:
-        """``plan_epoch`` None accepts any epoch; otherwise chunks must carry exactly that epoch."""
+    def __init__(
+        self, vocab_size: int, *, request_id: str, plan_epoch: int | None = None, verify_checksum: bool = True
+    ) -> None:
+        """``plan_epoch`` None accepts any epoch; otherwise chunks must carry exactly that epoch.
+
+        ``verify_checksum`` False (validation level ``off``) skips the end-to-end checksum; every other check
+        stays (they are needed to route and decode the token at all)."""
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         self.vocab_size = vocab_size
         self.request_id = request_id
         self.plan_epoch = plan_epoch
+        self.verify_checksum = verify_checksum
         self._transfer = TokenTransferValidator()
 
     def validate_token(self, chunk: TokenChunk) -> ValidationResult:
@@ -222,9 +228,10 @@ class TokenValidator:
                 RecoveryAction.NONE,
                 f"chunk for request {chunk.request_id!r} reached request {self.request_id!r} (position {pos})",
             )
-        checked = self._transfer.validate_token(chunk)
-        if not checked.is_valid:
-            return checked
+        if self.verify_checksum:
+            checked = self._transfer.validate_token(chunk)
+            if not checked.is_valid:
+                return checked
         if self.plan_epoch is not None and chunk.plan_epoch != self.plan_epoch:
             if chunk.plan_epoch < self.plan_epoch:
                 return _invalid(

@@ -137,6 +137,24 @@ class Rejected(WireMessage, frozen=True, tag="rejected"):
 # ---------------------------------------------------------------------------------------------------------
 
 
+class StepHop(msgspec.Struct, frozen=True):
+    """One stage's account of one forward step, for the request's trace (embedded in chunks and tokens).
+
+    Each stage appends its hop to what it forwards; the last stage's token brings them all to the owner.
+    """
+
+    node_id: str
+    stage: int
+    start: int
+    end: int
+    step: int
+    position: int
+    tokens: int
+    stage_s: float
+    bytes_out: int = 0
+    checksum: str = ""
+
+
 class TokenChunk(WireMessage, frozen=True, tag="token"):
     """One sampled token on its way to the request owner (the design's EnhancedTokenChunk).
 
@@ -153,6 +171,10 @@ class TokenChunk(WireMessage, frozen=True, tag="token"):
     validation_status: ValidationStatus = ValidationStatus.UNCHECKED
     plan_epoch: int = 0
     finish_reason: str | None = None
+    hops: tuple[StepHop, ...] = ()
+    """The forward steps behind this token (and any earlier steps that yielded no token), for tracing."""
+    hops_lost: int = 0
+    """Hops the last stage could not keep for this token (its bound was reached)."""
 
 
 class ValidationResult(WireMessage, frozen=True, tag="validation"):
@@ -262,6 +284,11 @@ class ActivationChunk(WireMessage, frozen=True, tag="act"):
     tensor_name: str = ""
     position: int = 0
     final: bool = True
+    source_checksum: int = -1
+    """CRC32 of the whole tensor taken by the sending stage on its compute thread (strict validation; -1:
+    not taken). Independent of ``checksum``/``tensor_checksum``, which are computed later, when it is framed."""
+    hops: tuple[StepHop, ...] = ()
+    """The forward steps of this step so far, one per stage before the receiver (for tracing)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,6 +377,15 @@ class RequestOpen(WireMessage, frozen=True, tag="req_open"):
     barrier: str = ""
     history: tuple[int, ...] = ()
     """Tokens already generated (a replay after a failure): the last stage feeds these instead of sampling."""
+    validation: str = "light"
+    """The request's validation level (``off``, ``light``, ``strict``; see ``pipeline/levels.py``)."""
+    spot_check_fraction: float = 0.0
+    """Strict only: the share of steps each stage recomputes and compares bit for bit."""
+    spot_check_seed: int = 0
+    """Seeds the choice of the steps to recompute."""
+    first_position: int = 0
+    """A fast replay: the prompt chunks already hold the tokens before this position (one batched
+    re-prefill); the first token the last stage sends is the one at ``first_position``."""
 
 
 class StepInput(WireMessage, frozen=True, tag="step"):
@@ -387,11 +423,23 @@ class StageFailure(WireMessage, frozen=True, tag="stage_failure"):
     node_id: str
     detail: str
     step: int = -1
+    plan_epoch: int = -1
+    """The plan the failed request ran on (-1: any; an owner ignores failures of a plan it already left)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Small generic messages (useful for tests and tools)
 # ---------------------------------------------------------------------------------------------------------
+
+
+class SuspectNode(WireMessage, frozen=True, tag="suspect"):
+    """``node_id`` keeps failing (its stage supervisor gave up, or owners saw it fail again and again):
+    plans leave it out for ``ttl_s`` seconds."""
+
+    node_id: str
+    reporter: str
+    reason: str
+    ttl_s: float = 60.0
 
 
 class Note(WireMessage, frozen=True, tag="note"):
@@ -433,6 +481,7 @@ Message = (
     | RequestClose
     | ResendTokens
     | StageFailure
+    | SuspectNode
     | Note
     | Echo
 )

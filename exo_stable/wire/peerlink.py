@@ -135,6 +135,10 @@ class LinkStats:
     rtt_s: float | None
     rto_s: float
     faults: dict[str, int] | None
+    bytes_sent: int = 0
+    """Frame bytes written to the socket (data, acks, heartbeats, retransmissions; handshakes aside)."""
+    bytes_received: int = 0
+    """Frame bytes read from the socket (before fault injection), bad frames included."""
 
 
 class PeerLink:
@@ -187,6 +191,8 @@ class PeerLink:
         self._last_error = ""
         self._frames_sent = 0
         self._frames_received = 0
+        self._bytes_sent = 0
+        self._bytes_received = 0
         self._bad_frames: dict[str, int] = {}
         self._undecodable = 0
         self._peer_restarts = 0
@@ -355,6 +361,8 @@ class PeerLink:
             rtt_s=self._tx.rtt.srtt,
             rto_s=self._tx.rtt.rto(),
             faults=None if self._injector is None else self._injector.counts.as_dict(),
+            bytes_sent=self._bytes_sent,
+            bytes_received=self._bytes_received,
         )
 
     # -- dialing ---------------------------------------------------------------------------------------
@@ -506,6 +514,7 @@ class PeerLink:
                 continue  # silence is judged by the writer's heartbeat check
             if msg.type is aiohttp.WSMsgType.BINARY:
                 data: bytes = msg.data
+                self._bytes_received += len(data)
                 if injector is None:
                     await self._on_frame(conn, data)
                     continue
@@ -645,6 +654,7 @@ class PeerLink:
                 conn.next_ping = now + cfg.heartbeat_interval_s
             for f in frames:
                 await ws.send_bytes(f)
+                self._bytes_sent += len(f)
             self._frames_sent += len(frames)
             if self._wake.is_set():
                 continue

@@ -1,0 +1,173 @@
+"""FallbackCoordinator: when no pipeline plan fits the surviving nodes, run a request on this node alone.
+
+The catastrophic case of recovery: nodes are gone (or suspect) and the ones left cannot split the model
+between them (a forced split waits for more nodes, or their memory is too small for any placement). The
+request's owner then asks this coordinator, which holds the whole model on one dedicated MLX thread (the
+single-device path: the same :class:`StageCompute` over every layer that a one-node pipeline and the
+single-device engine use) when this node's memory holds it, and either replays the request on it and
+continues, or says plainly why it cannot (the owner ends the stream with that error, never a hang).
+
+The whole model is loaded on first use, once, and kept for later fallbacks (a deadline bounds the load).
+A replay follows the request's :class:`ReplayMode`: ``exact`` re-runs the prompt chunks and then every
+generated token one decode step each (the continuation is bit-identical to the uninterrupted run), ``fast``
+re-prefills prompt and generated tokens in chunks of :data:`PREFILL_CHUNK`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from exo_stable.loader import ModelSource
+from exo_stable.mlx_thread import MlxThread
+from exo_stable.model import LayerRange
+from exo_stable.modelspec import Dtype
+from exo_stable.pipeline.placement import footprint_from_spec
+from exo_stable.recovery import ReplayMode
+from exo_stable.sampling import SamplingParams
+from exo_stable.stagecompute import StageCompute, prompt_chunks
+
+log = logging.getLogger(__name__)
+
+
+class FallbackUnavailable(RuntimeError):
+    """This node cannot run the whole model (not enough memory, or it failed to load)."""
+
+
+@dataclass
+class FallbackStats:
+    requests: int = 0
+    tokens: int = 0
+    replayed_tokens: int = 0
+    refused: int = 0
+    load_s: float | None = None
+
+
+class FallbackCoordinator:
+    """The single-device fallback of one node; see the module docstring."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        node_id: str,
+        dtype: Dtype,
+        memory_bytes: int,
+        bytes_per_param: float,
+        max_requests: int = 8,
+        load_timeout_s: float = 600.0,
+        step_timeout_s: float = 120.0,
+    ) -> None:
+        self.source = source
+        self.node_id = node_id
+        self.dtype = dtype
+        self.memory_bytes = memory_bytes
+        n = source.spec.num_hidden_layers
+        self.needed_bytes = footprint_from_spec(source.spec, bytes_per_param).stage_bytes(0, 1, n)
+        self.max_requests = max_requests
+        self.load_timeout_s = load_timeout_s
+        self.step_timeout_s = step_timeout_s
+        self.stats = FallbackStats()
+        self._layers = LayerRange(0, n, n)
+        self._compute: StageCompute | None = None
+        self._thread: MlxThread | None = None
+        self._lock = asyncio.Lock()
+
+    def unavailable(self) -> str | None:
+        """Why this node cannot hold the whole model, or None when it can."""
+        if self.memory_bytes < self.needed_bytes:
+            return (
+                f"node {self.node_id} offers {self.memory_bytes / 2**20:.0f} MiB; the whole model needs "
+                f"{self.needed_bytes / 2**20:.0f} MiB"
+            )
+        return None
+
+    async def _loaded(self) -> tuple[MlxThread, StageCompute]:
+        async with self._lock:
+            if self._thread is None or self._compute is None:
+                thread = MlxThread(f"mlx-fallback-{self.node_id}")
+                compute = StageCompute(self.source, self._layers, self.dtype, max_requests=self.max_requests)
+                try:
+                    self.stats.load_s = await thread.run(compute.load, timeout=self.load_timeout_s)
+                except BaseException:
+                    thread.close()
+                    raise
+                log.warning("%s: loaded the whole model for the fallback in %.2fs", self.node_id, self.stats.load_s)
+                self._thread, self._compute = thread, compute
+            return self._thread, self._compute
+
+    async def generate(
+        self,
+        rid: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        history: Sequence[int],
+        *,
+        mode: ReplayMode,
+        max_tokens: int,
+    ) -> AsyncGenerator[tuple[int, int]]:
+        """Rebuild the request's cache from ``prompt`` and ``history``; yield ``(position, token)`` from position
+        ``len(history)`` on, up to ``max_tokens``. Closing the iterator frees the cache."""
+        if (reason := self.unavailable()) is not None:
+            self.stats.refused += 1
+            raise FallbackUnavailable(reason)
+        thread, compute = await self._loaded()
+        key = f"fallback-{rid}"
+        self.stats.requests += 1
+        history = list(history)
+        position = len(history)
+        await thread.run(compute.open, key, params, timeout=self.step_timeout_s)
+        try:
+            if mode is ReplayMode.FAST or not history:
+                token = await thread.run(_prefill, compute, key, [*prompt, *history], position, timeout=self._long())
+            else:
+                token = await thread.run(compute.prefill_local, key, list(prompt), timeout=self._long())
+                for pos in range(1, len(history) + 1):
+                    token = await thread.run(
+                        compute.decode_local, key, history[pos - 1], pos, timeout=self.step_timeout_s
+                    )
+            self.stats.replayed_tokens += len(history)
+            while position < max_tokens:
+                self.stats.tokens += 1
+                yield position, token
+                position += 1
+                if position >= max_tokens:
+                    break
+                token = await thread.run(compute.decode_local, key, token, position, timeout=self.step_timeout_s)
+        finally:
+            if thread.alive:
+                thread.submit(compute.close, key, timeout=self.step_timeout_s)
+
+    def _long(self) -> float:
+        return self.step_timeout_s * 4
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.close()
+            self._thread, self._compute = None, None
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "available": self.unavailable() is None,
+            "loaded": self._compute is not None,
+            "needed_mib": round(self.needed_bytes / 2**20, 1),
+            "requests": self.stats.requests,
+            "tokens": self.stats.tokens,
+            "replayed_tokens": self.stats.replayed_tokens,
+            "refused": self.stats.refused,
+            "load_s": None if self.stats.load_s is None else round(self.stats.load_s, 3),
+        }
+
+
+def _prefill(compute: StageCompute, key: str, ids: list[int], position: int) -> int:
+    """On the MLX thread: ``ids`` through the whole model in prompt chunks; the token at ``position``."""
+    logits: mx.array | None = None
+    for chunk in prompt_chunks(ids):
+        logits = compute.forward(key, mx.array([chunk], dtype=mx.int32))
+    if logits is None:
+        raise ValueError("nothing to prefill")
+    return compute.pick(key, logits, position)
