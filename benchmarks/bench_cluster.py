@@ -14,8 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from nodeprocs import free_ports, stop_all, wait_for_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -38,18 +37,6 @@ PROMPTS = [
     "How do airplanes fly?",
     "Give three tips for learning a language.",
 ]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Cluster:
@@ -80,36 +67,10 @@ class Cluster:
         self.n = n
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 600) -> None:  # noqa: ASYNC109
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            epochs = set()
-            for port in self.ports:
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/v1/cluster") as r:
-                        plan = (await r.json())["plan"]
-                        if plan and len(plan["stages"]) == self.n:
-                            epochs.add(plan["epoch"])
-                        else:
-                            epochs.add(None)
-                except aiohttp.ClientError:
-                    epochs.add(None)
-            if None not in epochs and len(epochs) == 1:
-                return
-            for proc in self.procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a node exited with {proc.returncode} during startup")
-            await asyncio.sleep(0.5)  # polling other processes' HTTP endpoints
-        raise TimeoutError(f"{self.n}-node cluster not ready in {timeout}s")
+        await wait_for_plan(session, self.ports, self.procs, timeout)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_all(self.procs, timeout=30)
 
 
 async def one_stream(session: aiohttp.ClientSession, port: int, prompt: str, max_tokens: int) -> dict[str, float]:

@@ -29,8 +29,6 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +43,8 @@ from mlx import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from nodeprocs import free_ports, stop_all, wait_for_plan  # noqa: E402
 
 from exo_stable import device as devices  # noqa: E402
 from exo_stable import random_model  # noqa: E402
@@ -66,18 +66,6 @@ def prompt_text(n: int, seed: int) -> str:
         words.append(word)
         length += len(word) + 1
     return " ".join(words)[:n]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 # ------------------------------------------------------------------------------------------- in process
@@ -209,34 +197,10 @@ class Nodes:
         self.n = len(splits)
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float) -> None:  # noqa: ASYNC109
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            epochs: set[int | None] = set()
-            for port in self.ports:
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/v1/cluster") as r:
-                        plan = (await r.json())["plan"]
-                        ok = plan and len(plan["stages"]) == self.n
-                        epochs.add(plan["epoch"] if ok else None)
-                except aiohttp.ClientError:
-                    epochs.add(None)
-            if None not in epochs and len(epochs) == 1:
-                return
-            for proc, log in zip(self.procs, self.logs, strict=True):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a node exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            await asyncio.sleep(0.5)  # polling other processes' HTTP endpoints
-        raise TimeoutError(f"{self.n} node(s) not ready in {timeout}s")
+        await wait_for_plan(session, self.ports, self.procs, timeout, self.logs)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_all(self.procs)
 
 
 async def stream_once(session: aiohttp.ClientSession, port: int, prompt: str, max_tokens: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from exo_stable.gguf import scalar
 from exo_stable.modelspec import ModelSpec
+from exo_stable.random_model import tensor_shapes
 
 _TOKENIZER_KEYS = (
     "tokenizer.ggml.model",
@@ -55,34 +56,17 @@ def tiny_spec(*, layers: int = 8, hidden: int = 64, heads: int = 4, kv_heads: in
 def random_weights(spec: ModelSpec, *, seed: int = 0, dtype: mx.Dtype = mx.float32) -> dict[str, mx.array]:
     """Weights in mlx-lm naming, scaled so activations stay in a sane range through many layers."""
     key = mx.random.key(seed)
-    head_dim = spec.head_dim or spec.hidden_size // spec.num_attention_heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size)}
-    for i in range(spec.num_hidden_layers):
-        p = f"model.layers.{i}"
-        shapes |= {
-            f"{p}.self_attn.q_proj.weight": (spec.num_attention_heads * head_dim, spec.hidden_size),
-            f"{p}.self_attn.k_proj.weight": (spec.num_key_value_heads * head_dim, spec.hidden_size),
-            f"{p}.self_attn.v_proj.weight": (spec.num_key_value_heads * head_dim, spec.hidden_size),
-            f"{p}.self_attn.o_proj.weight": (spec.hidden_size, spec.num_attention_heads * head_dim),
-            f"{p}.mlp.gate_proj.weight": (spec.intermediate_size, spec.hidden_size),
-            f"{p}.mlp.up_proj.weight": (spec.intermediate_size, spec.hidden_size),
-            f"{p}.mlp.down_proj.weight": (spec.hidden_size, spec.intermediate_size),
-        }
     weights: dict[str, mx.array] = {}
-    for name, shape in shapes.items():
+    for name, shape in tensor_shapes(spec).items():
+        if len(shape) == 1:
+            weights[name] = mx.ones(shape, dtype=dtype)  # norms
+            continue
         key, sub = mx.random.split(key)
-        scale = 1.0 if "embed" in name else shape[-1] ** -0.5
+        if name == "lm_head.weight":
+            scale = 3.0 / spec.hidden_size**0.5  # logits of standard deviation ~3: varied, neither flat nor spiky
+        else:
+            scale = 1.0 if "embed" in name else shape[-1] ** -0.5
         weights[name] = (mx.random.normal(shape, key=sub) * scale).astype(dtype)
-    for i in range(spec.num_hidden_layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            weights[f"model.layers.{i}.{norm}.weight"] = mx.ones((spec.hidden_size,), dtype=dtype)
-    weights["model.norm.weight"] = mx.ones((spec.hidden_size,), dtype=dtype)
-    if not spec.tie_word_embeddings:
-        key, sub = mx.random.split(key)
-        scale = 3.0 / spec.hidden_size**0.5  # logits of standard deviation ~3: varied, neither flat nor spiky
-        weights["lm_head.weight"] = (mx.random.normal((spec.vocab_size, spec.hidden_size), key=sub) * scale).astype(
-            dtype
-        )
     mx.eval(weights)
     return weights
 

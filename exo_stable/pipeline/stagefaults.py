@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Final
+
+from exo_stable.wire.faults import parse_spec
 
 ENV_VAR: Final = "EXO_STABLE_INTEGRITY_FAULTS"
 
@@ -63,16 +65,7 @@ class StageFaultConfig:
     @classmethod
     def parse(cls, spec: str) -> StageFaultConfig:
         """Parse ``key=value,key=value``; unknown keys and bad values raise ``ValueError``."""
-        known = {f.name: f.type for f in fields(cls)}
-        values: dict[str, float | int] = {}
-        for item in spec.replace(" ", "").split(","):
-            if not item:
-                continue
-            key, sep, raw = item.partition("=")
-            if not sep or key not in known:
-                raise ValueError(f"bad stage fault item {item!r}; known keys: {', '.join(known)}")
-            values[key] = int(raw) if known[key] in (int, "int") else float(raw)
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**parse_spec(spec, cls, "stage fault"))  # type: ignore[arg-type]
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> StageFaultConfig | None:

@@ -30,6 +30,20 @@ from typing import Final
 ENV_VAR: Final = "EXO_STABLE_FAULTS"
 
 
+def parse_spec(spec: str, config: type, what: str) -> dict[str, float | int]:
+    """``key=value,key=value`` into the fields of the dataclass ``config`` (ints where the field is one)."""
+    known = {f.name: f.type for f in fields(config)}
+    values: dict[str, float | int] = {}
+    for item in spec.replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"bad {what} item {item!r}; known keys: {', '.join(known)}")
+        values[key] = int(raw) if known[key] in (int, "int") else float(raw)
+    return values
+
+
 @dataclass(frozen=True, slots=True)
 class FaultConfig:
     drop: float = 0.0
@@ -56,16 +70,7 @@ class FaultConfig:
     @classmethod
     def parse(cls, spec: str) -> FaultConfig:
         """Parse ``key=value,key=value``; unknown keys and bad values raise ``ValueError``."""
-        known = {f.name: f.type for f in fields(cls)}
-        values: dict[str, float | int] = {}
-        for item in spec.replace(" ", "").split(","):
-            if not item:
-                continue
-            key, sep, raw = item.partition("=")
-            if not sep or key not in known:
-                raise ValueError(f"bad fault item {item!r}; known keys: {', '.join(known)}")
-            values[key] = int(raw) if known[key] in (int, "int") else float(raw)
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**parse_spec(spec, cls, "fault"))  # type: ignore[arg-type]
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> FaultConfig | None:
