@@ -302,6 +302,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--skip-nodes", action="store_true", help="only the in-process measurements")
+    parser.add_argument("--skip-single", action="store_true", help="only the node-process measurements")
     parser.add_argument("--log-dir", type=Path, help="keep the node processes' logs here")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.json")
     args = parser.parse_args()
@@ -318,7 +319,7 @@ def main() -> None:
     source = open_model(args.model)
     prompt = source.tokenizer.encode(prompt_text(args.prompt_tokens, 1))
     single: dict[str, Any] = {}
-    for name in args.dtypes:
+    for name in [] if args.skip_single else args.dtypes:
         single[name] = asyncio.run(single_device(args.model, Dtype(name), prompt, args))
         gc.collect()  # one dtype's models go before the next's come
         mx.clear_cache()
