@@ -72,8 +72,9 @@ class SingleDeviceEngine:
         self.load_timeout_s = load_timeout_s
         self.lookahead = lookahead
         self.device = device if device is not None else chosen()
-        # Steps queued ahead of the token being read: two keep a GPU busy through the host's turn; on a CPU,
-        # whose cores also run the host's turn, one was fastest (benchmarks/bench_gpu.py, README).
+        # Steps queued ahead of the token being read. One already hides the host's turn: on an H200, two
+        # measured the same (182.0 against 181.3 tok/s, benchmarks/results/gpu.json) and are kept there as
+        # slack; on a CPU, whose cores also do the host's turn, a second queued step only competes with it.
         self.lookahead_depth = lookahead_depth or (2 if self.device is DeviceKind.GPU else 1)
         self.stats = EngineStats()
         # Greedy requests decoding ahead: their queued steps, still computing. MLX thread only.
