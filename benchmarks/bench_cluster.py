@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from nodeprocs import free_ports, stop_all, wait_for_plan
+from nodeprocs import free_ports, sse_events, stop_all, wait_for_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -84,19 +84,13 @@ async def one_stream(session: aiohttp.ClientSession, port: int, prompt: str, max
     started = time.perf_counter()
     first = last = None
     tokens = 0
-    async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            elif event["choices"] and event["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
+    async for event in sse_events(session, f"http://127.0.0.1:{port}/v1/chat/completions", body):
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        elif event["choices"] and event["choices"][0]["delta"].get("content"):
+            now = time.perf_counter()
+            first = first or now
+            last = now
     assert first is not None and last is not None and tokens > 1
     return {
         "ttft_s": first - started,

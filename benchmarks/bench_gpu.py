@@ -44,7 +44,7 @@ from mlx import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nodeprocs import free_ports, stop_all, wait_for_plan  # noqa: E402
+from nodeprocs import free_ports, sse_events, stop_all, wait_for_plan  # noqa: E402
 
 from exo_stable import device as devices  # noqa: E402
 from exo_stable import random_model  # noqa: E402
@@ -215,20 +215,12 @@ async def stream_once(session: aiohttp.ClientSession, port: int, prompt: str, ma
     stamps: list[float] = []
     text: list[str] = []
     tokens = 0
-    async with session.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event or "choices" not in event:
-                raise RuntimeError(f"the stream ended with {event}")
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            elif event["choices"] and event["choices"][0].get("text"):
-                stamps.append(time.perf_counter())
-                text.append(event["choices"][0]["text"])
+    async for event in sse_events(session, f"http://127.0.0.1:{port}/v1/completions", body):
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        elif event["choices"] and event["choices"][0].get("text"):
+            stamps.append(time.perf_counter())
+            text.append(event["choices"][0]["text"])
     assert stamps and tokens > 1, "no tokens came back"
     # Text events can carry more than one token (a character split across tokens); rate from the counts.
     return {

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -63,3 +65,17 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 60) -> N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+async def sse_events(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """POST a streaming request; yield each ``data:`` event until ``[DONE]``. An error event raises."""
+    async with session.post(url, json=body) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event: dict[str, Any] = json.loads(line[6:])
+            if "error" in event or "choices" not in event:
+                raise RuntimeError(f"the stream ended with {event}")
+            yield event
