@@ -23,7 +23,7 @@ from typing import Any
 
 from exo_stable.wire.messages import StageRange, StepHop
 
-__all__ = ["NodeTotals", "RequestTrace", "StepRecord", "TraceEvent", "TraceRing"]
+__all__ = ["NodeTotals", "RequestTrace", "StepRecord", "TraceEvent", "TraceRing", "decode_breakdown"]
 
 DEFAULT_RING = 128
 DEFAULT_MAX_STEPS = 2048
@@ -45,6 +45,8 @@ class StepRecord:
     checksum: str  # CRC32 of what left the stage: the activation tensor, or the sealed token
     attempt: int  # 0, then 1, 2... after each recovery
     at_s: float  # when the owner learned of it, from the trace's start
+    received_at: float = 0.0  # wall clock when the stage took the step in (0: not reported)
+    compute_s: float = 0.0  # of stage_s, the forward call on the stage's compute thread
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +57,8 @@ class StepRecord:
             "layers": list(self.layers),
             "tokens": self.tokens,
             "stage_ms": round(1000 * self.stage_s, 3),
+            "compute_ms": round(1000 * self.compute_s, 3),
+            "received_at": round(self.received_at, 6),
             "bytes_out": self.bytes_out,
             "checksum": self.checksum,
             "attempt": self.attempt,
@@ -80,6 +84,7 @@ class NodeTotals:
     steps: int = 0
     tokens: int = 0
     stage_s: float = 0.0
+    compute_s: float = 0.0
     bytes_out: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -88,6 +93,7 @@ class NodeTotals:
             "steps": self.steps,
             "tokens": self.tokens,
             "stage_ms": round(1000 * self.stage_s, 3),
+            "compute_ms": round(1000 * self.compute_s, 3),
             "bytes_out": self.bytes_out,
         }
 
@@ -136,6 +142,7 @@ class RequestTrace:
         totals.steps += 1
         totals.tokens += record.tokens
         totals.stage_s += record.stage_s
+        totals.compute_s += record.compute_s
         totals.bytes_out += record.bytes_out
         if len(self.steps) < self.max_steps:
             self.steps.append(record)
@@ -159,6 +166,8 @@ class RequestTrace:
                     checksum=h.checksum,
                     attempt=self.attempt,
                     at_s=at,
+                    received_at=h.received_at,
+                    compute_s=h.compute_s,
                 )
             )
         self.hops_lost += lost
@@ -252,3 +261,54 @@ class TraceRing:
 
     def get(self, request_id: str) -> RequestTrace | None:
         return self._traces.get(request_id)
+
+
+def decode_breakdown(step_records: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Where a pipeline's decode steps spent their time, from a trace's ``step_records`` (medians, in ms).
+
+    Per stage: ``compute_ms`` (the forward call on its compute thread) and ``handoff_ms`` (the rest of the
+    stage's time: to and from that thread, packing the result, queueing the sends). Per hop: ``wire_ms`` from
+    one stage sending to the next taking the step in, the last hop being the token going round to stage 0.
+    ``step_ms`` is stage 0 taking one step in to taking the next. Only one-token steps of the first attempt
+    whose every stage reported count. The hops compare wall clocks of different nodes: exact on one host,
+    off by the clocks' offset across hosts. ``None`` when fewer than two such steps are known.
+    """
+    by_step: dict[int, dict[int, Mapping[str, Any]]] = {}
+    for r in step_records:
+        if r.get("attempt", 0) == 0 and r.get("tokens") == 1 and r.get("received_at", 0) > 0:
+            by_step.setdefault(int(r["step"]), {})[int(r["stage"])] = r
+    if not by_step:
+        return None
+    n_stages = max(len(stages) for stages in by_step.values())
+    full = {s: stages for s, stages in by_step.items() if sorted(stages) == list(range(n_stages))}
+    steps = sorted(s for s in full if s + 1 in full)
+    if len(steps) < 2:
+        return None
+
+    def leaves(r: Mapping[str, Any]) -> float:
+        return float(r["received_at"]) + float(r["stage_ms"]) / 1000
+
+    compute = [[float(full[s][k]["compute_ms"]) for s in steps] for k in range(n_stages)]
+    handoff = [
+        [float(full[s][k]["stage_ms"]) - float(full[s][k]["compute_ms"]) for s in steps] for k in range(n_stages)
+    ]
+    wire = [
+        [1000 * (float(full[s][k + 1]["received_at"]) - leaves(full[s][k])) for s in steps] for k in range(n_stages - 1)
+    ]
+    wire.append([1000 * (float(full[s + 1][0]["received_at"]) - leaves(full[s][n_stages - 1])) for s in steps])
+    step_ms = [1000 * (float(full[s + 1][0]["received_at"]) - float(full[s][0]["received_at"])) for s in steps]
+    return {
+        "steps": len(steps),
+        "step_ms": _median(step_ms),
+        "stages": [
+            {"stage": k, "compute_ms": _median(compute[k]), "handoff_ms": _median(handoff[k])} for k in range(n_stages)
+        ],
+        "wire_ms": [_median(w) for w in wire],
+    }
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    value = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return round(value, 3)

@@ -28,7 +28,7 @@ from exo_stable.node import Node, NodeConfig
 from exo_stable.sampling import SamplingParams
 from exo_stable.service import GenerationJob, GenerationResult, InferenceService
 from exo_stable.synthetic import tiny_gguf
-from exo_stable.trace import RequestTrace, StepRecord, TraceRing
+from exo_stable.trace import RequestTrace, StepRecord, TraceRing, decode_breakdown
 from exo_stable.wire.messages import CODEC, StepHop, TokenChunk
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -56,6 +56,37 @@ async def test_the_ring_keeps_the_last_traces_and_bounds_their_steps() -> None:
     assert body["nodes"]["n0"]["bytes_out"] == 50
     with pytest.raises(ValueError, match="at least one"):
         TraceRing(0)
+
+
+def hop_record(step: int, stage: int, received_at: float, stage_ms: float, compute_ms: float) -> dict[str, Any]:
+    return {
+        "step": step,
+        "stage": stage,
+        "tokens": 1,
+        "attempt": 0,
+        "received_at": received_at,
+        "stage_ms": stage_ms,
+        "compute_ms": compute_ms,
+    }
+
+
+async def test_the_decode_breakdown_splits_each_step_into_compute_handoff_and_wire() -> None:
+    records = []
+    for step in range(4):  # a step every 10 ms: stage 0 takes 4 ms (3 computing), 1 ms on the wire, stage 1
+        t0 = 100.0 + step * 0.010  # takes 3.5 ms (3 computing), then 1.5 ms until stage 0 takes the next step
+        records += [hop_record(step, 0, t0, 4.0, 3.0), hop_record(step, 1, t0 + 0.005, 3.5, 3.0)]
+    records.append({**hop_record(9, 0, 200.0, 1.0, 1.0), "tokens": 12})  # a prompt chunk: not a decode step
+    records.append({**hop_record(2, 0, 150.0, 9.0, 9.0), "attempt": 1})  # after a recovery: not counted
+    b = decode_breakdown(records)
+    assert b is not None and b["steps"] == 3  # the last step has no next one to close it
+    assert b["step_ms"] == 10.0
+    assert b["stages"] == [
+        {"stage": 0, "compute_ms": 3.0, "handoff_ms": 1.0},
+        {"stage": 1, "compute_ms": 3.0, "handoff_ms": 0.5},
+    ]
+    assert b["wire_ms"] == [1.0, 1.5]
+    assert decode_breakdown(records[:2]) is None, "one step says nothing about the time between steps"
+    assert decode_breakdown([{**r, "received_at": 0.0} for r in records]) is None, "an old node reports no clock"
 
 
 async def test_hops_travel_in_tokens_and_old_peers_decode_without_them() -> None:
@@ -125,6 +156,7 @@ async def test_single_device_trace_and_summary(single_device: str) -> None:
             "steps": n,
             "tokens": reply["usage"]["prompt_tokens"] + n - 1,
             "stage_ms": summary["nodes"]["single-device"]["stage_ms"],
+            "compute_ms": 0.0,
             "bytes_out": 0,
         }
     }
@@ -183,6 +215,12 @@ async def test_a_two_stage_trace_names_each_nodes_layers_at_every_step(tiny_mode
         assert first["bytes_out"] > 0 and len(first["checksum"]) == 8, "stage 0 sent a checksummed activation"
         assert second["bytes_out"] == 0 and second["checksum"], "the last stage sealed a token"
         assert first["stage_ms"] >= 0 and second["stage_ms"] >= 0
+        for r in at:  # each stage says when it took the step in and how much of its time was the forward call
+            assert 0 < r["compute_ms"] <= r["stage_ms"] and r["received_at"] > 0
+        assert second["received_at"] >= first["received_at"] + first["stage_ms"] / 1000 - 1e-3, "stage 1 came after"
+    breakdown = decode_breakdown(records)
+    assert breakdown is not None and breakdown["steps"] >= 2 and len(breakdown["stages"]) == 2
+    assert len(breakdown["wire_ms"]) == 2 and all(w >= 0 for w in breakdown["wire_ms"])
     assert trace["nodes"]["tr-0"]["bytes_out"] == sum(r["bytes_out"] for r in records if r["node_id"] == "tr-0")
     assert trace["recoveries"] == 0 and trace["hops_lost"] == 0
 

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import msgspec
@@ -255,6 +255,7 @@ class StageActor(Actor[StageMessage]):
                 await self._run(self._compute.close, msg.request_id)
 
     async def _step_tokens(self, msg: StepInput) -> None:
+        arrived = _Arrival(time.time(), time.perf_counter())
         if not self.is_first:
             raise RuntimeError(f"token step sent to stage {self.config.index}, which is not the first")
         request = self._requests.get(msg.request_id)
@@ -262,9 +263,11 @@ class StageActor(Actor[StageMessage]):
             # Closed, or a step of the plan this request left (a replaced plan's stage still draining it).
             self.stats.stale_steps += 1
             return
-        await self._forward(msg.request_id, request, msg.step, msg.position, msg.final, tokens=msg.tokens)
+        rid = msg.request_id
+        await self._forward(rid, request, msg.step, msg.position, msg.final, arrived=arrived, tokens=msg.tokens)
 
     async def _step_activation(self, chunk: ActivationChunk) -> None:
+        arrived = _Arrival(time.time(), time.perf_counter())
         request = self._requests.get(chunk.request_id)
         if request is None or request.plan_epoch != chunk.plan_epoch:
             # Closed, or a step of the plan this request left (a replaced plan's stage still draining it).
@@ -287,7 +290,14 @@ class StageActor(Actor[StageMessage]):
             return
         if tensor is not None:
             await self._forward(
-                chunk.request_id, request, chunk.step, chunk.position, chunk.final, tensor=tensor, hops=chunk.hops
+                chunk.request_id,
+                request,
+                chunk.step,
+                chunk.position,
+                chunk.final,
+                arrived=arrived,
+                tensor=tensor,
+                hops=chunk.hops,
             )
 
     async def _forward(
@@ -298,6 +308,7 @@ class StageActor(Actor[StageMessage]):
         position: int,
         final: bool,
         *,
+        arrived: _Arrival,
         tokens: tuple[int, ...] = (),
         tensor: TensorPayload | None = None,
         hops: tuple[StepHop, ...] = (),
@@ -308,10 +319,9 @@ class StageActor(Actor[StageMessage]):
         spot = request.level is ValidationLevel.STRICT and spot_check_chosen(
             request.spot_fraction, request.spot_seed, rid, step, self.config.index
         )
-        started = time.perf_counter()
         try:
             step_fn = functools.partial(self._compute_step, checks=(request.level, spot))
-            out = await self._run(step_fn, rid, tokens, tensor, position, final)
+            out, compute_s = await self._run(_timed, step_fn, rid, tokens, tensor, position, final)
         except UnknownRequest:
             self.stats.stale_steps += 1
             return
@@ -322,7 +332,7 @@ class StageActor(Actor[StageMessage]):
             await self._fail(rid, request, f"spot check mismatch: {exc}", step)
             return
         self.stats.steps += 1
-        stage_s = time.perf_counter() - started
+        timing = _Timing(arrived.wall, time.perf_counter() - arrived.clock, compute_s)
         n_tokens = len(tokens) if tensor is None else tensor.shape[1]
         if not self.is_last:
             dtype, shape, data, source = out
@@ -338,7 +348,7 @@ class StageActor(Actor[StageMessage]):
                 source_checksum=source,
             )
             checksum = f"{payload.checksum:08x}"
-            hop = self._hop(step, position, tokens=n_tokens, stage_s=stage_s, bytes_out=len(data), checksum=checksum)
+            hop = self._hop(step, position, tokens=n_tokens, timing=timing, bytes_out=len(data), checksum=checksum)
             pieces = [msgspec.structs.replace(piece, hops=(*hops, hop)) for piece in pieces]
             try:
                 for piece in pieces:
@@ -349,7 +359,7 @@ class StageActor(Actor[StageMessage]):
             return
         if not final or position < len(request.history):
             # No token leaves with this step: its hops wait for the next one that does.
-            own = self._hop(step, position, tokens=n_tokens, stage_s=stage_s, bytes_out=0, checksum="")
+            own = self._hop(step, position, tokens=n_tokens, timing=timing, bytes_out=0, checksum="")
             self._keep_hops(request, (*hops, own))
         if not final:
             return  # a prompt chunk that is not the last one: nothing to sample yet
@@ -378,7 +388,7 @@ class StageActor(Actor[StageMessage]):
             token = self._validator.seal(token)
         request.sent.append(token)
         self.stats.tokens_sent += 1
-        own = self._hop(step, position, tokens=n_tokens, stage_s=stage_s, bytes_out=0, checksum=token.checksum)
+        own = self._hop(step, position, tokens=n_tokens, timing=timing, bytes_out=0, checksum=token.checksum)
         trail = (*request.pending_hops, *hops, own)
         outgoing = msgspec.structs.replace(token, hops=trail, hops_lost=request.hops_lost)
         request.pending_hops.clear()
@@ -392,7 +402,7 @@ class StageActor(Actor[StageMessage]):
         except (ConnectionError, TimeoutError) as exc:
             await self._fail(rid, request, f"cannot deliver position {position}: {exc!r}", step)
 
-    def _hop(self, step: int, position: int, *, tokens: int, stage_s: float, bytes_out: int, checksum: str) -> StepHop:
+    def _hop(self, step: int, position: int, *, tokens: int, timing: _Timing, bytes_out: int, checksum: str) -> StepHop:
         """This stage's trace facts for one step."""
         return StepHop(
             node_id=self.config.node_id,
@@ -402,9 +412,11 @@ class StageActor(Actor[StageMessage]):
             step=step,
             position=position,
             tokens=tokens,
-            stage_s=stage_s,
+            stage_s=timing.stage_s,
             bytes_out=bytes_out,
             checksum=checksum,
+            received_at=timing.received_at,
+            compute_s=timing.compute_s,
         )
 
     @staticmethod
@@ -519,6 +531,26 @@ class StageActor(Actor[StageMessage]):
                 "faults_injected": self.integrity_faults.counts.as_dict() if self.integrity_faults.enabled else None,
             },
         }
+
+
+class _Arrival(NamedTuple):
+    """When a stage took a step in: wall clock (comparable across the nodes of one host) and perf counter."""
+
+    wall: float
+    clock: float
+
+
+class _Timing(NamedTuple):
+    received_at: float
+    stage_s: float
+    compute_s: float
+
+
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """On the compute thread: ``fn(*args)`` and the seconds it took there."""
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - started
 
 
 class SpotCheckMismatch(RuntimeError):

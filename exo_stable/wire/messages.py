@@ -150,9 +150,11 @@ class StepHop(msgspec.Struct, frozen=True):
     step: int
     position: int
     tokens: int
-    stage_s: float
+    stage_s: float  # from taking the step in to sending its result on
     bytes_out: int = 0
     checksum: str = ""
+    received_at: float = 0.0  # wall clock (time.time()) when the stage took the step in
+    compute_s: float = 0.0  # of stage_s, the forward call on the stage's compute thread
 
 
 class TokenChunk(WireMessage, frozen=True, tag="token"):
