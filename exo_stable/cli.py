@@ -11,7 +11,7 @@ import sys
 from contextlib import aclosing
 from pathlib import Path
 
-from exo_stable import __version__
+from exo_stable import __version__, eventloop
 
 ENV_API_KEY = "EXO_STABLE_API_KEY"
 
@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-gb", type=float, help="memory this node offers for the model (default: available)")
     serve.add_argument("--split", help="force the layers per stage, e.g. 10,12,8 (one count per node)")
     serve.add_argument("--max-stages", type=int, help="use at most this many nodes as stages")
+    serve.add_argument(
+        "--event-loop",
+        choices=eventloop.CHOICES,
+        help=f"asyncio event loop (default: ${eventloop.ENV}, else auto: uvloop where installed)",
+    )
     serve.add_argument("--log-format", default=argparse.SUPPRESS, choices=log_formats, help=log_help)
     serve.add_argument(
         "--trace-ring", type=int, default=128, help="keep the traces of this many recent requests (GET /v1/traces/ID)"
@@ -233,7 +238,9 @@ def _serve(args: argparse.Namespace) -> int:
     # Until the node's event loop takes over SIGTERM (once the model is open), a SIGTERM ends the process
     # cleanly: nothing has started that needs stopping.
     signal.signal(signal.SIGTERM, _terminate_before_start)
-    asyncio.run(serve(config))
+    loop = eventloop.resolve(args.event_loop)
+    logging.getLogger("exo_stable.node").info("event loop: %s", loop)
+    eventloop.run(serve(config), loop)
     return 0
 
 

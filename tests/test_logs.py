@@ -107,6 +107,7 @@ async def test_a_served_request_logs_json_lines_with_its_id(default_gguf: Path, 
         records.append(json.loads(line))  # every log line is one JSON object
     assert records, log
     assert all({"ts", "level", "logger", "message"} <= r.keys() for r in records)
+    assert any(r["message"] == "event loop: uvloop" for r in records), "a node runs on uvloop where it is installed"
     mine = [r for r in records if r.get("request_id") == response_id]
     assert mine, f"no log line carries {response_id}: {records}"
     assert any("completion tokens" in r["message"] for r in mine)
