@@ -8,13 +8,16 @@ to download; each process draws only the layers it holds, on its device):
 1. In this process, per dtype: mlx-lm's own ``stream_generate`` on the same weights (the baseline a user
    would compare with), then exo-stable's single-device engine, greedy, with its one-step-ahead decode
    and with a synchronous evaluation per token. Prefill and decode tokens/s; whether the tokens agree.
-2. Real node processes serving the OpenAI API: one node holding the whole model, then two nodes holding
-   half the layers each (on two GPUs when there are two, else both on the one GPU). Single-stream decode
-   tokens/s through the API and the ratio split / single; aggregate tokens/s with 1, 4 and 16 concurrent
-   streams; whether every split answer is identical to the single node's (text and token count).
+2. Real node processes serving the OpenAI API, both layouts running at once: one node holding the whole
+   model, and two nodes holding half the layers each (on two GPUs when there are two, else both on the one
+   GPU). Single-stream decode tokens/s through the API and the ratio split / single; where one decode step's
+   time went, from the request's trace (each stage's forward call, its hand-off, the wire between stages);
+   aggregate tokens/s with 1, 4 and 16 concurrent streams; whether every split answer is identical to the
+   single node's (text and token count).
 
-In-process figures are medians of ``--repeats`` rounds in which mlx-lm and exo-stable alternate (GPU clocks
-and neighbours move figures between runs; alternating keeps the comparison fair).
+Figures are medians of ``--repeats`` rounds in which the contenders alternate, mlx-lm and exo-stable in
+process, the one-node and the two-node layout through the API (GPU clocks and neighbours move figures
+between runs; alternating keeps the comparison fair).
 
 Prints a table and saves benchmarks/results/gpu.json (``--out``). On a CPU-only machine,
 ``--shape tiny --device cpu`` runs the same code path in seconds (that is how CI keeps it working).
@@ -47,11 +50,12 @@ sys.path.insert(0, str(ROOT))
 from nodeprocs import free_ports, sse_events, stop_all, wait_for_plan  # noqa: E402
 
 from exo_stable import device as devices  # noqa: E402
-from exo_stable import random_model  # noqa: E402
+from exo_stable import eventloop, random_model  # noqa: E402
 from exo_stable.engine import SingleDeviceEngine  # noqa: E402
 from exo_stable.loader import open_model  # noqa: E402
 from exo_stable.modelspec import Dtype  # noqa: E402
 from exo_stable.sampling import SamplingParams  # noqa: E402
+from exo_stable.trace import decode_breakdown  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -215,7 +219,9 @@ async def stream_once(session: aiohttp.ClientSession, port: int, prompt: str, ma
     stamps: list[float] = []
     text: list[str] = []
     tokens = 0
+    request_id = ""
     async for event in sse_events(session, f"http://127.0.0.1:{port}/v1/completions", body):
+        request_id = event.get("id", request_id)
         if event.get("usage"):
             tokens = event["usage"]["completion_tokens"]
         elif event["choices"] and event["choices"][0].get("text"):
@@ -228,54 +234,86 @@ async def stream_once(session: aiohttp.ClientSession, port: int, prompt: str, ma
         "decode_tok_s": (tokens - 1) / max(stamps[-1] - stamps[0], 1e-9),
         "tokens": tokens,
         "text": "".join(text),
+        "id": request_id,
     }
 
 
-async def measure_nodes(
-    args: argparse.Namespace, splits: list[int], gpus: list[int | None], log_dir: Path
-) -> dict[str, Any]:
-    nodes = Nodes(args.model, Dtype(args.split_dtype), splits, gpus, log_dir)
+async def step_breakdown(session: aiohttp.ClientSession, port: int, request_id: str) -> dict[str, Any] | None:
+    """Where the request's decode steps spent their time, from its trace (``None`` if it has none)."""
+    async with session.get(f"http://127.0.0.1:{port}/v1/traces/{request_id}") as resp:
+        if resp.status != 200:
+            return None
+        trace = await resp.json()
+    return decode_breakdown(trace["step_records"])
+
+
+async def measure_clusters(
+    args: argparse.Namespace, layouts: list[tuple[list[int], list[int | None]]], log_dir: Path
+) -> list[dict[str, Any]]:
+    """Every layout's node processes at once; single-stream rounds alternate between them (GPU clocks and
+    neighbours drift: alternating lays the drift on all of them alike), then each one's concurrent streams."""
+    clusters = [Nodes(args.model, Dtype(args.split_dtype), splits, gpus, log_dir) for splits, gpus in layouts]
     timeout = aiohttp.ClientTimeout(total=1800)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            await nodes.wait_ready(session, args.ready_timeout)
-            port = nodes.ports[0]
-            await stream_once(session, port, prompt_text(64, 0), 8)  # warm-up
-            singles = [
-                await stream_once(session, port, prompt_text(args.prompt_tokens, 100 + i), args.decode_tokens)
-                for i in range(args.repeats)
-            ]
-            row: dict[str, Any] = {
-                "nodes": len(splits),
-                "split": splits,
-                "gpus": gpus,
-                "ttft_s": round(statistics.median(s["ttft_s"] for s in singles), 4),
-                "decode_tok_s": round(statistics.median(s["decode_tok_s"] for s in singles), 1),
-                "aggregate_tok_s": {},
-                "answers": {},
-            }
-            for c in args.streams:
-                started = time.perf_counter()
-                async with asyncio.TaskGroup() as tg:
-                    tasks = [
-                        tg.create_task(
-                            stream_once(
-                                session,
-                                nodes.ports[i % len(splits)],
-                                prompt_text(args.prompt_tokens, i),
-                                args.decode_tokens,
-                            )
-                        )
-                        for i in range(c)
-                    ]
-                elapsed = time.perf_counter() - started
-                results = [t.result() for t in tasks]
-                row["aggregate_tok_s"][str(c)] = round(sum(r["tokens"] for r in results) / elapsed, 1)
-                for i, r in enumerate(results):
-                    row["answers"][f"{c}/{i}"] = [r["text"], r["tokens"]]
-            return row
+            for nodes in clusters:
+                await nodes.wait_ready(session, args.ready_timeout)
+                await stream_once(session, nodes.ports[0], prompt_text(64, 0), 8)  # warm-up
+            singles: list[list[dict[str, Any]]] = [[] for _ in clusters]
+            for i in range(args.repeats):
+                for nodes, runs in zip(clusters, singles, strict=True):
+                    prompt = prompt_text(args.prompt_tokens, 100 + i)
+                    runs.append(await stream_once(session, nodes.ports[0], prompt, args.decode_tokens))
+            rows = []
+            for (splits, gpus), nodes, runs in zip(layouts, clusters, singles, strict=True):
+                answers = {f"single/{i}": [r["text"], r["tokens"]] for i, r in enumerate(runs)}
+                row: dict[str, Any] = {
+                    "nodes": len(splits),
+                    "split": splits,
+                    "gpus": gpus,
+                    "ttft_s": round(statistics.median(s["ttft_s"] for s in runs), 4),
+                    "decode_tok_s": round(statistics.median(s["decode_tok_s"] for s in runs), 1),
+                    "decode_tok_s_rounds": [round(s["decode_tok_s"], 1) for s in runs],
+                    "breakdown": await step_breakdown(session, nodes.ports[0], runs[-1]["id"]),
+                    "aggregate_tok_s": await aggregate(session, nodes, args, answers),
+                    "answers": answers,
+                }
+                rows.append(row)
+            return rows
     finally:
-        nodes.stop()
+        for nodes in clusters:
+            nodes.stop()
+
+
+async def aggregate(
+    session: aiohttp.ClientSession, nodes: Nodes, args: argparse.Namespace, answers: dict[str, Any]
+) -> dict[str, float]:
+    """Aggregate tokens/s with each count of concurrent streams (spread over the nodes' APIs)."""
+    out: dict[str, float] = {}
+    for c in args.streams:
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(
+                    stream_once(
+                        session, nodes.ports[i % nodes.n], prompt_text(args.prompt_tokens, i), args.decode_tokens
+                    )
+                )
+                for i in range(c)
+            ]
+        elapsed = time.perf_counter() - started
+        results = [t.result() for t in tasks]
+        out[str(c)] = round(sum(r["tokens"] for r in results) / elapsed, 1)
+        for i, r in enumerate(results):
+            answers[f"{c}/{i}"] = [r["text"], r["tokens"]]
+    return out
+
+
+def describe_breakdown(b: dict[str, Any]) -> str:
+    stages = "; ".join(
+        f"stage {st['stage']} compute {st['compute_ms']} + handoff {st['handoff_ms']}" for st in b["stages"]
+    )
+    return f"{b['step_ms']} per token = {stages}; wire {' + '.join(str(w) for w in b['wire_ms'])}"
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -325,8 +363,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="exo-gpu-bench-") as tmp:
             log_dir = args.log_dir or Path(tmp)
             log_dir.mkdir(parents=True, exist_ok=True)
-            nodes.append(asyncio.run(measure_nodes(args, [layers], [0 if gpus else None], log_dir)))
-            nodes.append(asyncio.run(measure_nodes(args, half, two_gpus, log_dir)))
+            layouts = [([layers], [0 if gpus else None]), (half, two_gpus)]
+            nodes = asyncio.run(measure_clusters(args, layouts, log_dir))
     report: dict[str, Any] = {
         "host": platform.platform(),
         "python": platform.python_version(),
@@ -335,6 +373,7 @@ def main() -> None:
         "device_info": info,
         "gpus": gpus,
         "model": args.model,
+        "event_loop": eventloop.resolve(),
         "prompt_tokens": len(prompt),
         "decode_tokens": args.decode_tokens,
         "single_device": single,
@@ -365,6 +404,8 @@ def main() -> None:
             f"{row['nodes']} node(s) split {row['split']} gpus {row['gpus']}: ttft {row['ttft_s']} s, "
             f"decode {row['decode_tok_s']} tok/s; aggregate by streams {agg}"
         )
+        if row.get("breakdown"):
+            print(f"  one decode step (medians, ms): {describe_breakdown(row['breakdown'])}")
     if nodes:
         print(
             f"split / single decode ratio: {report['split_ratio']}; split answers identical to the single node: "

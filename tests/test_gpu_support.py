@@ -142,5 +142,10 @@ def test_gpu_benchmark_runs_its_whole_path_on_a_tiny_model(tmp_path: Path) -> No
         assert row["exo_stable_repeatable"] is True
         assert row["exo_stable"]["decode_tok_s"] > 0 and row["mlx_lm"]["decode_tok_s"] > 0
     assert [n["split"] for n in report["nodes"]] == [[4], [2, 2]]
-    assert report["split_identical"] is True and report["split_answers_compared"] == 1 + 3  # every stream compared
+    assert report["split_identical"] is True and report["split_answers_compared"] == 1 + 1 + 3  # every stream compared
     assert "split / single decode ratio" in proc.stdout
+    for row in report["nodes"]:  # the trace of a stream says where its decode steps went, stage by stage
+        b = row["breakdown"]
+        assert b["steps"] >= 2 and len(b["stages"]) == len(row["split"]) == len(b["wire_ms"])
+        assert all(st["compute_ms"] > 0 and st["handoff_ms"] >= 0 for st in b["stages"])
+        assert b["step_ms"] >= sum(st["compute_ms"] for st in b["stages"])
