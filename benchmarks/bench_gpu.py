@@ -8,15 +8,16 @@ to download; each process draws only the layers it holds, on its device):
 1. In this process, per dtype: mlx-lm's own ``stream_generate`` on the same weights (the baseline a user
    would compare with), then exo-stable's single-device engine, greedy, with its one-step-ahead decode
    and with a synchronous evaluation per token. Prefill and decode tokens/s; whether the tokens agree.
-2. Real node processes serving the OpenAI API, both layouts running at once: one node holding the whole
-   model, and two nodes holding half the layers each (on two GPUs when there are two, else both on the one
+2. Real node processes serving the OpenAI API, every layout running at once: one node holding the whole
+   model (which decodes greedy requests a step ahead), the same with ``--no-decode-ahead`` (single streams
+   only), and two nodes holding half the layers each (on two GPUs when there are two, else both on the one
    GPU). Single-stream decode tokens/s through the API and the ratio split / single; where one decode step's
    time went, from the request's trace (each stage's forward call, its hand-off, the wire between stages);
    aggregate tokens/s with 1, 4 and 16 concurrent streams; whether every split answer is identical to the
    single node's (text and token count).
 
 Figures are medians of ``--repeats`` rounds in which the contenders alternate, mlx-lm and exo-stable in
-process, the one-node and the two-node layout through the API (GPU clocks and neighbours move figures
+process, the node layouts through the API (GPU clocks and neighbours move figures
 between runs; alternating keeps the comparison fair).
 
 Prints a table and saves benchmarks/results/gpu.json (``--out``). On a CPU-only machine,
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,20 +180,32 @@ async def single_device(name: str, dtype: Dtype, prompt: list[int], args: argpar
 # ------------------------------------------------------------------------------------------ processes
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One way to serve the model: node i holds ``splits[i]`` layers on GPU ``gpus[i]``."""
+
+    label: str
+    splits: list[int]
+    gpus: list[int | None]
+    flags: tuple[str, ...] = ()
+    aggregate: bool = True  # also measure concurrent streams
+
+
 class Nodes:
     """``len(splits)`` node processes serving ``name``; node i holds ``splits[i]`` layers."""
 
-    def __init__(self, name: str, dtype: Dtype, splits: list[int], gpus: list[int | None], log_dir: Path) -> None:
+    def __init__(self, name: str, dtype: Dtype, layout: Layout, log_dir: Path) -> None:
+        splits, gpus = layout.splits, layout.gpus
         self.ports = free_ports(len(splits))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         peers = ",".join(f"127.0.0.1:{p}" for p in self.ports)
         for i, port in enumerate(self.ports):
-            log = log_dir / f"node-{len(splits)}-{i}.log"
+            log = log_dir / f"node-{layout.label}-{i}.log"
             self.logs.append(log)
             cmd = [sys.executable, "-m", "exo_stable", "serve", "--model", name, "--dtype", dtype.value]
-            cmd += ["--port", str(port), "--node-id", f"g{len(splits)}-{i}", "--no-discovery"]
-            cmd += ["--max-concurrent", "16", "--device", devices.chosen().value]
+            cmd += ["--port", str(port), "--node-id", f"{layout.label}-{i}", "--no-discovery"]
+            cmd += ["--max-concurrent", "16", "--device", devices.chosen().value, *layout.flags]
             if gpus[i] is not None:
                 cmd += ["--gpu", str(gpus[i])]
             if len(splits) > 1:
@@ -247,12 +261,10 @@ async def step_breakdown(session: aiohttp.ClientSession, port: int, request_id: 
     return decode_breakdown(trace["step_records"])
 
 
-async def measure_clusters(
-    args: argparse.Namespace, layouts: list[tuple[list[int], list[int | None]]], log_dir: Path
-) -> list[dict[str, Any]]:
+async def measure_clusters(args: argparse.Namespace, layouts: list[Layout], log_dir: Path) -> list[dict[str, Any]]:
     """Every layout's node processes at once; single-stream rounds alternate between them (GPU clocks and
     neighbours drift: alternating lays the drift on all of them alike), then each one's concurrent streams."""
-    clusters = [Nodes(args.model, Dtype(args.split_dtype), splits, gpus, log_dir) for splits, gpus in layouts]
+    clusters = [Nodes(args.model, Dtype(args.split_dtype), layout, log_dir) for layout in layouts]
     timeout = aiohttp.ClientTimeout(total=1800)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -265,17 +277,19 @@ async def measure_clusters(
                     prompt = prompt_text(args.prompt_tokens, 100 + i)
                     runs.append(await stream_once(session, nodes.ports[0], prompt, args.decode_tokens))
             rows = []
-            for (splits, gpus), nodes, runs in zip(layouts, clusters, singles, strict=True):
+            for layout, nodes, runs in zip(layouts, clusters, singles, strict=True):
                 answers = {f"single/{i}": [r["text"], r["tokens"]] for i, r in enumerate(runs)}
                 row: dict[str, Any] = {
-                    "nodes": len(splits),
-                    "split": splits,
-                    "gpus": gpus,
+                    "layout": layout.label,
+                    "nodes": len(layout.splits),
+                    "split": layout.splits,
+                    "gpus": layout.gpus,
+                    "flags": list(layout.flags),
                     "ttft_s": round(statistics.median(s["ttft_s"] for s in runs), 4),
                     "decode_tok_s": round(statistics.median(s["decode_tok_s"] for s in runs), 1),
                     "decode_tok_s_rounds": [round(s["decode_tok_s"], 1) for s in runs],
                     "breakdown": await step_breakdown(session, nodes.ports[0], runs[-1]["id"]),
-                    "aggregate_tok_s": await aggregate(session, nodes, args, answers),
+                    "aggregate_tok_s": await aggregate(session, nodes, args, answers) if layout.aggregate else {},
                     "answers": answers,
                 }
                 rows.append(row)
@@ -363,7 +377,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="exo-gpu-bench-") as tmp:
             log_dir = args.log_dir or Path(tmp)
             log_dir.mkdir(parents=True, exist_ok=True)
-            layouts = [([layers], [0 if gpus else None]), (half, two_gpus)]
+            one_gpu: list[int | None] = [0 if gpus else None]
+            layouts = [
+                Layout("one", [layers], one_gpu),
+                # The same node waiting for each token before queuing the next step: what decoding ahead gains.
+                Layout("one-sync", [layers], one_gpu, ("--no-decode-ahead",), aggregate=False),
+                Layout("split", half, two_gpus),
+            ]
             nodes = asyncio.run(measure_clusters(args, layouts, log_dir))
     report: dict[str, Any] = {
         "host": platform.platform(),
@@ -380,12 +400,14 @@ def main() -> None:
         "wall_s": 0.0,
     }
     if nodes:
-        one, two = nodes
-        same = one["answers"] == two["answers"]
+        one, sync, two = nodes
+        same = one["answers"] == two["answers"] and all(one["answers"][k] == v for k, v in sync["answers"].items())
         report["nodes"] = [{k: v for k, v in row.items() if k != "answers"} for row in nodes]
         report["split_ratio"] = round(two["decode_tok_s"] / one["decode_tok_s"], 3)
+        report["split_ratio_to_sync_node"] = round(two["decode_tok_s"] / sync["decode_tok_s"], 3)
+        report["decode_ahead_gain"] = round(one["decode_tok_s"] / sync["decode_tok_s"], 3)
         report["split_identical"] = same
-        report["split_answers_compared"] = len(one["answers"])
+        report["split_answers_compared"] = len(one["answers"]) + len(sync["answers"])
     report["wall_s"] = round(time.perf_counter() - started, 1)
 
     print()
@@ -401,15 +423,18 @@ def main() -> None:
     for row in report.get("nodes", []):
         agg = "  ".join(f"{c}:{v}" for c, v in row["aggregate_tok_s"].items())
         print(
-            f"{row['nodes']} node(s) split {row['split']} gpus {row['gpus']}: ttft {row['ttft_s']} s, "
+            f"{row['layout']}: {row['nodes']} node(s) split {row['split']} gpus {row['gpus']} "
+            f"{' '.join(row['flags'])}: ttft {row['ttft_s']} s, "
             f"decode {row['decode_tok_s']} tok/s; aggregate by streams {agg}"
         )
         if row.get("breakdown"):
             print(f"  one decode step (medians, ms): {describe_breakdown(row['breakdown'])}")
     if nodes:
         print(
-            f"split / single decode ratio: {report['split_ratio']}; split answers identical to the single node: "
-            f"{report['split_identical']} ({report['split_answers_compared']} answers)"
+            f"split / single decode ratio: {report['split_ratio']} (to the node waiting for each token: "
+            f"{report['split_ratio_to_sync_node']}; decoding ahead gains {report['decode_ahead_gain']}x); "
+            f"answers identical to the single node: {report['split_identical']} "
+            f"({report['split_answers_compared']} answers)"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="strict: the share of steps each stage computes twice and compares bit for bit (default 0.05)",
     )
     serve.add_argument(
+        "--no-decode-ahead",
+        dest="decode_ahead",
+        action="store_false",
+        help="a node holding the whole model waits for each greedy token before queuing the next step",
+    )
+    serve.add_argument(
         "--no-adaptive-validation",
         dest="adaptive_validation",
         action="store_false",
@@ -234,6 +240,7 @@ def _serve(args: argparse.Namespace) -> int:
         validation=ValidationLevel(args.validation),
         spot_check_fraction=args.spot_check_fraction,
         adaptive_validation=args.adaptive_validation,
+        decode_ahead=args.decode_ahead,
     )
     # Until the node's event loop takes over SIGTERM (once the model is open), a SIGTERM ends the process
     # cleanly: nothing has started that needs stopping.

@@ -89,6 +89,7 @@ class NodeConfig:
     validation: ValidationLevel = ValidationLevel.LIGHT
     spot_check_fraction: float = DEFAULT_SPOT_CHECK_FRACTION
     adaptive_validation: bool = True
+    decode_ahead: bool = True
 
 
 def available_memory() -> int:
@@ -185,6 +186,7 @@ class Node:
             max_stages=config.max_stages,
             max_requests=config.max_concurrent * 2,
             bytes_per_param=_BYTES_PER_PARAM[config.dtype],
+            decode_ahead=config.decode_ahead,
         )
         # Built in run(), once the actor system is up:
         self.peers: PeerManager

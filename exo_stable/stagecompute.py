@@ -65,11 +65,20 @@ def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes) -> mx.array
 
 
 @dataclass
+class QueuedStep:
+    """A greedy decode step queued on the device before its input token was read (see :meth:`pick_ahead`)."""
+
+    token_in: int  # the token it consumes; its cache entry is already written
+    token_out: mx.array  # the token it yields, still computing
+
+
+@dataclass
 class RequestCache:
     cache: list[KVCache]
     params: SamplingParams
     started: float = field(default_factory=time.perf_counter)
     tokens_in: int = 0
+    queued: QueuedStep | None = None
 
 
 @dataclass
@@ -79,6 +88,8 @@ class ComputeStats:
     forward_seconds: float = 0.0
     requests_opened: int = 0
     requests_closed: int = 0
+    steps_ahead: int = 0  # greedy steps that were already queued when their token came (pick_ahead)
+    steps_undone: int = 0  # queued steps undone because another token came
 
 
 class StageCompute:
@@ -133,6 +144,7 @@ class StageCompute:
         request = self.requests.get(rid)
         if request is None:
             raise UnknownRequest(rid)
+        self._drop_queued(request)
         started = time.perf_counter()
         out = self._model()(x, request.cache)
         result = out[0, -1, :] if self.layers.is_last else out
@@ -142,6 +154,43 @@ class StageCompute:
         self.stats.forward_seconds += time.perf_counter() - started
         request.tokens_in += int(x.shape[1])
         return result
+
+    def pick_ahead(self, rid: str, tokens: Sequence[int], *, queue_next: bool) -> int:
+        """A greedy step of a whole-model shard (a one-stage plan): ``tokens`` in, the picked token out, with
+        the step fed by that token queued on the device before it is read (``queue_next``).
+
+        The next call normally brings exactly that token: its step is then already computing, and the device
+        works on it while the host sends the token round. A call that brings another token (a replay feeding
+        the one its client already has) undoes the queued step first. The operations are those of
+        :meth:`forward` and :meth:`pick`, so the tokens are the same; only the waiting moves.
+        """
+        request = self.requests.get(rid)
+        if request is None:
+            raise UnknownRequest(rid)
+        if not request.params.greedy:
+            raise ValueError("decoding ahead needs a greedy request")
+        queued = request.queued
+        if queued is not None and len(tokens) == 1 and tokens[0] == queued.token_in:
+            request.queued = None
+            token = queued.token_out
+            self.stats.steps_ahead += 1
+        else:
+            token = mx.argmax(self.forward(rid, mx.array([list(tokens)], dtype=mx.int32)))
+        if queue_next:
+            following = self.decode_ahead(rid, token)
+        picked = int(token.item())  # type: ignore[arg-type]
+        if queue_next:
+            request.queued = QueuedStep(picked, following)
+        return picked
+
+    def _drop_queued(self, request: RequestCache) -> None:
+        """Undo a queued step that the next call does not use (its cache entry goes; its result is dropped)."""
+        if request.queued is not None:
+            request.queued = None
+            self.stats.steps_undone += 1
+            for layer_cache in request.cache:
+                layer_cache.trim(1)
+            request.tokens_in -= 1
 
     def rewind(self, rid: str, tokens: int) -> None:
         """Undo the cache side of the last forward call, of ``tokens`` positions, so that the same call can

@@ -59,6 +59,7 @@ class ClusterOptions:
     max_requests: int = 16
     bytes_per_param: float = 4.0
     suspect_ttl_s: float = 60.0
+    decode_ahead: bool = True  # a stage holding the whole model queues greedy steps ahead (StageConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,7 @@ class StageHost:
             dtype=self.dtype,
             max_requests=self.options.max_requests,
             load_timeout_s=self.options.load_timeout_s,
+            decode_ahead=self.options.decode_ahead,
         )
         started = time.perf_counter()
         name = f"stage-{epoch}"

@@ -90,6 +90,7 @@ class _Request:
     spot_seed: int = 0
     pending_hops: list[StepHop] = field(default_factory=list)  # last stage: steps not yet behind a sent token
     hops_lost: int = 0  # hops past MAX_PENDING_HOPS, counted and dropped
+    greedy: bool = False
 
 
 @dataclass
@@ -118,6 +119,7 @@ class StageConfig:
     load_timeout_s: float = 600.0
     step_timeout_s: float = 120.0
     send_timeout_s: float = 30.0
+    decode_ahead: bool = True  # a one-stage plan queues each greedy step before its token is read
 
 
 class StageActor(Actor[StageMessage]):
@@ -240,6 +242,7 @@ class StageActor(Actor[StageMessage]):
                 level=_wire_level(msg.validation),
                 spot_fraction=msg.spot_check_fraction,
                 spot_seed=msg.spot_check_seed,
+                greedy=params.greedy,
             )
             self._idle.clear()
         except StageBusy as exc:
@@ -319,8 +322,21 @@ class StageActor(Actor[StageMessage]):
         spot = request.level is ValidationLevel.STRICT and spot_check_chosen(
             request.spot_fraction, request.spot_seed, rid, step, self.config.index
         )
+        # A one-stage plan holds the whole model: a greedy step can be queued on the device before the host
+        # has read the token it consumes, as on the single device (the strict level recomputes steps: not there).
+        ahead = (
+            self.config.decode_ahead
+            and self.is_first
+            and self.is_last
+            and final
+            and request.greedy
+            and request.level is not ValidationLevel.STRICT
+        )
         try:
-            step_fn = functools.partial(self._compute_step, checks=(request.level, spot))
+            queue_next = position + 1 < request.max_tokens
+            step_fn = functools.partial(
+                self._compute_step, checks=(request.level, spot), ahead=queue_next if ahead else None
+            )
             out, compute_s = await self._run(_timed, step_fn, rid, tokens, tensor, position, final)
         except UnknownRequest:
             self.stats.stale_steps += 1
@@ -447,12 +463,17 @@ class StageActor(Actor[StageMessage]):
         final: bool,
         *,
         checks: tuple[ValidationLevel, bool] = (ValidationLevel.LIGHT, False),
+        ahead: bool | None = None,
     ) -> Any:
         """On the MLX thread: one forward call; ``(dtype, shape, bytes, source checksum)`` of the hidden states
         out (the checksum only for strict requests, else -1), or the picked token on the last stage.
 
         ``checks``: the request's level, and whether to spot-check this step: run it a second time on the same
-        cache state and compare the results bit for bit (raises :class:`SpotCheckMismatch`)."""
+        cache state and compare the results bit for bit (raises :class:`SpotCheckMismatch`). ``ahead``: a
+        greedy step of a one-stage plan, through :meth:`StageCompute.pick_ahead` (queueing the next step when
+        true)."""
+        if ahead is not None:
+            return self._compute.pick_ahead(rid, tokens, queue_next=ahead)
         level, spot = checks
         if tensor is None:
             x = mx.array([list(tokens)], dtype=mx.int32)
@@ -522,6 +543,7 @@ class StageActor(Actor[StageMessage]):
             "tokens_sent": self.stats.tokens_sent,
             "stale_steps": self.stats.stale_steps,
             "replayed": self.stats.replayed,
+            "decode_ahead": {"steps": self._compute.stats.steps_ahead, "undone": self._compute.stats.steps_undone},
             "replay_divergences": self.stats.replay_divergences,
             "validation": {
                 "bad_activations": self.stats.bad_activations,
