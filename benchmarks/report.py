@@ -231,6 +231,7 @@ def gpu_section(data: Json) -> Json:
     ]
     nodes = [
         {
+            "layout": r.get("layout", f"{r['nodes']} node(s)"),
             "nodes": int(r["nodes"]),
             "split": r.get("split"),
             "decode_tok_s": _num(r.get("decode_tok_s")),
@@ -255,9 +256,10 @@ def chart_gpu(section: Json) -> Figure:
     _bars(left, labels, [r["decode_tok_s"] for r in section["rows"]], "decode tokens/s (one device)")
     for row in section["nodes"]:
         series = row["aggregate_tok_s"]
-        right.plot(
-            [int(k) for k in series], [v or 0.0 for v in series.values()], marker="o", label=f"split {row['split']}"
-        )
+        if not series:
+            continue  # a layout measured with single streams only
+        label = f"{row.get('layout', '')} {row['split']}".strip()
+        right.plot([int(k) for k in series], [v or 0.0 for v in series.values()], marker="o", label=label)
     right.set_xscale("log", base=2)
     right.set_xlabel("concurrent streams")
     right.set_ylabel("aggregate tokens/s (node processes)")
