@@ -10,8 +10,12 @@ import signal
 import sys
 from contextlib import aclosing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exo_stable import __version__, eventloop
+
+if TYPE_CHECKING:
+    from exo_stable.node import NodeConfig
 
 ENV_API_KEY = "EXO_STABLE_API_KEY"
 
@@ -39,6 +43,20 @@ def _device(args: argparse.Namespace) -> str:
     choose(kind)
     logging.getLogger("exo_stable.device").info("computing on %s", describe(kind))
     return kind.value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -128,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="strict: the share of steps each stage computes twice and compares bit for bit (default 0.05)",
     )
     serve.add_argument(
+        "--stage-max-restarts",
+        type=_non_negative_int,
+        default=2,
+        help="restarts of a crashing stage within --stage-restart-period before the node is marked suspect",
+    )
+    serve.add_argument("--stage-restart-period", type=_positive_float, default=30.0, metavar="SECONDS")
+    serve.add_argument(
+        "--suspect-seconds",
+        type=_positive_float,
+        default=60.0,
+        help="how long plans leave out a node marked suspect (default 60)",
+    )
+    serve.add_argument(
         "--no-decode-ahead",
         dest="decode_ahead",
         action="store_false",
@@ -208,16 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def _serve(args: argparse.Namespace) -> int:
+def node_config(args: argparse.Namespace) -> NodeConfig:
+    """The node configuration that ``serve``'s arguments describe."""
     from exo_stable.api.server import ApiConfig
     from exo_stable.cluster.discovery import parse_static_peers
-    from exo_stable.node import NodeConfig, serve
+    from exo_stable.node import NodeConfig
     from exo_stable.pipeline.levels import ValidationLevel
     from exo_stable.recovery import ReplayMode
     from exo_stable.wire.handshake import resolve_secret
 
     split = tuple(int(x) for x in args.split.split(",")) if args.split else None
-    config = NodeConfig(
+    return NodeConfig(
         model=_model_path(args.model),
         dtype=_dtype(args.dtype, _device(args)),  # type: ignore[arg-type]
         host=args.host,
@@ -241,7 +273,16 @@ def _serve(args: argparse.Namespace) -> int:
         spot_check_fraction=args.spot_check_fraction,
         adaptive_validation=args.adaptive_validation,
         decode_ahead=args.decode_ahead,
+        stage_max_restarts=args.stage_max_restarts,
+        stage_restart_period_s=args.stage_restart_period,
+        suspect_ttl_s=args.suspect_seconds,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from exo_stable.node import serve
+
+    config = node_config(args)
     # Until the node's event loop takes over SIGTERM (once the model is open), a SIGTERM ends the process
     # cleanly: nothing has started that needs stopping.
     signal.signal(signal.SIGTERM, _terminate_before_start)

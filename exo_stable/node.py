@@ -86,6 +86,7 @@ class NodeConfig:
     replay: ReplayMode = ReplayMode.EXACT
     stage_max_restarts: int = 2
     stage_restart_period_s: float = 30.0
+    suspect_ttl_s: float = 60.0
     validation: ValidationLevel = ValidationLevel.LIGHT
     spot_check_fraction: float = DEFAULT_SPOT_CHECK_FRACTION
     adaptive_validation: bool = True
@@ -187,6 +188,7 @@ class Node:
             max_requests=config.max_concurrent * 2,
             bytes_per_param=_BYTES_PER_PARAM[config.dtype],
             decode_ahead=config.decode_ahead,
+            suspect_ttl_s=config.suspect_ttl_s,
         )
         # Built in run(), once the actor system is up:
         self.peers: PeerManager

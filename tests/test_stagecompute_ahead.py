@@ -87,11 +87,3 @@ def test_only_greedy_requests_decode_ahead(compute: StageCompute) -> None:
             compute.pick_ahead("sampled", PROMPT, queue_next=True)
     finally:
         compute.close("sampled")
-
-
-def test_serve_can_turn_decoding_ahead_off() -> None:
-    from exo_stable.cli import build_parser
-
-    parser = build_parser()
-    assert parser.parse_args(["serve"]).decode_ahead is True
-    assert parser.parse_args(["serve", "--no-decode-ahead"]).decode_ahead is False

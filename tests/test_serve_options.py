@@ -1,4 +1,5 @@
-"""The node's event loop: uvloop where installed (``--event-loop`` / ``EXO_STABLE_EVENT_LOOP`` choose)."""
+"""``serve``'s options: the node's event loop (uvloop where installed; ``--event-loop`` /
+``EXO_STABLE_EVENT_LOOP`` choose), decoding ahead, and how a crashing stage and a suspect node are treated."""
 
 from __future__ import annotations
 
@@ -47,3 +48,21 @@ def test_serve_takes_the_event_loop_flag() -> None:
     assert parser.parse_args(["serve"]).event_loop is None
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--event-loop", "trio"])
+
+
+def test_serve_arguments_reach_the_node_configuration() -> None:
+    from exo_stable.cli import node_config
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--model", "m.gguf", "--device", "cpu"])
+    config = node_config(args)
+    assert (config.stage_max_restarts, config.stage_restart_period_s, config.suspect_ttl_s) == (2, 30.0, 60.0)
+    assert config.decode_ahead is True
+    flags = ["--stage-max-restarts", "0", "--stage-restart-period", "5", "--suspect-seconds", "7.5"]
+    args = parser.parse_args(["serve", "--model", "m.gguf", "--device", "cpu", "--no-decode-ahead", *flags])
+    config = node_config(args)
+    assert (config.stage_max_restarts, config.stage_restart_period_s, config.suspect_ttl_s) == (0, 5.0, 7.5)
+    assert config.decode_ahead is False
+    for bad in (["--suspect-seconds", "0"], ["--stage-restart-period", "-1"], ["--stage-max-restarts", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *bad])
