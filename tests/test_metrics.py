@@ -7,7 +7,6 @@ injector corrupts and drops frames.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from inproc_cluster import in_process_cluster
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -23,7 +23,6 @@ from exo_stable.api.server import ApiConfig, create_app
 from exo_stable.engine import SingleDeviceEngine
 from exo_stable.loader import open_model
 from exo_stable.modelspec import Dtype
-from exo_stable.node import Node, NodeConfig
 from exo_stable.service import InferenceService
 from exo_stable.synthetic import tiny_gguf
 
@@ -137,40 +136,15 @@ async def test_kv_cache_bytes_show_an_open_request(single_device: tuple[str, Sin
     assert value(after, "exo_stable_active_requests") == 0
 
 
-async def start_nodes(model: Path, n: int, prefix: str) -> tuple[list[Node], asyncio.Event, list[asyncio.Task[None]]]:
-    stop = asyncio.Event()
-    nodes = [
-        Node(
-            NodeConfig(model=model, dtype=Dtype.FLOAT32, port=0, node_id=f"{prefix}-{i}", split=(2, 2)),
-            open_model(model),
-        )
-        for i in range(n)
-    ]
-    tasks = [asyncio.create_task(node.run(stop=stop, handle_signals=False)) for node in nodes]
-    first = await nodes[0].wait_listening(timeout=60)
-    for node in nodes[1:]:
-        await node.wait_listening(timeout=60)
-        node.peers.dial("127.0.0.1", first)
-    for node in nodes:
-        await node.coordinator.wait_plan_where(lambda p: len(p.stages) == n, timeout=60)
-    return nodes, stop, tasks
-
-
 async def test_cluster_metrics_count_injected_link_faults(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXO_STABLE_FAULTS", "corrupt=0.05,drop=0.05,seed=11")
     # Two tokens altered after the last stage sealed them: only the owner's token checksum can see it.
     monkeypatch.setenv("EXO_STABLE_INTEGRITY_FAULTS", "token=1,skip=3,limit=2")
-    nodes, stop, tasks = await start_nodes(tiny_model, 2, "mx")
-    try:
-        async with aiohttp.ClientSession() as http:
-            roots = [f"http://127.0.0.1:{node.port}" for node in nodes]
-            n = await chat(http, roots[0], 24)
-            n += await chat(http, roots[1], 24, stream=True)
-            scraped = [await scrape(http, root) for root in roots]
-    finally:
-        stop.set()
-        async with asyncio.timeout(60):
-            await asyncio.gather(*tasks)
+    async with in_process_cluster(tiny_model, 2, "mx", split=(2, 2)) as (nodes, _), aiohttp.ClientSession() as http:
+        roots = [f"http://127.0.0.1:{node.port}" for node in nodes]
+        n = await chat(http, roots[0], 24)
+        n += await chat(http, roots[1], 24, stream=True)
+        scraped = [await scrape(http, root) for root in roots]
     owner0, owner1 = scraped
     assert value(owner0, "exo_stable_tokens_generated_total") + value(owner1, "exo_stable_tokens_generated_total") == n
     for samples, node, other in zip(scraped, nodes, reversed(nodes), strict=True):

@@ -8,16 +8,15 @@ repeated.
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import aclosing
 from pathlib import Path
 
 import pytest
+from inproc_cluster import in_process_cluster
 
 from exo_stable.engine import SingleDeviceEngine
 from exo_stable.loader import open_model
 from exo_stable.modelspec import Dtype
-from exo_stable.node import Node, NodeConfig
 from exo_stable.sampling import SamplingParams
 from exo_stable.service import GenerationJob, GenerationResult
 from exo_stable.synthetic import tiny_gguf
@@ -48,41 +47,23 @@ async def test_a_stage_leaving_mid_stream_does_not_lose_the_answer(
     tiny_model: Path, params: SamplingParams, victim: int
 ) -> None:
     expected = await reference(tiny_model, params)
-    stops = [asyncio.Event() for _ in range(3)]
-    nodes = [
-        Node(
-            NodeConfig(model=tiny_model, dtype=Dtype.FLOAT32, port=0, node_id=f"rc{victim}-{i}", memory_bytes=1 << 30),
-            open_model(tiny_model),
-        )
-        for i in range(3)
-    ]
-    async with asyncio.timeout(240), asyncio.TaskGroup() as tg:
-        for node, stop in zip(nodes, stops, strict=True):
-            tg.create_task(node.run(stop=stop, handle_signals=False))
-        try:
-            first = await nodes[0].wait_listening(timeout=60)
-            for node in nodes[1:]:
-                await node.wait_listening(timeout=60)
-                node.peers.dial("127.0.0.1", first)
-            plan = await nodes[0].coordinator.wait_plan_where(lambda p: len(p.stages) == 3, timeout=60)
-            assert [s.node_id for s in plan.stages] == [n.node_id for n in nodes]
+    async with in_process_cluster(tiny_model, 3, f"rc{victim}", memory_bytes=1 << 30) as (nodes, stops):
+        plan = await nodes[0].coordinator.wait_plan_where(lambda p: len(p.stages) == 3, timeout=60)
+        assert [s.node_id for s in plan.stages] == [n.node_id for n in nodes]
 
-            owner = nodes[0]
-            result = GenerationResult(prompt_tokens=len(PROMPT))
-            text = ""
-            delivered_before = 0
-            async with aclosing(owner.owner.stream(GenerationJob(PROMPT, params, MAX_TOKENS), result)) as deltas:
-                async for delta in deltas:
-                    text += delta.text
-                    if delivered_before == 0 and len(result.token_ids) >= 6:
-                        delivered_before = len(result.token_ids)
-                        stops[victim].set()  # the node leaves: its links close, the others see it go
-            assert delivered_before >= 6
-            assert owner.owner.stats.recoveries >= 1, "the request went through a recovery"
-            assert result.token_ids == expected, "the whole answer equals the uninterrupted single-device run"
-            assert text == owner.source.tokenizer.decode(expected)
-            final = owner.coordinator.active
-            assert final is not None and nodes[victim].node_id not in {s.node_id for s in final.stages}
-        finally:
-            for stop in stops:
-                stop.set()
+        owner = nodes[0]
+        result = GenerationResult(prompt_tokens=len(PROMPT))
+        text = ""
+        delivered_before = 0
+        async with aclosing(owner.owner.stream(GenerationJob(PROMPT, params, MAX_TOKENS), result)) as deltas:
+            async for delta in deltas:
+                text += delta.text
+                if delivered_before == 0 and len(result.token_ids) >= 6:
+                    delivered_before = len(result.token_ids)
+                    stops[victim].set()  # the node leaves: its links close, the others see it go
+        assert delivered_before >= 6
+        assert owner.owner.stats.recoveries >= 1, "the request went through a recovery"
+        assert result.token_ids == expected, "the whole answer equals the uninterrupted single-device run"
+        assert text == owner.source.tokenizer.decode(expected)
+        final = owner.coordinator.active
+        assert final is not None and nodes[victim].node_id not in {s.node_id for s in final.stages}

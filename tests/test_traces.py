@@ -6,7 +6,6 @@ computed which layers at every step, with step times, activation sizes and check
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -18,13 +17,13 @@ import msgspec
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from inproc_cluster import in_process_cluster
 from server_proc import assert_openai_error
 
 from exo_stable.api.server import ApiConfig, create_app
 from exo_stable.engine import SingleDeviceEngine
 from exo_stable.loader import open_model
 from exo_stable.modelspec import Dtype
-from exo_stable.node import Node, NodeConfig
 from exo_stable.sampling import SamplingParams
 from exo_stable.service import GenerationJob, GenerationResult, InferenceService
 from exo_stable.synthetic import tiny_gguf
@@ -167,34 +166,13 @@ async def test_single_device_trace_and_summary(single_device: str) -> None:
     assert missing["error"]["code"] == "trace_not_found"
 
 
-async def start_cluster(model: Path) -> tuple[list[Node], asyncio.Event, list[asyncio.Task[None]]]:
-    stop = asyncio.Event()
-    nodes = [
-        Node(NodeConfig(model=model, dtype=Dtype.FLOAT32, port=0, node_id=f"tr-{i}", split=(1, 3)), open_model(model))
-        for i in range(2)
-    ]
-    tasks = [asyncio.create_task(node.run(stop=stop, handle_signals=False)) for node in nodes]
-    first = await nodes[0].wait_listening(timeout=60)
-    await nodes[1].wait_listening(timeout=60)
-    nodes[1].peers.dial("127.0.0.1", first)
-    for node in nodes:
-        await node.coordinator.wait_plan_where(lambda p: len(p.stages) == 2, timeout=60)
-    return nodes, stop, tasks
-
-
 async def test_a_two_stage_trace_names_each_nodes_layers_at_every_step(tiny_model: Path) -> None:
-    nodes, stop, tasks = await start_cluster(tiny_model)
-    try:
-        async with aiohttp.ClientSession() as http:
-            root = [f"http://127.0.0.1:{node.port}" for node in nodes]
-            body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True, "exo_trace": True}
-            events = await post(http, f"{root[1]}/v1/chat/completions", body)  # owned by the second node
-            status, trace = await get_trace(http, root[1], events[0]["id"])
-            elsewhere, _ = await get_trace(http, root[0], events[0]["id"])
-    finally:
-        stop.set()
-        async with asyncio.timeout(60):
-            await asyncio.gather(*tasks)
+    async with in_process_cluster(tiny_model, 2, "tr", split=(1, 3)) as (nodes, _), aiohttp.ClientSession() as http:
+        root = [f"http://127.0.0.1:{node.port}" for node in nodes]
+        body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True, "exo_trace": True}
+        events = await post(http, f"{root[1]}/v1/chat/completions", body)  # owned by the second node
+        status, trace = await get_trace(http, root[1], events[0]["id"])
+        elsewhere, _ = await get_trace(http, root[0], events[0]["id"])
     last = events[-1]
     assert last["choices"] == [] and "exo_trace" in last, "the summary rides the stream's last chunk"
     assert all("exo_trace" not in e for e in events[:-1])
@@ -227,33 +205,14 @@ async def test_a_two_stage_trace_names_each_nodes_layers_at_every_step(tiny_mode
 
 async def test_a_recovery_shows_in_the_trace_and_the_replay_avoids_the_lost_node(tiny_model: Path) -> None:
     prompt = [1, 4093, 198, 19161, 253, 421, 30614, 563, 260, 3426, 30, 2, 198]
-    stops = [asyncio.Event() for _ in range(3)]
-    nodes = [
-        Node(
-            NodeConfig(model=tiny_model, dtype=Dtype.FLOAT32, port=0, node_id=f"trr-{i}", memory_bytes=1 << 30),
-            open_model(tiny_model),
-        )
-        for i in range(3)
-    ]
-    async with asyncio.timeout(240), asyncio.TaskGroup() as tg:
-        for node, stop in zip(nodes, stops, strict=True):
-            tg.create_task(node.run(stop=stop, handle_signals=False))
-        try:
-            first = await nodes[0].wait_listening(timeout=60)
-            for node in nodes[1:]:
-                await node.wait_listening(timeout=60)
-                node.peers.dial("127.0.0.1", first)
-            await nodes[0].coordinator.wait_plan_where(lambda p: len(p.stages) == 3, timeout=60)
-            trace = RequestTrace("t", backend="pipeline", prompt_tokens=len(prompt))
-            result = GenerationResult(prompt_tokens=len(prompt), trace=trace)
-            job = GenerationJob(prompt, SamplingParams(), 16)
-            async with aclosing(nodes[0].owner.stream(job, result)) as deltas:
-                async for _ in deltas:
-                    if len(result.token_ids) >= 4 and not stops[2].is_set():
-                        stops[2].set()  # the last stage's node leaves mid-answer
-        finally:
-            for stop in stops:
-                stop.set()
+    async with in_process_cluster(tiny_model, 3, "trr", memory_bytes=1 << 30) as (nodes, stops):
+        trace = RequestTrace("t", backend="pipeline", prompt_tokens=len(prompt))
+        result = GenerationResult(prompt_tokens=len(prompt), trace=trace)
+        job = GenerationJob(prompt, SamplingParams(), 16)
+        async with aclosing(nodes[0].owner.stream(job, result)) as deltas:
+            async for _ in deltas:
+                if len(result.token_ids) >= 4 and not stops[2].is_set():
+                    stops[2].set()  # the last stage's node leaves mid-answer
     body = trace.as_dict()
     assert body["recoveries"] >= 1
     (recovery, *_) = [e for e in body["events"] if e["kind"] == "recovery"]
