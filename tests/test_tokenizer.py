@@ -165,7 +165,7 @@ def _representable(ch: str) -> bool:
     return not any(b in _MISSING_BYTES for b in ch.encode("utf-8"))
 
 
-_CHARS = st.characters().filter(_representable)
+_CHARS = st.characters(codec="utf-8").filter(_representable)  # no lone surrogates: text that can travel
 # The characters of the template's text plus a few others, so that content meets template text.
 _CHAT_TEXT = st.text(
     alphabet=st.one_of(st.sampled_from(list("<|>im_startend \n\t'sS1234.,!éü日本😀")), _CHARS), max_size=40
