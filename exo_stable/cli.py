@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a node holding the whole model waits for each greedy token before queuing the next step",
     )
     serve.add_argument(
+        "--no-build-ahead",
+        dest="build_ahead",
+        action="store_false",
+        help="a stage builds each decode step's graph only when its input comes, not while other stages compute",
+    )
+    serve.add_argument(
         "--no-adaptive-validation",
         dest="adaptive_validation",
         action="store_false",
@@ -273,6 +279,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         spot_check_fraction=args.spot_check_fraction,
         adaptive_validation=args.adaptive_validation,
         decode_ahead=args.decode_ahead,
+        build_ahead=args.build_ahead,
         stage_max_restarts=args.stage_max_restarts,
         stage_restart_period_s=args.stage_restart_period,
         suspect_ttl_s=args.suspect_seconds,

@@ -89,14 +89,17 @@ class ShardModel(nn.Module):
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
-    def __call__(self, x: mx.array, cache: Sequence[KVCache]) -> mx.array:
-        """Token ids (first shard) or hidden states in; hidden states or logits (last shard) out."""
+    def __call__(self, x: mx.array, cache: Sequence[KVCache], *, overlap: bool = True) -> mx.array:
+        """Token ids (first shard) or hidden states in; hidden states or logits (last shard) out.
+
+        ``overlap=False``: start nothing on the device while building (a graph built before its input is
+        written, see :meth:`StageCompute.prepare`)."""
         h = self.embed_tokens(x) if self.range.is_first else x
         mask = create_attention_mask(h, cache[0])
-        overlap = _overlap_every()
+        every = _overlap_every() if overlap else 0
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
             h = layer(h, mask, cache=layer_cache)
-            if overlap and (i + 1) % overlap == 0 and i + 1 < len(self.layers):
+            if every and (i + 1) % every == 0 and i + 1 < len(self.layers):
                 # On a GPU, start the layers built so far while Python builds the next ones: graph building
                 # and device work overlap instead of taking turns. Same operations, same bits.
                 mx.async_eval(h)  # type: ignore[no-untyped-call]

@@ -91,6 +91,7 @@ class NodeConfig:
     spot_check_fraction: float = DEFAULT_SPOT_CHECK_FRACTION
     adaptive_validation: bool = True
     decode_ahead: bool = True
+    build_ahead: bool = True
 
 
 def available_memory() -> int:
@@ -188,6 +189,7 @@ class Node:
             max_requests=config.max_concurrent * 2,
             bytes_per_param=_BYTES_PER_PARAM[config.dtype],
             decode_ahead=config.decode_ahead,
+            build_ahead=config.build_ahead,
             suspect_ttl_s=config.suspect_ttl_s,
         )
         # Built in run(), once the actor system is up:

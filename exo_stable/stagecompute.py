@@ -21,7 +21,7 @@ from mlx_lm.models.cache import KVCache
 
 from exo_stable.device import activate, chosen
 from exo_stable.loader import ModelSource
-from exo_stable.model import LayerRange, ShardModel
+from exo_stable.model import LayerRange, ShardModel, compute_dtype
 from exo_stable.modelspec import Dtype
 from exo_stable.sampling import SamplingParams, sample
 
@@ -33,6 +33,10 @@ _WIRE_DTYPES: dict[str, tuple[mx.Dtype, type[np.generic]]] = {
     "float16": (mx.float16, np.float16),
     "bfloat16": (mx.bfloat16, np.uint16),
 }
+
+
+WireTensor = tuple[str, Sequence[int], bytes]
+"""An activation as it travels: dtype name, shape and exact bytes (see :func:`tensor_to_bytes`)."""
 
 
 class StageBusy(RuntimeError):
@@ -73,12 +77,21 @@ class QueuedStep:
 
 
 @dataclass
+class PreparedStep:
+    """A one-position step whose graph was built before its input came (see :meth:`StageCompute.prepare`)."""
+
+    slot: mx.array  # evaluated, never read until the input is written into its buffer
+    result: mx.array  # the step's output (the last position's logits on the last stage), not evaluated
+
+
+@dataclass
 class RequestCache:
     cache: list[KVCache]
     params: SamplingParams
     started: float = field(default_factory=time.perf_counter)
     tokens_in: int = 0
     queued: QueuedStep | None = None
+    prepared: PreparedStep | None = None
 
 
 @dataclass
@@ -90,6 +103,10 @@ class ComputeStats:
     requests_closed: int = 0
     steps_ahead: int = 0  # greedy steps that were already queued when their token came (pick_ahead)
     steps_undone: int = 0  # queued steps undone because another token came
+    steps_prepared: int = 0  # one-position steps built before their input came (prepare)
+    prepared_used: int = 0  # ... whose input then came and ran through the built graph
+    prepared_undone: int = 0  # ... undone because another kind of step (or none) came
+    prepare_seconds: float = 0.0
 
 
 class StageCompute:
@@ -145,6 +162,7 @@ class StageCompute:
         if request is None:
             raise UnknownRequest(rid)
         self._drop_queued(request)
+        self._drop_prepared(request)
         started = time.perf_counter()
         out = self._model()(x, request.cache)
         result = out[0, -1, :] if self.layers.is_last else out
@@ -154,6 +172,77 @@ class StageCompute:
         self.stats.forward_seconds += time.perf_counter() - started
         request.tokens_in += int(x.shape[1])
         return result
+
+    def forward_input(self, rid: str, tokens: Sequence[int], tensor: WireTensor | None = None) -> mx.array:
+        """:meth:`forward` from the input as it came: token ids (first stage) or an activation's exact bytes.
+
+        A one-position input for which :meth:`prepare` built the graph is written into that graph's slot and
+        evaluated; any other input undoes the prepared step and takes the ordinary path. Either way the same
+        operations run on the same values, so the result is the same to the bit.
+        """
+        request = self.requests.get(rid)
+        if request is None:
+            raise UnknownRequest(rid)
+        prepared = request.prepared
+        if prepared is not None and self._fill(prepared.slot, tokens, tensor):
+            request.prepared = None
+            started = time.perf_counter()
+            mx.eval(prepared.result)
+            self.stats.prepared_used += 1
+            self.stats.forward_calls += 1
+            self.stats.tokens_forwarded += 1
+            self.stats.forward_seconds += time.perf_counter() - started
+            request.tokens_in += 1
+            return prepared.result
+        if tensor is None:
+            return self.forward(rid, mx.array([list(tokens)], dtype=mx.int32))
+        return self.forward(rid, tensor_from_bytes(*tensor))
+
+    def prepare(self, rid: str) -> bool:
+        """Build the graph of the request's next one-position step before its input is known.
+
+        The graph reads an evaluated placeholder (a token id on the first stage, a hidden state elsewhere)
+        that :meth:`forward_input` fills in place when the input comes, so a stage does its graph building
+        while the other stages compute instead of after. Nothing starts on the device here (the input is not
+        there yet). The step's cache entry is already written, lazily: a step that does not come is undone
+        by trimming it. Returns whether a step was prepared (not when one is already prepared or queued).
+        """
+        request = self.requests.get(rid)
+        if request is None:
+            raise UnknownRequest(rid)
+        if request.prepared is not None or request.queued is not None:
+            return False
+        started = time.perf_counter()
+        model = self._model()
+        if self.layers.is_first:
+            slot = mx.zeros((1, 1), dtype=mx.int32)
+            x = slot
+        else:
+            act = compute_dtype(self.dtype)
+            slot = mx.zeros((1, 1, model.spec.hidden_size), dtype=mx.uint16 if act == mx.bfloat16 else act)
+            x = slot.view(mx.bfloat16) if act == mx.bfloat16 else slot
+        mx.eval(slot)  # the slot's buffer must exist before the input is written into it
+        out = model(x, request.cache, overlap=False)
+        request.prepared = PreparedStep(slot, out[0, -1, :] if self.layers.is_last else out)
+        self.stats.steps_prepared += 1
+        self.stats.prepare_seconds += time.perf_counter() - started
+        return True
+
+    @staticmethod
+    def _fill(slot: mx.array, tokens: Sequence[int], tensor: WireTensor | None) -> bool:
+        """Write a one-position input into a prepared step's slot; false (nothing written) if it does not fit."""
+        view = np.array(slot, copy=False)
+        if tensor is None:
+            if len(tokens) != 1 or view.shape != (1, 1):
+                return False
+            view[0, 0] = tokens[0]
+            return True
+        dtype, shape, data = tensor
+        wire = _WIRE_DTYPES.get(dtype)
+        if wire is None or tuple(shape) != view.shape or np.dtype(wire[1]) != view.dtype:
+            return False
+        view[...] = np.frombuffer(data, dtype=wire[1]).reshape(view.shape)
+        return True
 
     def pick_ahead(self, rid: str, tokens: Sequence[int], *, queue_next: bool) -> int:
         """A greedy step of a whole-model shard (a one-stage plan): ``tokens`` in, the picked token out, with
@@ -192,12 +281,22 @@ class StageCompute:
                 layer_cache.trim(1)
             request.tokens_in -= 1
 
+    def _drop_prepared(self, request: RequestCache) -> None:
+        """Undo a prepared step that the next call does not use: its (lazy) cache entry is trimmed, and the
+        graph, never evaluated, goes."""
+        if request.prepared is not None:
+            request.prepared = None
+            self.stats.prepared_undone += 1
+            for layer_cache in request.cache:
+                layer_cache.trim(1)
+
     def rewind(self, rid: str, tokens: int) -> None:
         """Undo the cache side of the last forward call, of ``tokens`` positions, so that the same call can
         run again on the same cache state (a spot check recomputes a step and compares bit for bit)."""
         request = self.requests.get(rid)
         if request is None:
             raise UnknownRequest(rid)
+        self._drop_prepared(request)
         for layer_cache in request.cache:
             layer_cache.trim(tokens)
         request.tokens_in -= tokens
@@ -243,6 +342,7 @@ class StageCompute:
         request = self.requests.get(rid)
         if request is None:
             raise UnknownRequest(rid)
+        self._drop_prepared(request)
         out = self._model()(token.reshape(1, 1), request.cache)
         nxt = mx.argmax(out[0, -1, :])
         mx.async_eval(nxt)  # type: ignore[no-untyped-call]

@@ -131,6 +131,13 @@ async def test_every_split_point_equals_the_single_device(
         if n_stages == 1:  # the greedy runs' steps were queued before their tokens were read
             actor = cluster.nodes[0].stage_host.actor
             assert actor is not None and actor.snapshot()["decode_ahead"]["steps"] >= MAX_TOKENS - 2
+        # Every stage of the last split built its decode steps before their inputs came (a whole-model stage:
+        # those of the sampled runs, the greedy ones being queued ahead instead).
+        runs = len(PROMPTS) * (1 if n_stages == 1 else len(SAMPLINGS))
+        for node in cluster.nodes:
+            actor = node.stage_host.actor
+            assert actor is not None
+            assert actor.snapshot()["build_ahead"]["used"] >= (MAX_TOKENS - 2) * runs
         print(f"\n{n_stages} stages: {len(all_splits)} splits x {len(PROMPTS) * len(SAMPLINGS)} runs identical")
     finally:
         await stop_cluster(cluster)
@@ -154,5 +161,7 @@ async def test_concurrent_requests_interleave_and_stay_identical(
             assert node.stage_host.actor is not None
             await node.stage_host.actor.wait_idle(timeout=30)  # RequestClose is on its way over the links
             assert node.stage_host.actor.open_requests == 0
+            # Serving several requests at once, a stage does not build steps ahead (it would idle the device).
+            assert node.stage_host.actor.snapshot()["build_ahead"]["skipped_busy"] > 0
     finally:
         await stop_cluster(cluster)

@@ -60,6 +60,7 @@ class ClusterOptions:
     bytes_per_param: float = 4.0
     suspect_ttl_s: float = 60.0
     decode_ahead: bool = True  # a stage holding the whole model queues greedy steps ahead (StageConfig)
+    build_ahead: bool = True  # stages build each decode step's graph while the others compute (StageConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,7 @@ class StageHost:
             max_requests=self.options.max_requests,
             load_timeout_s=self.options.load_timeout_s,
             decode_ahead=self.options.decode_ahead,
+            build_ahead=self.options.build_ahead,
         )
         started = time.perf_counter()
         name = f"stage-{epoch}"

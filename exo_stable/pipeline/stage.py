@@ -106,6 +106,7 @@ class StageStats:
     source_checksum_failures: int = 0  # strict: activations whose sender's checksum did not match (also bad)
     spot_checks: int = 0  # strict: steps computed twice
     spot_check_mismatches: int = 0  # ... whose two results differed
+    build_ahead_busy: int = 0  # next steps not built ahead because the stage served other requests too
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,7 @@ class StageConfig:
     step_timeout_s: float = 120.0
     send_timeout_s: float = 30.0
     decode_ahead: bool = True  # a one-stage plan queues each greedy step before its token is read
+    build_ahead: bool = True  # build each decode step's graph while the other stages compute (prepare)
 
 
 class StageActor(Actor[StageMessage]):
@@ -372,6 +374,9 @@ class StageActor(Actor[StageMessage]):
             except (ConnectionError, TimeoutError) as exc:
                 # The next stage is unreachable: this request cannot go on here; its owner recovers it.
                 await self._fail(rid, request, f"cannot reach {self._next_node()}: {exc!r}", step)
+                return
+            if final and not ahead:
+                await self._build_ahead(rid, request, position)
             return
         if not final or position < len(request.history):
             # No token leaves with this step: its hops wait for the next one that does.
@@ -392,6 +397,9 @@ class StageActor(Actor[StageMessage]):
                 await self._continue(rid, request, step, position, known)
             except (ConnectionError, TimeoutError) as exc:
                 await self._fail(rid, request, f"cannot reach stage 0: {exc!r}", step)
+                return
+            if not ahead:
+                await self._build_ahead(rid, request, position)
             return
         token = TokenChunk(
             request_id=rid,
@@ -417,6 +425,28 @@ class StageActor(Actor[StageMessage]):
             await self._send(request.owner, outgoing)
         except (ConnectionError, TimeoutError) as exc:
             await self._fail(rid, request, f"cannot deliver position {position}: {exc!r}", step)
+            return
+        if not ahead:
+            await self._build_ahead(rid, request, position)
+
+    async def _build_ahead(self, rid: str, request: _Request, position: int) -> None:
+        """With this step's result sent on, build the graph of the request's next step (the one at
+        ``position + 1``) while the other stages compute: when its input comes, only the device work is left.
+
+        Only while the stage serves this one request: then it would sit idle until the input comes. With
+        several, other requests' steps fill that time, and a graph built with the device idle (nothing can
+        start before the input is there) costs throughput: measured on two H200s, 4 and 16 streams made 23%
+        fewer tokens/s when every step was built ahead. Not when no next step will come (the budget is spent).
+        """
+        if not self.config.build_ahead or position + 1 >= request.max_tokens or rid not in self._requests:
+            return
+        if len(self._requests) > 1:
+            self.stats.build_ahead_busy += 1
+        else:
+            try:
+                await self._run(self._compute.prepare, rid)
+            except UnknownRequest:
+                self.stats.stale_steps += 1
 
     def _hop(self, step: int, position: int, *, tokens: int, timing: _Timing, bytes_out: int, checksum: str) -> StepHop:
         """This stage's trace facts for one step."""
@@ -475,27 +505,28 @@ class StageActor(Actor[StageMessage]):
         if ahead is not None:
             return self._compute.pick_ahead(rid, tokens, queue_next=ahead)
         level, spot = checks
-        if tensor is None:
-            x = mx.array([list(tokens)], dtype=mx.int32)
-        else:
-            x = tensor_from_bytes(tensor.dtype, tensor.shape, tensor.data)
-        out = self._compute.forward(rid, x)
+        wire = None if tensor is None else (tensor.dtype, tensor.shape, tensor.data)
+        out = self._compute.forward_input(rid, tokens, wire)
         if not self.is_last:
             dtype, shape, data = tensor_to_bytes(out)
             data = self.integrity_faults.compute(dtype, data)  # injected for tests only; off unless configured
             if spot:
-                self._spot_check(rid, x, data)
+                self._spot_check(rid, tokens, tensor, data)
             source = tensor_checksum(data) if level is ValidationLevel.STRICT else -1
             return dtype, shape, data, source
         if spot:
-            self._spot_check(rid, x, tensor_to_bytes(out)[2])
+            self._spot_check(rid, tokens, tensor, tensor_to_bytes(out)[2])
         return self._compute.pick(rid, out, position) if final else None
 
-    def _spot_check(self, rid: str, x: mx.array, first: bytes) -> None:
+    def _spot_check(self, rid: str, tokens: tuple[int, ...], tensor: TensorPayload | None, first: bytes) -> None:
         """On the MLX thread: rewind the request's caches by this step and compute it again; the two outputs
         must be the same bytes. Catches a transient fault of this stage's compute or memory; a fault that
         repeats identically (bad weights) gives the same wrong result twice and is not caught here."""
         self.stats.spot_checks += 1
+        if tensor is None:
+            x = mx.array([list(tokens)], dtype=mx.int32)
+        else:
+            x = tensor_from_bytes(tensor.dtype, tensor.shape, tensor.data)
         self._compute.rewind(rid, int(x.shape[1]))
         again = tensor_to_bytes(self._compute.forward(rid, x))[2]
         if again != first:
@@ -544,6 +575,13 @@ class StageActor(Actor[StageMessage]):
             "stale_steps": self.stats.stale_steps,
             "replayed": self.stats.replayed,
             "decode_ahead": {"steps": self._compute.stats.steps_ahead, "undone": self._compute.stats.steps_undone},
+            "build_ahead": {
+                "prepared": self._compute.stats.steps_prepared,
+                "used": self._compute.stats.prepared_used,
+                "undone": self._compute.stats.prepared_undone,
+                "prepare_s": round(self._compute.stats.prepare_seconds, 3),
+                "skipped_busy": self.stats.build_ahead_busy,
+            },
             "replay_divergences": self.stats.replay_divergences,
             "validation": {
                 "bad_activations": self.stats.bad_activations,
