@@ -11,8 +11,9 @@ to download; each process draws only the layers it holds, on its device):
 2. Real node processes serving the OpenAI API, every layout running at once: one node holding the whole
    model (which decodes greedy requests a step ahead), the same with ``--no-decode-ahead`` (single streams
    only), and two nodes holding half the layers each (on two GPUs when there are two, else both on the one
-   GPU). Single-stream decode tokens/s through the API and the ratio split / single; where one decode step's
-   time went, from the request's trace (each stage's forward call, its hand-off, the wire between stages);
+   GPU), the same split with ``--no-build-ahead`` too. Single-stream decode tokens/s through the API and the
+   ratio split / single; where one decode step's time went, from the request's trace (each stage's forward
+   call, its hand-off, the wire between stages);
    aggregate tokens/s with 1, 4 and 16 concurrent streams; whether every split answer is identical to the
    single node's (text and token count).
 
@@ -383,6 +384,8 @@ def main() -> None:
                 # The same node waiting for each token before queuing the next step: what decoding ahead gains.
                 Layout("one-sync", [layers], one_gpu, ("--no-decode-ahead",), aggregate=False),
                 Layout("split", half, two_gpus),
+                # The same split building each step's graph only when its input comes: what building ahead gains.
+                Layout("split-no-build-ahead", half, two_gpus, ("--no-build-ahead",)),
             ]
             nodes = asyncio.run(measure_clusters(args, layouts, log_dir))
     report: dict[str, Any] = {
@@ -400,14 +403,17 @@ def main() -> None:
         "wall_s": 0.0,
     }
     if nodes:
-        one, sync, two = nodes
-        same = one["answers"] == two["answers"] and all(one["answers"][k] == v for k, v in sync["answers"].items())
+        one, sync, two, unbuilt = nodes
+        same = one["answers"] == two["answers"] and all(
+            one["answers"][k] == v for row in (sync, unbuilt) for k, v in row["answers"].items()
+        )
         report["nodes"] = [{k: v for k, v in row.items() if k != "answers"} for row in nodes]
         report["split_ratio"] = round(two["decode_tok_s"] / one["decode_tok_s"], 3)
         report["split_ratio_to_sync_node"] = round(two["decode_tok_s"] / sync["decode_tok_s"], 3)
         report["decode_ahead_gain"] = round(one["decode_tok_s"] / sync["decode_tok_s"], 3)
+        report["build_ahead_gain"] = round(two["decode_tok_s"] / unbuilt["decode_tok_s"], 3)
         report["split_identical"] = same
-        report["split_answers_compared"] = len(one["answers"]) + len(sync["answers"])
+        report["split_answers_compared"] = len(one["answers"]) + len(sync["answers"]) + len(unbuilt["answers"])
     report["wall_s"] = round(time.perf_counter() - started, 1)
 
     print()
@@ -432,7 +438,8 @@ def main() -> None:
     if nodes:
         print(
             f"split / single decode ratio: {report['split_ratio']} (to the node waiting for each token: "
-            f"{report['split_ratio_to_sync_node']}; decoding ahead gains {report['decode_ahead_gain']}x); "
+            f"{report['split_ratio_to_sync_node']}; decoding ahead gains {report['decode_ahead_gain']}x; "
+            f"building the split's steps ahead gains {report['build_ahead_gain']}x); "
             f"answers identical to the single node: {report['split_identical']} "
             f"({report['split_answers_compared']} answers)"
         )

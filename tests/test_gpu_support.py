@@ -141,9 +141,11 @@ def test_gpu_benchmark_runs_its_whole_path_on_a_tiny_model(tmp_path: Path) -> No
     for row in report["single_device"].values():
         assert row["exo_stable_repeatable"] is True
         assert row["exo_stable"]["decode_tok_s"] > 0 and row["mlx_lm"]["decode_tok_s"] > 0
-    assert [(n["layout"], n["split"]) for n in report["nodes"]] == [("one", [4]), ("one-sync", [4]), ("split", [2, 2])]
-    # Every stream compared: the split's 1 single + 1 + 3 concurrent, and the waiting node's single one.
-    assert report["split_identical"] is True and report["split_answers_compared"] == 1 + 1 + 3 + 1
+    layouts = [(n["layout"], n["split"]) for n in report["nodes"]]
+    assert layouts == [("one", [4]), ("one-sync", [4]), ("split", [2, 2]), ("split-no-build-ahead", [2, 2])]
+    # Every stream compared: each split's 1 single + 1 + 3 concurrent, and the waiting node's single one.
+    assert report["split_identical"] is True and report["split_answers_compared"] == 1 + 1 + 3 + 1 + (1 + 1 + 3)
+    assert report["build_ahead_gain"] > 0
     assert "split / single decode ratio" in proc.stdout
     for row in report["nodes"]:  # the trace of a stream says where its decode steps went, stage by stage
         b = row["breakdown"]
