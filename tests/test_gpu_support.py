@@ -152,3 +152,19 @@ def test_gpu_benchmark_runs_its_whole_path_on_a_tiny_model(tmp_path: Path) -> No
         assert b["steps"] >= 2 and len(b["stages"]) == len(row["split"]) == len(b["wire_ms"])
         assert all(st["compute_ms"] > 0 and st["handoff_ms"] >= 0 for st in b["stages"])
         assert b["step_ms"] >= sum(st["compute_ms"] for st in b["stages"])
+
+
+def test_step_parts_benchmark_runs_on_a_tiny_model(tmp_path: Path) -> None:
+    out = tmp_path / "parts.json"
+    cmd = [sys.executable, "benchmarks/gpu_step_parts.py", "--shape", "tiny", "--device", "cpu", "--steps", "5"]
+    cmd += ["--rounds", "2", "--prompt-tokens", "40", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    # Every variant (whole model with and without overlap, the split built when the input comes and ahead)
+    # gave the whole model's tokens in both rounds.
+    assert report["identical"] is True and report["different"] == []
+    assert set(report["medians_ms"]) == {"whole", "whole_no_overlap", "split", "split_built_ahead"}
+    built = report["medians_ms"]["split_built_ahead"]
+    assert built["ahead_ms"] > 0 and report["medians_ms"]["split"]["ahead_ms"] == 0
+    assert all(v > 0 for k, v in built.items())
