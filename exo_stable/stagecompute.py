@@ -68,6 +68,11 @@ def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes) -> mx.array
     return array.view(mx.bfloat16) if dtype == "bfloat16" else array.astype(mx_dtype)
 
 
+def input_array(tokens: Sequence[int], tensor: WireTensor | None = None) -> mx.array:
+    """A forward call's input as it came: token ids ``[1, L]`` (first stage) or an activation's exact bytes."""
+    return mx.array([list(tokens)], dtype=mx.int32) if tensor is None else tensor_from_bytes(*tensor)
+
+
 @dataclass
 class QueuedStep:
     """A greedy decode step queued on the device before its input token was read (see :meth:`pick_ahead`)."""
@@ -167,11 +172,15 @@ class StageCompute:
         out = self._model()(x, request.cache)
         result = out[0, -1, :] if self.layers.is_last else out
         mx.eval(result)
-        self.stats.forward_calls += 1
-        self.stats.tokens_forwarded += int(x.shape[1])
-        self.stats.forward_seconds += time.perf_counter() - started
-        request.tokens_in += int(x.shape[1])
+        self._count(request, int(x.shape[1]), started)
         return result
+
+    def _count(self, request: RequestCache, tokens: int, started: float) -> None:
+        """Book a forward call of ``tokens`` positions that began at ``started``."""
+        self.stats.forward_calls += 1
+        self.stats.tokens_forwarded += tokens
+        self.stats.forward_seconds += time.perf_counter() - started
+        request.tokens_in += tokens
 
     def forward_input(self, rid: str, tokens: Sequence[int], tensor: WireTensor | None = None) -> mx.array:
         """:meth:`forward` from the input as it came: token ids (first stage) or an activation's exact bytes.
@@ -189,14 +198,9 @@ class StageCompute:
             started = time.perf_counter()
             mx.eval(prepared.result)
             self.stats.prepared_used += 1
-            self.stats.forward_calls += 1
-            self.stats.tokens_forwarded += 1
-            self.stats.forward_seconds += time.perf_counter() - started
-            request.tokens_in += 1
+            self._count(request, 1, started)
             return prepared.result
-        if tensor is None:
-            return self.forward(rid, mx.array([list(tokens)], dtype=mx.int32))
-        return self.forward(rid, tensor_from_bytes(*tensor))
+        return self.forward(rid, input_array(tokens, tensor))
 
     def prepare(self, rid: str) -> bool:
         """Build the graph of the request's next one-position step before its input is known.
@@ -264,7 +268,7 @@ class StageCompute:
             token = queued.token_out
             self.stats.steps_ahead += 1
         else:
-            token = mx.argmax(self.forward(rid, mx.array([list(tokens)], dtype=mx.int32)))
+            token = mx.argmax(self.forward(rid, input_array(tokens)))
         if queue_next:
             following = self.decode_ahead(rid, token)
         picked = int(token.item())  # type: ignore[arg-type]

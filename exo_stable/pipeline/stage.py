@@ -31,7 +31,7 @@ from exo_stable.modelspec import Dtype
 from exo_stable.pipeline.levels import ValidationLevel, spot_check_chosen
 from exo_stable.pipeline.stagefaults import StageFaultConfig, StageFaults
 from exo_stable.sampling import SamplingParams
-from exo_stable.stagecompute import StageBusy, StageCompute, UnknownRequest, tensor_from_bytes, tensor_to_bytes
+from exo_stable.stagecompute import StageBusy, StageCompute, UnknownRequest, input_array, tensor_to_bytes
 from exo_stable.wire.messages import (
     ActivationChunk,
     BarrierArrive,
@@ -511,22 +511,18 @@ class StageActor(Actor[StageMessage]):
             dtype, shape, data = tensor_to_bytes(out)
             data = self.integrity_faults.compute(dtype, data)  # injected for tests only; off unless configured
             if spot:
-                self._spot_check(rid, tokens, tensor, data)
+                self._spot_check(rid, input_array(tokens, wire), data)
             source = tensor_checksum(data) if level is ValidationLevel.STRICT else -1
             return dtype, shape, data, source
         if spot:
-            self._spot_check(rid, tokens, tensor, tensor_to_bytes(out)[2])
+            self._spot_check(rid, input_array(tokens, wire), tensor_to_bytes(out)[2])
         return self._compute.pick(rid, out, position) if final else None
 
-    def _spot_check(self, rid: str, tokens: tuple[int, ...], tensor: TensorPayload | None, first: bytes) -> None:
+    def _spot_check(self, rid: str, x: mx.array, first: bytes) -> None:
         """On the MLX thread: rewind the request's caches by this step and compute it again; the two outputs
         must be the same bytes. Catches a transient fault of this stage's compute or memory; a fault that
         repeats identically (bad weights) gives the same wrong result twice and is not caught here."""
         self.stats.spot_checks += 1
-        if tensor is None:
-            x = mx.array([list(tokens)], dtype=mx.int32)
-        else:
-            x = tensor_from_bytes(tensor.dtype, tensor.shape, tensor.data)
         self._compute.rewind(rid, int(x.shape[1]))
         again = tensor_to_bytes(self._compute.forward(rid, x))[2]
         if again != first:
