@@ -104,6 +104,7 @@ class NodeConfig:
     adaptive_validation: bool = True
     decode_ahead: bool = True
     build_ahead: bool = True
+    peer_forget_s: float = 60.0  # a peer down this long leaves nothing behind (cluster/peers.py)
 
 
 def available_memory() -> int:
@@ -278,7 +279,7 @@ class Node:
             case PeerDirectory(peers=entries):
                 for entry in entries:
                     if entry.node_id != self.node_id and entry.node_id not in self.peers.connected_peers():
-                        self.peers.dial(entry.host, entry.port)
+                        self.peers.dial(entry.host, entry.port, keep=False)
             case BarrierArrive():
                 await self.barriers.arrive(message)
             case TokenChunk() | StageFailure():
@@ -513,6 +514,7 @@ class Node:
                 dispatch=self.dispatch,
                 on_membership=self._on_membership,
                 secret=config.cluster_secret,
+                forget_after_s=config.peer_forget_s,
             )
             self.coordinator.wait_links = self.peers.wait_connected_to
             async with asyncio.TaskGroup() as tg:
@@ -572,7 +574,7 @@ class Node:
                 except TimeoutError:
                     continue
                 if event.kind in ("found", "updated") and event.peer.model_fingerprint == self.source.fingerprint:
-                    self.peers.dial(event.peer.host, event.peer.port)
+                    self.peers.dial(event.peer.host, event.peer.port, keep=False)
 
     async def wait_listening(self, timeout: float) -> int:  # noqa: ASYNC109
         """Wait until the API and wire routes accept connections; returns the port."""
