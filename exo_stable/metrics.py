@@ -278,6 +278,7 @@ class NodeCollector(Collector):
         f.counter("owner_requests", "Requests owned by this node, by state", {"state": "started"}, s.requests)
         f.counter("owner_requests", "Requests owned by this node, by state", {"state": "finished"}, s.finished)
         f.counter("owner_requests", "Requests owned by this node, by state", {"state": "failed"}, s.failed)
+        f.counter("owner_requests", "Requests owned by this node, by state", {"state": "cancelled"}, s.cancelled)
         f.counter(
             "owner_resend_requests", "Token positions asked for again (missing or invalid)", {}, s.resend_requests
         )

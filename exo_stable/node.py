@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from actors import ActorSystem, Strategy, Supervisor
+from exo_stable.api.guards import ApiRunner
 from exo_stable.api.server import METRICS_KEY, ApiConfig, create_app, json_response
 from exo_stable.cluster.coordinator import Coordinator
 from exo_stable.cluster.peers import PeerManager
@@ -495,7 +496,13 @@ class Node:
         app[METRICS_KEY].register(NodeCollector(self))
         app.router.add_get("/v1/cluster", self._cluster_route)
         app.router.add_get(WIRE_PATH, self._wire_route)
-        runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_s, access_log=None, handle_signals=False)
+        runner = ApiRunner(
+            app,
+            header_timeout_s=config.api.header_timeout_s,
+            shutdown_timeout=config.shutdown_timeout_s,
+            access_log=None,
+            handle_signals=False,
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port)
