@@ -182,3 +182,14 @@ async def test_a_leader_gets_no_unacknowledged_commit_and_no_runaway_epoch(node:
         # The leader left with the plan's only stage: replaced whatever its epoch, and the node serves again.
         await node.coordinator.wait_plan_where(lambda p: p.stages[0].node_id == node.node_id, timeout=30)
         assert await complete(http, root(node), PROMPT) == before
+
+
+async def test_a_client_cancelling_is_not_a_failure(node: Node) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"{root(node)}/v1/completions", json=body)
+        await resp.content.readline()  # generating
+        resp.close()  # the client goes away mid-stream
+    stats = node.owner.stats
+    await eventually("the request ended", lambda: not node.owner.requests)
+    assert (stats.failed, stats.cancelled) == (0, 1)
