@@ -127,6 +127,7 @@ async def test_a_member_cannot_act_outside_its_role(node: Node) -> None:
                     opener("theirs", node.node_id, epoch),
                     SuspectNode(node_id=node.node_id, reporter=node.node_id, reason="x"),
                     SuspectNode(node_id=node.node_id, reporter=hid, reason="x", ttl_s=float("nan")),
+                    SuspectNode(node_id=node.node_id, reporter=hid, reason="not a stage"),
                     BarrierArrive(name="plan/1", member=node.node_id),
                     TokenChunk(request_id="r", sequence_position=0, token_id=1, source_device_rank=0, plan_epoch=epoch),
                     *flood,
@@ -146,6 +147,7 @@ async def test_a_member_cannot_act_outside_its_role(node: Node) -> None:
             assert kinds["request_open_out_of_bounds"] == 1
             assert kinds["request_open_not_owner"] == 1
             assert kinds["suspect_reporter_mismatch"] == 1 and kinds["suspect_invalid"] == 1
+            assert kinds["suspect_not_from_stage"] == 1 and not node.coordinator.active_suspects()
             assert kinds["barrier_for_another_node"] == 1
             assert kinds["token_not_from_last_stage"] == 1
             assert node.stage_host.requests_of(hid) == cap

@@ -381,7 +381,13 @@ class Coordinator(PlanState):
                 if not math.isfinite(message.ttl_s) or message.node_id not in self.members:
                     self.refusals.refuse(sender, "suspect_invalid", message)
                     return
-                ttl = min(max(message.ttl_s, 0.0), self.options.suspect_ttl_s * 10)
+                active = self.active
+                stages = set() if active is None else {s.node_id for s in active.stages}
+                if sender != message.node_id and sender not in stages:
+                    # Only a node itself, or a stage of the plan it serves in, may have it left out of plans.
+                    self.refusals.refuse(sender, "suspect_not_from_stage", message)
+                    return
+                ttl = min(max(message.ttl_s, 0.0), self.options.suspect_ttl_s)
                 self.record_suspect(message.node_id, f"{safe(message.reason)} (from {sender})", ttl)
             case PlanProposal():
                 await self._on_proposal(sender, message)
