@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port,... of other nodes to join (for networks without multicast)",
     )
     serve.add_argument(
+        "--advertise",
+        metavar="HOST[:PORT]",
+        default=os.environ.get("EXO_STABLE_ADVERTISE"),
+        help="the address other nodes should dial to reach this one (behind NAT or port forwarding); default: the"
+        " bound address, or with --host 0.0.0.0 / :: the address peers reached this node on and its interfaces'",
+    )
+    serve.add_argument(
         "--discovery",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -269,6 +276,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         max_concurrent=args.max_concurrent,
         node_id=args.node_id,
         peers=tuple(parse_static_peers(args.peers)) if args.peers else (),
+        advertise=_advertise(args.advertise),
         discovery=args.discovery,
         cluster_secret=resolve_secret(args.cluster_secret),
         memory_bytes=int(args.memory_gb * (1 << 30)) if args.memory_gb else None,
@@ -284,6 +292,19 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         stage_restart_period_s=args.stage_restart_period,
         suspect_ttl_s=args.suspect_seconds,
     )
+
+
+def _advertise(text: str | None) -> tuple[str, int | None] | None:
+    """``--advertise host[:port]`` (IPv6 as ``[v6]:port``); the port defaults to the bound one."""
+    if not text:
+        return None
+    from exo_stable.cluster.addresses import parse_host_port
+
+    try:
+        host, port = parse_host_port(text, default_port=0)
+    except ValueError as exc:
+        raise ValueError(f"--advertise {exc}") from None
+    return host, port or None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ pipeline over the same code path; more nodes split the layers between them.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
@@ -30,6 +31,7 @@ from aiohttp import web
 
 from actors import ActorSystem, Strategy, Supervisor
 from exo_stable.api.server import METRICS_KEY, ApiConfig, create_app, json_response
+from exo_stable.cluster import addresses as addr
 from exo_stable.cluster.coordinator import ClusterOptions, Coordinator, StageHost
 from exo_stable.cluster.peers import PeerManager
 from exo_stable.fallback import FallbackCoordinator
@@ -77,6 +79,8 @@ class NodeConfig:
     max_concurrent: int = 8
     node_id: str | None = None
     peers: tuple[tuple[str, int], ...] = ()
+    advertise: tuple[str, int | None] | None = None
+    """``--advertise host[:port]``: the address peers are told to dial (port None: the bound port)."""
     discovery: bool = False
     cluster_secret: bytes | None = None
     memory_bytes: int | None = None
@@ -183,6 +187,7 @@ class Node:
         self._peers_ready = asyncio.Event()
         self._directory_changed = asyncio.Event()
         self.port = config.port
+        self._interface_ips: list[str] = []
         self.options = ClusterOptions(
             split=config.split,
             max_stages=config.max_stages,
@@ -248,9 +253,13 @@ class Node:
             case PlanProposal() | StageStatus() | PlanCommit() | SuspectNode():
                 await self.coordinator.handle(sender, message)
             case PeerDirectory(peers=entries):
+                candidates: dict[str, list[addr.Address]] = {}
                 for entry in entries:
-                    if entry.node_id != self.node_id and entry.node_id not in self.peers.connected_peers():
-                        self.peers.dial(entry.host, entry.port)
+                    candidates.setdefault(entry.node_id, []).append((entry.host, entry.port))
+                connected = self.peers.connected_peers()
+                for node_id, found in candidates.items():
+                    if node_id != self.node_id and node_id not in connected:
+                        self.peers.dial_any(node_id, addr.dial_candidates(found))
             case BarrierArrive():
                 await self.barriers.arrive(message)
             case TokenChunk() | StageFailure():
@@ -277,16 +286,39 @@ class Node:
             if closed:
                 log.warning("%s: closed %d requests of %s, which is gone", self.node_id, closed, node)
 
+    def addresses(self) -> list[addr.Address]:
+        """Where peers should dial this node, best first: never a wildcard (see cluster/addresses.py)."""
+        config = self.config
+        advertise = None
+        if config.advertise is not None:
+            host, port = config.advertise
+            advertise = (host, self.port if port is None else port)
+        return addr.advertised_addresses(
+            config.host,
+            self.port,
+            advertise=advertise,
+            reached_on=self.peers.reached_on,
+            interface_ips=self._interface_ips,
+        )
+
+    def peer_addresses(self, node_id: str, info: PeerInfo) -> list[addr.Address]:
+        """Where ``node_id`` can be dialed, best first: the address this node reached it on, the address its
+        own connection came from (with its advertised port), then what it advertises."""
+        advertised = addr.addresses_from_capabilities(info.capabilities)
+        seen: list[addr.Address] = []
+        reached = self.peers.reached_at(node_id)
+        if reached is not None:
+            seen.append(reached)
+        remote = self.peers.remote_host(node_id)
+        if remote is not None and advertised:
+            seen.append((remote, advertised[0][1]))
+        return addr.dial_candidates(seen, advertised)
+
     def directory(self) -> PeerDirectory:
-        """This node and every peer it knows, with the API address each one advertised."""
-        entries = []
-        known = [(self.node_id, self.identity.capabilities)]
-        known += [(node_id, info.capabilities) for node_id, info in self.peers.connected_peers().items()]
-        for node_id, capabilities in known:
-            address = _api_address(capabilities)
-            if address is not None:
-                host, _, port = address.rpartition(":")
-                entries.append(PeerAddress(node_id, host, int(port)))
+        """This node and every peer it knows, with the addresses each one can be dialed on."""
+        entries = [PeerAddress(self.node_id, h, p) for h, p in self.addresses()]
+        for node_id, info in self.peers.connected_peers().items():
+            entries += [PeerAddress(node_id, h, p) for h, p in self.peer_addresses(node_id, info)]
         return PeerDirectory(peers=tuple(entries))
 
     async def _gossip(self, stop: asyncio.Event) -> None:
@@ -329,9 +361,18 @@ class Node:
         nodes = []
         for node_id in sorted(self.coordinator.members):
             info = peers.get(node_id)
-            api = _api_address(info.capabilities if info else self.identity.capabilities)
+            found = self.addresses() if info is None else self.peer_addresses(node_id, info)
+            shown = [addr.format_host_port(h, p) for h, p in found]
             health = "alive" if node_id == self.node_id else self.peers.monitor.state(node_id).value
-            nodes.append({"id": node_id, "address": api, "health": health, "layers": layers.get(node_id)})
+            nodes.append(
+                {
+                    "id": node_id,
+                    "address": shown[0] if shown else None,
+                    "addresses": shown,
+                    "health": health,
+                    "layers": layers.get(node_id),
+                }
+            )
         return {
             "nodes": nodes,
             "plan": None
@@ -424,10 +465,17 @@ class Node:
             await site.start()
             port = int(runner.addresses[0][1]) if runner.addresses else config.port
             self.port = port
+            self._interface_ips = _interface_ips() if addr.is_wildcard(config.host) else []
+            advertised = addr.advertised_addresses(
+                config.host,
+                port,
+                advertise=None if config.advertise is None else (config.advertise[0], config.advertise[1] or port),
+                interface_ips=self._interface_ips,
+            )
             self.identity = Identity(
                 node_id=self.node_id,
                 session_id=new_session_id(),
-                capabilities=("mlx", f"api={config.host}:{port}"),
+                capabilities=("mlx", *addr.api_capabilities(advertised)),
                 memory_bytes=self.memory_bytes,
                 model_fingerprint=self.source.fingerprint,
             )
@@ -482,12 +530,19 @@ class Node:
         from exo_stable.cluster.discovery import Discovery
         from exo_stable.wire.messages import PROTOCOL_VERSION
 
+        # Advertise only on the interfaces this node is bound to, and only addresses peers can dial.
+        bound = self.config.host
+        interfaces = None if addr.is_wildcard(bound) else [bound]
+        hosts = [h for h, _ in self.addresses() if addr.is_dialable(h) and _is_ip(h)]
         async with Discovery(
             self.node_id,
             port,
             protocol_version=PROTOCOL_VERSION,
             model_fingerprint=self.source.fingerprint,
             memory_bytes=self.memory_bytes,
+            interfaces=interfaces,
+            addresses=hosts or None,
+            ipv6=bound == "::" or ":" in bound,
         ) as discovery:
             while not stop.is_set():
                 try:
@@ -526,8 +581,25 @@ class StageSupervisor(Supervisor):
         self._on_escalate(exc)
 
 
-def _api_address(capabilities: tuple[str, ...]) -> str | None:
-    return next((c.removeprefix("api=") for c in capabilities if c.startswith("api=")), None)
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _interface_ips() -> list[str]:
+    """Every address of this host's interfaces (IPv4 and IPv6), as zeroconf's ifaddr lists them."""
+    import ifaddr
+
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            if text not in found:
+                found.append(text)
+    return found
 
 
 async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> None:
