@@ -32,10 +32,21 @@ from aiohttp import web
 from actors import ActorSystem, Strategy, Supervisor
 from exo_stable.api.server import METRICS_KEY, ApiConfig, create_app, json_response
 from exo_stable.cluster import addresses as addr
-from exo_stable.cluster.coordinator import ClusterOptions, Coordinator, StageHost
+from exo_stable.cluster.coordinator import Coordinator
 from exo_stable.cluster.peers import PeerManager
+from exo_stable.cluster.roles import (
+    MAX_DIRECTORY,
+    Bounds,
+    Refusals,
+    activation_refusal,
+    request_open_refusal,
+    step_refusal,
+    token_refusal,
+)
+from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.fallback import FallbackCoordinator
 from exo_stable.loader import ModelSource, open_model
+from exo_stable.logs import safe
 from exo_stable.metrics import NodeCollector
 from exo_stable.modelspec import Dtype
 from exo_stable.pipeline.barrier import BarrierActor, Barriers
@@ -57,6 +68,7 @@ from exo_stable.wire.messages import (
     RequestOpen,
     ResendTokens,
     StageFailure,
+    StageRange,
     StageStatus,
     StepInput,
     SuspectNode,
@@ -205,6 +217,10 @@ class Node:
         self.barriers: Barriers
         self.fallback: FallbackCoordinator
         self.escalations = 0
+        self.refusals = Refusals(self.node_id)
+        spec = source.spec
+        self.bounds = Bounds(context_length=spec.context_length, vocab_size=spec.vocab_size)
+        self.slots_per_owner = self.options.max_requests_per_owner
         self._escalated: asyncio.Queue[BaseException] = asyncio.Queue(maxsize=16)
 
     def _stage_supervisor(self) -> StageSupervisor:
@@ -249,6 +265,18 @@ class Node:
             await self.coordinator.mark_suspect(self.node_id, decision.reason)
 
     async def dispatch(self, sender: str, message: Message) -> None:
+        """Route a peer's message to its handler if the sender holds the role it needs (cluster/roles.py)."""
+        if sender != self.node_id and sender not in self.coordinator.members:
+            self.refusals.refuse(sender, "not_a_member", message)
+            return
+        refusal = self._refusal(sender, message)
+        if refusal is not None:
+            self.refusals.refuse(sender, refusal, message)
+            if isinstance(message, RequestOpen) and sender == message.owner:
+                # The owner's request fails now, not at its open deadline.
+                no = BarrierArrive(name=message.barrier, member=self.node_id, ok=False, detail=f"refused: {refusal}")
+                await self.send(message.owner, no)
+            return
         match message:
             case PlanProposal() | StageStatus() | PlanCommit() | SuspectNode():
                 await self.coordinator.handle(sender, message)
@@ -273,7 +301,55 @@ class Node:
                     self.unexpected += 1
             case _:
                 self.unexpected += 1
-                log.warning("%s: unexpected %s from %s", self.node_id, type(message).__name__, sender)
+                log.warning("%s: unexpected %s from %s", self.node_id, type(message).__name__, safe(sender))
+
+    def _plan_stages(self, epoch: int) -> tuple[StageRange, ...] | None:
+        plan = self.coordinator.history.plans.get(epoch)
+        return plan.stages if plan is not None else self.stage_host.stages_of(epoch)
+
+    def _refusal(self, sender: str, message: Message) -> str | None:
+        """Why a member's message is not for it to send (cluster/roles.py), or None."""
+        host = self.stage_host
+        match message:
+            case PeerDirectory(peers=entries):
+                return "directory_too_large" if len(entries) > MAX_DIRECTORY else None
+            case BarrierArrive(member=member):
+                return None if member == sender else "barrier_for_another_node"
+            case TokenChunk(plan_epoch=epoch):
+                return token_refusal(sender, self._plan_stages(epoch))
+            case StageFailure(node_id=node, plan_epoch=epoch):
+                plans = (
+                    [self.coordinator.history.plans.get(epoch)]
+                    if epoch != -1
+                    else self.coordinator.history.plans.values()
+                )
+                if node != sender or not any(p is not None and sender in {s.node_id for s in p.stages} for p in plans):
+                    return "failure_not_from_stage"
+                return None
+            case RequestOpen():
+                stages = host.stages_of(message.plan_epoch)
+                if stages is None or all(s.node_id != self.node_id for s in stages):
+                    return "request_open_without_stage"
+                refusal = request_open_refusal(message, sender, self.bounds)
+                full = host.owner_of(message.request_id) != sender and host.requests_of(sender) >= self.slots_per_owner
+                return "request_slots_per_owner_full" if refusal is None and full else refusal
+            case StepInput():
+                return step_refusal(
+                    message,
+                    sender,
+                    node_id=self.node_id,
+                    stages=host.stages_of(message.plan_epoch),
+                    owner=host.owner_of(message.request_id),
+                    bounds=self.bounds,
+                )
+            case ActivationChunk():
+                return activation_refusal(
+                    message, sender, node_id=self.node_id, stages=host.stages_of(message.plan_epoch)
+                )
+            case RequestClose(request_id=rid) | ResendTokens(request_id=rid):
+                owner = host.owner_of(rid)
+                return None if owner is None or owner == sender else "request_not_owned_by_sender"
+        return None
 
     def _on_membership(self, peer: PeerInfo | str, up: bool) -> None:
         self.coordinator.on_membership(peer, up)
@@ -416,6 +492,7 @@ class Node:
                     stage_host=self.stage_host,
                     barriers=self.barriers,
                     options=self.options,
+                    refusals=self.refusals,
                 )
                 self.fallback = FallbackCoordinator(
                     self.source,

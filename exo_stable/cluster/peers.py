@@ -198,6 +198,8 @@ class PeerManager:
             sender = link.peer_id
             if sender is None:
                 continue
+            if sender != self.node_id and not self._is_up(sender) and link.connected and link.peer is not None:
+                self._connected(link, link.peer)  # its watcher has not run yet: the sender is up before its message
             await self._dispatch(sender, message)
 
     async def _watch(self, link: PeerLink) -> None:
@@ -213,17 +215,20 @@ class PeerManager:
                 log.warning("%s: %s leads to this node itself; closing that link", self.node_id, link.url)
                 await link.close()
                 return
-            peer = self._peers.setdefault(info.node_id, _Peer())
-            peer.info = info
-            if link.url is not None:
-                peer.out = link
-            self._update(info.node_id)
+            self._connected(link, info)
             while link.connected:
                 try:
                     await link.wait_disconnected(timeout=_POLL_S)
                 except TimeoutError:
                     continue
             self._update(info.node_id)
+
+    def _connected(self, link: PeerLink, info: PeerInfo) -> None:
+        peer = self._peers.setdefault(info.node_id, _Peer())
+        peer.info = info
+        if link.url is not None:
+            peer.out = link
+        self._update(info.node_id)
 
     def _update(self, node_id: str) -> None:
         peer = self._peers[node_id]

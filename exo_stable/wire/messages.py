@@ -345,6 +345,7 @@ class StageStatus(WireMessage, frozen=True, tag="stage_status"):
     ready: bool
     detail: str = ""
     load_s: float = 0.0
+    agreed_epoch: int = 0  # on a refusal: the highest epoch the member agreed to (the leader proposes past it)
 
 
 class PlanCommit(WireMessage, frozen=True, tag="plan_commit"):
