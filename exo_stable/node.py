@@ -331,8 +331,12 @@ class Node:
             info = peers.get(node_id)
             api = _api_address(info.capabilities if info else self.identity.capabilities)
             health = "alive" if node_id == self.node_id else self.peers.monitor.state(node_id).value
-            nodes.append({"id": node_id, "address": api, "health": health, "layers": layers.get(node_id)})
+            memory = info.memory_bytes if info else self.memory_bytes if node_id == self.node_id else None
+            nodes.append(
+                {"id": node_id, "address": api, "health": health, "layers": layers.get(node_id), "memory_bytes": memory}
+            )
         return {
+            "node_id": self.node_id,  # the node that answered
             "nodes": nodes,
             "plan": None
             if plan is None
