@@ -440,6 +440,7 @@ class Node:
             found = self.addresses() if info is None else self.peer_addresses(node_id, info)
             shown = [addr.format_host_port(h, p) for h, p in found]
             health = "alive" if node_id == self.node_id else self.peers.monitor.state(node_id).value
+            memory = info.memory_bytes if info else self.memory_bytes if node_id == self.node_id else None
             nodes.append(
                 {
                     "id": node_id,
@@ -447,9 +448,11 @@ class Node:
                     "addresses": shown,
                     "health": health,
                     "layers": layers.get(node_id),
+                    "memory_bytes": memory,
                 }
             )
         return {
+            "node_id": self.node_id,  # the node that answered
             "nodes": nodes,
             "plan": None
             if plan is None

@@ -39,6 +39,7 @@ from exo_stable.service import (
 from exo_stable.textstream import Delta
 from exo_stable.tokenizer import ChatMessage
 from exo_stable.trace import TraceRing
+from exo_stable.web import add_routes as add_web_routes
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +425,15 @@ async def trace(request: web.Request) -> web.Response:
     return json_response(found.as_dict())
 
 
+async def trace_live(request: web.Request) -> web.Response:
+    """A trace's summary and events without its step records: what the web page polls during an answer."""
+    request_id = request.match_info["id"]
+    found = request.app[TRACES_KEY].get(request_id)
+    if found is None:
+        raise ApiError(404, f"No trace for {request_id!r}", param="id", code="trace_not_found")
+    return json_response(found.live())
+
+
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS_KEY].render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -442,4 +452,6 @@ def create_app(service: Service, config: ApiConfig) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/traces/{id}", trace)
+    app.router.add_get("/v1/traces/{id}/live", trace_live)
+    add_web_routes(app)  # the chat and cluster page at / (exo_stable/web)
     return app

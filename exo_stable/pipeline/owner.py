@@ -202,6 +202,8 @@ class PipelineOwner:
             verify_checksum=level is not ValidationLevel.OFF,
         )
         mode = job.replay or self.config.replay
+        if result.trace is not None:
+            result.trace.validation, result.trace.replay = level.value, mode.value
         owned = _Owned(
             assembler,
             plan,
