@@ -17,7 +17,9 @@ from typing import Any
 import mlx.core as mx
 import msgspec
 
-from exo_stable.modelspec import ModelSpec, QuantSpec
+from exo_stable.modelspec import ModelSpec, QuantSpec, UnsupportedModelError
+
+__all__ = ["UnsupportedModelError", "mlx_name", "quant_specs", "read_gguf", "scalar", "spec_from_metadata"]
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -35,10 +37,6 @@ _LAYER_MAP = {
 _GLOBAL_MAP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|scales|biases|bias)$")
 _TOP = re.compile(r"^([a-z_]+)\.(weight|scales|biases|bias)$")
-
-
-class UnsupportedModelError(ValueError):
-    """The file is readable but is not a model exo-stable can run."""
 
 
 def scalar(metadata: Mapping[str, Any], key: str, default: Any = None) -> Any:
