@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
     serve.add_argument("--max-concurrent", type=int, default=8, help="requests generating at once")
+    serve.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        default=32,
+        help="requests that may wait for a slot; beyond them a request gets 429 with Retry-After (default 32)",
+    )
     serve.add_argument("--node-id", help="this node's name in the cluster (default: HOSTNAME-PORT)")
     serve.add_argument(
         "--peers",
@@ -118,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--cluster-secret", default=None, help="shared secret peers must prove (or set EXO_STABLE_CLUSTER_SECRET)"
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="on a non-loopback address, accept peers without a cluster secret (anyone on the network can join)",
     )
     serve.add_argument("--memory-gb", type=float, help="memory this node offers for the model (default: available)")
     serve.add_argument("--split", help="force the layers per stage, e.g. 10,12,8 (one count per node)")
@@ -256,12 +267,14 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     """The node configuration that ``serve``'s arguments describe."""
     from exo_stable.api.server import ApiConfig
     from exo_stable.cluster.discovery import parse_static_peers
+    from exo_stable.cluster.security import cluster_auth
     from exo_stable.node import NodeConfig
     from exo_stable.pipeline.levels import ValidationLevel
     from exo_stable.recovery import ReplayMode
     from exo_stable.wire.handshake import resolve_secret
 
     split = tuple(int(x) for x in args.split.split(",")) if args.split else None
+    auth = cluster_auth(args.host, resolve_secret(args.cluster_secret), insecure=args.insecure)
     return NodeConfig(
         model=_model_path(args.model),
         dtype=_dtype(args.dtype, _device(args)),  # type: ignore[arg-type]
@@ -274,11 +287,14 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             trace_ring=args.trace_ring,
         ),
         max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
         node_id=args.node_id,
         peers=tuple(parse_static_peers(args.peers)) if args.peers else (),
         advertise=_advertise(args.advertise),
         discovery=args.discovery,
-        cluster_secret=resolve_secret(args.cluster_secret),
+        cluster_secret=auth.secret,
+        cluster_auth=auth.source,
+        cluster_secret_path=auth.path,
         memory_bytes=int(args.memory_gb * (1 << 30)) if args.memory_gb else None,
         split=split,
         max_stages=args.max_stages,

@@ -43,6 +43,7 @@ from exo_stable.cluster.roles import (
     step_refusal,
     token_refusal,
 )
+from exo_stable.cluster.security import SecretSource, is_loopback_only, join_command
 from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.fallback import FallbackCoordinator
 from exo_stable.loader import ModelSource, open_model
@@ -89,12 +90,16 @@ class NodeConfig:
     port: int = 52415
     api: ApiConfig = field(default_factory=ApiConfig)
     max_concurrent: int = 8
+    max_queue: int = 32
     node_id: str | None = None
     peers: tuple[tuple[str, int], ...] = ()
     advertise: tuple[str, int | None] | None = None
     """``--advertise host[:port]``: the address peers are told to dial (port None: the bound port)."""
     discovery: bool = False
     cluster_secret: bytes | None = None
+    cluster_auth: SecretSource = "given"
+    """Where the secret came from (cluster/security.py): the node says so once it listens."""
+    cluster_secret_path: Path | None = None
     memory_bytes: int | None = None
     split: tuple[int, ...] | None = None
     max_stages: int | None = None
@@ -122,7 +127,7 @@ class ClusterService(Service):
 
     backend = "pipeline"
 
-    def __init__(self, node: Node, *, max_active: int) -> None:
+    def __init__(self, node: Node, *, max_active: int, max_queue: int = 32) -> None:
         source = node.source
         super().__init__(
             source.tokenizer,
@@ -130,6 +135,7 @@ class ClusterService(Service):
             context_length=source.spec.context_length,
             dtype=str(node.config.dtype),
             max_active=max_active,
+            max_queue=max_queue,
         )
         self.node = node
 
@@ -454,6 +460,7 @@ class Node:
         return {
             "node_id": self.node_id,  # the node that answered
             "nodes": nodes,
+            "refused": dict(self.peers.refused),
             "plan": None
             if plan is None
             else {
@@ -533,7 +540,7 @@ class Node:
 
     async def _serve(self, stop: asyncio.Event, ready: asyncio.Event | None, system: ActorSystem) -> None:
         config = self.config
-        service = ClusterService(self, max_active=config.max_concurrent)
+        service = ClusterService(self, max_active=config.max_concurrent, max_queue=config.max_queue)
         app = create_app(service, config.api)
         app[METRICS_KEY].register(NodeCollector(self))
         app.router.add_get("/v1/cluster", self._cluster_route)
@@ -566,6 +573,7 @@ class Node:
                 secret=config.cluster_secret,
             )
             self.coordinator.wait_links = self.peers.wait_connected_to
+            self._say_who_may_join()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.peers.run(stop), name="peers")
                 tg.create_task(self.coordinator.run(stop), name="coordinator")
@@ -586,6 +594,34 @@ class Node:
                 print("exo-stable: shutting down", file=sys.stderr, flush=True)
         finally:
             await runner.cleanup()
+
+    def _say_who_may_join(self) -> None:
+        """Log how peers authenticate (and the API's exposure) once the node listens on its address."""
+        config = self.config
+        if is_loopback_only(config.host):
+            return
+        where = addr.format_host_port(config.host, self.port)
+        if config.api.api_key is None:
+            log.warning(
+                "the API on %s is reachable from other machines without an API key: anyone who can reach it can"
+                " use the model; set --api-key (or EXO_STABLE_API_KEY) to require one",
+                where,
+            )
+        if config.cluster_auth == "insecure":
+            log.warning(
+                "--insecure: %s accepts any peer without a cluster secret; anyone on the network can join this"
+                " cluster and see its requests",
+                where,
+            )
+            return
+        if config.cluster_auth in ("created", "file") and config.cluster_secret is not None:
+            seed = addr.format_host_port(*self.addresses()[0])
+            made = "created" if config.cluster_auth == "created" else "read"
+            print(
+                f"exo-stable: peers must prove the cluster secret {made} in {config.cluster_secret_path} (mode 0600);"
+                f" join another machine with:\n  {join_command(config.cluster_secret, seed)}",
+                flush=True,
+            )
 
     async def _announce(self, port: int, ready: asyncio.Event | None, stop: asyncio.Event) -> None:
         """Print the ready line once this node's first plan is committed (the model is loaded)."""

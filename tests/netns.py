@@ -230,6 +230,7 @@ class NsNode:
     args: tuple[str, ...]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         cmd = ["ip", "netns", "exec", self.fabric.ns(self.index), sys.executable, "-m", "exo_stable", "serve"]
@@ -237,6 +238,7 @@ class NsNode:
         env = dict(os.environ)
         for name in ("EXO_STABLE_API_KEY", "EXO_STABLE_PEERS", "EXO_STABLE_CLUSTER_SECRET"):
             env.pop(name, None)
+        env.update(self.env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -256,6 +258,15 @@ class NsNode:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def wait_log(self, text: str, timeout_s: float) -> str:
+        """Poll the log until it contains ``text`` (raises with the log's tail past the deadline); the log."""
+        deadline = time.monotonic() + timeout_s
+        while text not in (log := self.log(tail=1 << 20)):
+            if time.monotonic() > deadline or (self.proc is not None and self.proc.poll() is not None):
+                raise AssertionError(f"{self.node_id}'s log has no {text!r}:\n{log[-4000:]}")
+            time.sleep(0.1)  # polling another process's output: nothing to wait on
+        return log
 
     def log(self, tail: int = 4000) -> str:
         try:

@@ -5,7 +5,8 @@ nodes' addresses are reachable, and reports on stdout as JSON lines. Standard li
     netns_client.py wait-plan TIMEOUT IDS URL...  polls every URL's /v1/cluster until all show one plan whose
                                                   stages are exactly IDS (comma-separated); prints the views
     netns_client.py stream URL BODY_JSON          streams a chat completion: one line per delta
-                                                  {"delta": text, "t": seconds}, then {"done": true, "text": ...}
+                                                  {"delta": text, "t": seconds, "m": monotonic clock},
+                                                  then {"done": true, "text": ...}
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def stream(url: str, body: dict[str, Any]) -> int:
                 finish = choice.get("finish_reason") or finish
                 if piece:
                     text.append(piece)
-                    say({"delta": piece, "t": round(time.monotonic() - start, 4)})
+                    say({"delta": piece, "t": round(time.monotonic() - start, 4), "m": time.monotonic()})
     except urllib.error.HTTPError as exc:
         say({"error": exc.code, "body": exc.read().decode(errors="replace")})
         return 1

@@ -33,6 +33,7 @@ from exo_stable.service import (
     GenerationResult,
     Service,
     ServiceBusy,
+    ServiceOverloaded,
     ServiceUnavailable,
     default_seed,
 )
@@ -68,7 +69,8 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 def error_response(error: ApiError) -> web.Response:
-    return web.Response(body=error_json(error), status=error.status, content_type="application/json")
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    return web.Response(body=error_json(error), status=error.status, content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -230,6 +232,10 @@ async def _admitted(service: Service) -> None:
         raise ApiError(503, reason, type="server_error", code="unavailable")
     try:
         await service.admit()
+    except ServiceOverloaded as exc:
+        raise ApiError(
+            429, str(exc), type="rate_limit_error", code="queue_full", retry_after_s=exc.retry_after_s
+        ) from exc
     except ServiceBusy as exc:
         raise ApiError(503, str(exc), type="server_error", code="server_busy") from exc
 
@@ -411,7 +417,19 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return json_response(request.app[SERVICE_KEY].health())
+    """Readiness, as a load balancer reads it: 200 when this node can serve a request now, else 503 with the
+    reason (the same body otherwise)."""
+    service = request.app[SERVICE_KEY]
+    body = service.health()
+    reason = service.unavailable()
+    if reason is None:
+        return json_response(body)
+    return json_response(body | {"status": "unavailable", "reason": reason}, status=503)
+
+
+async def liveness(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process answers at all (restart it when this fails, not when /health does)."""
+    return json_response({"status": "alive"})
 
 
 async def trace(request: web.Request) -> web.Response:
@@ -450,6 +468,7 @@ def create_app(service: Service, config: ApiConfig) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/tokenize", tokenize)
     app.router.add_get("/health", health)
+    app.router.add_get("/health/live", liveness)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/traces/{id}", trace)
     app.router.add_get("/v1/traces/{id}/live", trace_live)

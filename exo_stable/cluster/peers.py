@@ -33,6 +33,7 @@ MembershipHook = Callable[[PeerInfo | str, bool], None]
 _POLL_S = 5.0  # upper bound of one wait in the link watchers; they loop, so it only bounds each wait
 _PROBE_S = 2.0  # how long a TCP connect to one of a peer's candidate addresses may take before the next is tried
 _MAX_REACHED_ON = 8
+_MAX_REFUSED = 64
 
 _remote: contextvars.ContextVar[str | None] = contextvars.ContextVar("exo_stable_peer_remote", default=None)
 """The remote address of the wire connection being accepted (set by :meth:`PeerManager.handle`)."""
@@ -76,6 +77,8 @@ class PeerManager:
         self._dialed: dict[str, PeerLink] = {}  # by URL
         self._dialed_address: dict[str, Address] = {}  # by URL
         self._probing: set[str] = set()  # node ids whose candidate addresses are being tried
+        self.refused: dict[str, str] = {}
+        """Peers whose links this node closed, with the reason (the most recent :data:`_MAX_REFUSED`)."""
         self.reached_on: list[str] = []
         """Local addresses peers reached this node on, most recent first (what a wildcard-bound node advertises)."""
         self._links: list[PeerLink] = []
@@ -215,6 +218,16 @@ class PeerManager:
                 log.warning("%s: %s leads to this node itself; closing that link", self.node_id, link.url)
                 await link.close()
                 return
+            if info.model_fingerprint != self.identity.model_fingerprint:
+                # Both sides see the mismatch in their own handshake and both log it; the dialer's closed link
+                # does not reconnect, so the refusal is said once per side, not in a loop.
+                reason = (
+                    f"it serves model {info.model_fingerprint or '(none)'}, this node serves"
+                    f" {self.identity.model_fingerprint or '(none)'}: start every node with the same --model"
+                )
+                self._refuse(info.node_id, reason)
+                await link.close()
+                return
             self._connected(link, info)
             while link.connected:
                 try:
@@ -229,6 +242,13 @@ class PeerManager:
         if link.url is not None:
             peer.out = link
         self._update(info.node_id)
+
+    def _refuse(self, node_id: str, reason: str) -> None:
+        log.warning("%s: refusing peer %s: %s", self.node_id, node_id, reason)
+        self.refused.pop(node_id, None)
+        self.refused[node_id] = reason
+        while len(self.refused) > _MAX_REFUSED:
+            del self.refused[next(iter(self.refused))]
 
     def _update(self, node_id: str) -> None:
         peer = self._peers[node_id]
