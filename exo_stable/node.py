@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from actors import ActorSystem, Strategy, Supervisor
+from exo_stable.api.guards import ApiRunner
 from exo_stable.api.server import METRICS_KEY, ApiConfig, create_app, json_response
 from exo_stable.cluster import addresses as addr
 from exo_stable.cluster.coordinator import Coordinator
@@ -113,6 +114,7 @@ class NodeConfig:
     adaptive_validation: bool = True
     decode_ahead: bool = True
     build_ahead: bool = True
+    peer_forget_s: float = 60.0  # a peer down this long leaves nothing behind (cluster/peers.py)
 
 
 def available_memory() -> int:
@@ -545,7 +547,13 @@ class Node:
         app[METRICS_KEY].register(NodeCollector(self))
         app.router.add_get("/v1/cluster", self._cluster_route)
         app.router.add_get(WIRE_PATH, self._wire_route)
-        runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_s, access_log=None, handle_signals=False)
+        runner = ApiRunner(
+            app,
+            header_timeout_s=config.api.header_timeout_s,
+            shutdown_timeout=config.shutdown_timeout_s,
+            access_log=None,
+            handle_signals=False,
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port)
@@ -571,6 +579,7 @@ class Node:
                 dispatch=self.dispatch,
                 on_membership=self._on_membership,
                 secret=config.cluster_secret,
+                forget_after_s=config.peer_forget_s,
             )
             self.coordinator.wait_links = self.peers.wait_connected_to
             self._say_who_may_join()
@@ -666,7 +675,7 @@ class Node:
                 except TimeoutError:
                     continue
                 if event.kind in ("found", "updated") and event.peer.model_fingerprint == self.source.fingerprint:
-                    self.peers.dial(event.peer.host, event.peer.port)
+                    self.peers.dial(event.peer.host, event.peer.port, keep=False)
 
     async def wait_listening(self, timeout: float) -> int:  # noqa: ASYNC109
         """Wait until the API and wire routes accept connections; returns the port."""

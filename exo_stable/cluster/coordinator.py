@@ -25,7 +25,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from exo_stable.cluster.roles import MAX_EPOCH, MAX_EPOCH_STEP, Refusals, epoch_follows, proposal_refusal
+from exo_stable.cluster.planstate import Member, PlanState, Verdict
+from exo_stable.cluster.roles import Refusals
 from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.loader import ModelSource
 from exo_stable.logs import safe
@@ -52,14 +53,6 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 5.0
 _KEEP_REFUSED = 64  # peers remembered as refused (for /health); older ones are forgotten
-_KEEP_PROPOSALS = 8  # acknowledged proposals remembered (a commit must match one)
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    node_id: str
-    memory_bytes: int
-    model_fingerprint: str
 
 
 @dataclass
@@ -75,8 +68,9 @@ class PlanHistory:
             del self.plans[epoch]
 
 
-class Coordinator:
-    """Membership → placement → proposal → barrier → commit, for the node it runs on."""
+class Coordinator(PlanState):
+    """Membership → placement → proposal → barrier → commit, for the node it runs on (the state and the
+    rules of what it takes are :class:`PlanState`'s; this class adds the IO)."""
 
     def __init__(
         self,
@@ -91,21 +85,19 @@ class Coordinator:
         wait_links: Callable[[set[str], float], Awaitable[None]] | None = None,
         refusals: Refusals | None = None,
     ) -> None:
-        self.node_id = node_id
+        super().__init__(
+            node_id, memory_bytes=memory_bytes, fingerprint=source.fingerprint, n_layers=source.spec.num_hidden_layers
+        )
         self.refusals = refusals or Refusals(node_id)
         self.wait_links = wait_links
         self.on_commit: Callable[[PlanCommit], None] | None = None
         self.barriers = barriers
         self.source = source
-        self.fingerprint = source.fingerprint
         self.send = send
         self.stage_host = stage_host
         self.options = options
-        self.members: dict[str, Member] = {node_id: Member(node_id, memory_bytes, source.fingerprint)}
         self.refused: OrderedDict[str, str] = OrderedDict()  # recent non-members and why (bounded)
         self.membership_epoch = 0
-        self.highest_epoch = 0
-        self.active: PlanCommit | None = None
         self.history = PlanHistory()
         self.last_error = ""
         self._changed = asyncio.Event()
@@ -114,17 +106,12 @@ class Coordinator:
         self._tg: asyncio.TaskGroup | None = None
         self._committed_to: set[str] = set()
         self._failed_rounds = 0
-        self._acknowledged: dict[int, PlanProposal] = {}  # epoch: the proposal this node took for it
         self.suspects: dict[str, tuple[float, str]] = {}  # node id: (until, on monotonic time; why)
         self._round_barrier: DistributedBarrier | None = None
         self._loads: set[asyncio.Task[None]] = set()  # plan loads in progress (owned by run's TaskGroup)
         self._pulse = asyncio.Event()  # set (and replaced) on every commit, membership change and suspect change
 
     # -- membership ------------------------------------------------------------------------------------
-
-    @property
-    def leader(self) -> str:
-        return min(self.members)
 
     def on_membership(self, peer: PeerInfo | str, up: bool) -> None:
         if isinstance(peer, PeerInfo):
@@ -141,12 +128,9 @@ class Coordinator:
                     reason,
                 )
                 return
-            memory = max(0, peer.memory_bytes)  # a negative claim would make every placement fail
-            self.members[peer.node_id] = Member(peer.node_id, memory, peer.model_fingerprint)
-        elif peer in self.members and peer != self.node_id:
-            del self.members[peer]
-        else:
-            self.refused.pop(peer if isinstance(peer, str) else peer.node_id, None)
+            self.member_up(peer.node_id, peer.memory_bytes)
+        elif not self.member_down(peer):
+            self.refused.pop(peer, None)  # a non-member left: nothing of it stays
             return
         self.membership_epoch += 1
         self._changed.set()
@@ -280,10 +264,9 @@ class Coordinator:
                 if seen == self.membership_epoch:
                     return
 
-    def healthy(self, plan: PlanCommit) -> bool:
+    def healthy(self, plan: PlanCommit, suspects: frozenset[str] | None = None) -> bool:
         """Every stage of ``plan`` is a live member, and none is suspect."""
-        suspects = self.active_suspects()
-        return all(s.node_id in self.members and s.node_id not in suspects for s in plan.stages)
+        return super().healthy(plan, self.active_suspects() if suspects is None else suspects)
 
     def _plannable(self) -> list[Member]:
         """Members a plan may use: all but the suspects."""
@@ -332,7 +315,7 @@ class Coordinator:
         return tuple(StageRange(s.node_id, s.start, s.end) for s in plan.stages)
 
     async def _plan_round(self) -> None:
-        epoch = self.highest_epoch + 1
+        epoch = self.next_epoch()
         stages = self.compute_plan(epoch)
         if stages is None:
             return
@@ -401,8 +384,8 @@ class Coordinator:
                 if message.node_id != sender:
                     self.refusals.refuse(sender, "status_for_another_node", message)
                     return
-                if not message.ready and self.highest_epoch < message.agreed_epoch <= MAX_EPOCH - MAX_EPOCH_STEP:
-                    self.highest_epoch = message.agreed_epoch  # a member agreed to later plans: propose past them
+                if not message.ready:
+                    self.learn_agreed(message.agreed_epoch)  # a member agreed to later plans: propose past them
                 arrival = BarrierArrive(
                     name=plan_barrier(message.epoch), member=message.node_id, ok=message.ready, detail=message.detail
                 )
@@ -410,25 +393,8 @@ class Coordinator:
             case PlanCommit():
                 await self._on_commit(sender, message)
 
-    def _role_refusal(self, sender: str, message: PlanProposal | PlanCommit) -> str | None:
-        if sender not in self.members:
-            return "not_a_member"
-        return proposal_refusal(
-            message,
-            sender,
-            leader=self.leader,
-            members=frozenset(self.members),
-            expected_layers=self.source.spec.num_hidden_layers,
-        )
-
     async def _on_proposal(self, sender: str, message: PlanProposal) -> None:
-        refusal = self._role_refusal(sender, message)
-        if refusal is None and not epoch_follows(message.epoch, self.highest_epoch, has_plan=self.active is not None):
-            refusal = "proposal_epoch_out_of_order"
-        if refusal is None and message.epoch == self.highest_epoch and message.epoch in self._acknowledged:
-            earlier = self._acknowledged[message.epoch].leader
-            # Two nodes may propose the same epoch while membership forms: the smaller id wins.
-            refusal = None if sender < earlier else "proposal_epoch_taken"
+        refusal = self.take_proposal(sender, message)
         if refusal is not None:
             self.refusals.refuse(sender, refusal, message)
             if sender in self.members and sender != self.node_id:
@@ -443,34 +409,21 @@ class Coordinator:
                 )
                 await self.send(sender, status)
             return
-        self._acknowledged[message.epoch] = message
-        for old_epoch in sorted(self._acknowledged)[:-_KEEP_PROPOSALS]:
-            del self._acknowledged[old_epoch]
-        self.highest_epoch = message.epoch
         assert self._tg is not None
         load = self._tg.create_task(self._load(sender, message), name=f"load plan {message.epoch}")
         self._loads.add(load)
         load.add_done_callback(self._loads.discard)
 
     async def _on_commit(self, sender: str, message: PlanCommit) -> None:
-        refusal = self._role_refusal(sender, message)
-        proposal = self._acknowledged.get(message.epoch)
-        if refusal is None and (proposal is None or proposal.leader != sender or proposal.stages != message.stages):
-            refusal = "commit_not_acknowledged"
-        if refusal is not None:
-            self.refusals.refuse(sender, refusal, message)
+        verdict = self.judge_commit(sender, message, self.active_suspects())
+        if isinstance(verdict, str):
+            self.refusals.refuse(sender, verdict, message)
             return
-        active = self.active
-        if (
-            active is not None
-            and self.healthy(active)
-            and (message.epoch, active.leader) <= (active.epoch, message.leader)
-        ):
-            return  # older, or the same epoch from a leader with a larger id (a plan whose stage left is replaced)
-        self.highest_epoch = max(self.highest_epoch, message.epoch)
+        if verdict is Verdict.STALE:
+            return
         if self.stage_host.current is None or self.stage_host.current[1] != message.stages:
             await self.stage_host.apply(message.epoch, message.stages)
-        self.active = message
+        self.adopt(message)
         self.history.add(message)
         self._committed.set()
         self._notify()

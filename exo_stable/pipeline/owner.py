@@ -118,6 +118,7 @@ class OwnerStats:
     requests: int = 0
     finished: int = 0
     failed: int = 0
+    cancelled: int = 0
     late_messages: int = 0
     resend_requests: int = 0
     recoveries: int = 0
@@ -279,6 +280,9 @@ class PipelineOwner:
                     _drain(owned.inbox)
                     self.stats.recoveries += 1
             self.stats.finished += 1
+        except (GeneratorExit, asyncio.CancelledError):
+            self.stats.cancelled += 1  # the client went away: not a failure of the pipeline
+            raise
         except BaseException:
             self.stats.failed += 1
             raise
@@ -540,6 +544,7 @@ class PipelineOwner:
             "requests": self.stats.requests,
             "finished": self.stats.finished,
             "failed": self.stats.failed,
+            "cancelled": self.stats.cancelled,
             "late_messages": self.stats.late_messages,
             "resend_requests": self.stats.resend_requests,
             "recoveries": self.stats.recoveries,
