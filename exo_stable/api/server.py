@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from exo_stable.api import fields
 from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError, error_json
+from exo_stable.api.logprobs import LogprobCursor
 from exo_stable.engine import ContextOverflow
 from exo_stable.logs import REQUEST_ID
 from exo_stable.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -34,7 +36,6 @@ from exo_stable.service import (
     Service,
     ServiceBusy,
     ServiceUnavailable,
-    default_seed,
 )
 from exo_stable.textstream import Delta
 from exo_stable.tokenizer import ChatMessage
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +126,16 @@ async def _decode(request: web.Request, kind: type[T]) -> T:
 
 
 def _sampling(
-    req: s._Sampling, max_tokens: int | None, config: ApiConfig, service: Service, prompt_len: int
+    req: s._Sampling,
+    max_tokens: int | None,
+    config: ApiConfig,
+    service: Service,
+    prompt: list[int],
+    *,
+    logprobs: int | None = None,
 ) -> tuple[SamplingParams, int]:
-    if req.n not in (None, 1):
-        raise ApiError(400, "Only n=1 is supported", param="n", code="unsupported_value")
     try:
-        service.check_fits(prompt_len)
+        service.check_fits(len(prompt))
     except ContextOverflow as exc:
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
     if max_tokens is not None and max_tokens > config.max_tokens_cap:
@@ -142,15 +145,9 @@ def _sampling(
             param="max_tokens",
             code="invalid_value",
         )
-    room = service.context_length - prompt_len
+    room = service.context_length - len(prompt)
     limit = min(max_tokens or config.max_tokens_cap, room)
-    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-    params = SamplingParams(
-        temperature=temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        seed=default_seed() if req.seed is None else req.seed % 2**64,
-    )
+    params = fields.sampling_params(req, prompt=prompt, vocab_size=service.tokenizer.vocab_size, logprobs=logprobs)
     return params, limit
 
 
@@ -236,34 +233,42 @@ async def _admitted(service: Service) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
     req = await _decode(request, s.ChatCompletionRequest)
+    fields.resolve_model(req.model, service)
+    fields.check_chat(req)
     messages = _chat_messages(req.messages)
     try:
         prompt = service.tokenizer.encode_chat(messages)
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
-    params, limit = _sampling(req, req.max_completion_tokens or req.max_tokens, config, service, len(prompt))
+    want = (req.top_logprobs or 0) if req.logprobs else None
+    params, limit = _sampling(req, req.max_completion_tokens or req.max_tokens, config, service, prompt, logprobs=want)
     job = GenerationJob(prompt, params, limit, req.stop_list(), _replay(req), validation=_validation(req))
     run = _Run(request, job, "chatcmpl", trace=req.exo_trace)
     model = service.model_name
+    cursor = LogprobCursor(service.tokenizer, run.result)
+
+    def logprobs(final: bool) -> s.ChatLogprobs | None:
+        return None if want is None else s.ChatLogprobs(cursor.chat(cursor.take(final)))
+
     await _admitted(service)
     try:
         if not req.stream:
             text = "".join([d.text async for d in _collect(run, request)])
-            choice = s.ChatChoice(0, s.ChatMessageOut("assistant", text), run.result.finish_reason)
+            message = s.ChatMessageOut("assistant", text)
+            choice = s.ChatChoice(0, message, run.result.finish_reason, logprobs(True))
             body = s.ChatCompletion(f"chatcmpl-{run.id}", run.created, model, [choice], run.usage())
             return json_response(run.traced(body))
 
-        def chunk(delta: s.ChatDelta, finish: str | None = None) -> s.ChatCompletionChunk:
-            return s.ChatCompletionChunk(
-                f"chatcmpl-{run.id}", run.created, model, [s.ChatChunkChoice(0, delta, finish)]
-            )
+        def chunk(delta: s.ChatDelta, finish: str | None = None, lp: bool = False) -> s.ChatCompletionChunk:
+            choice = s.ChatChunkChoice(0, delta, finish, logprobs(finish is not None) if lp else None)
+            return s.ChatCompletionChunk(f"chatcmpl-{run.id}", run.created, model, [choice])
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _sse(
             request,
             run,
             first=chunk(s.ChatDelta(role="assistant", content="")),
-            make=lambda d: chunk(s.ChatDelta(content=d.text) if d.text else s.ChatDelta(), d.finish_reason),
+            make=lambda d: chunk(s.ChatDelta(content=d.text) if d.text else s.ChatDelta(), d.finish_reason, lp=True),
             usage=(
                 lambda: s.ChatCompletionChunk(
                     f"chatcmpl-{run.id}", run.created, model, [], usage=run.usage() if include_usage else None
@@ -279,6 +284,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
     req = await _decode(request, s.CompletionRequest)
+    fields.resolve_model(req.model, service)
+    fields.check_completion(req)
     if isinstance(req.prompt, str):
         prompt = service.tokenizer.encode(req.prompt)
         prompt_text = req.prompt
@@ -292,29 +299,42 @@ async def completions(request: web.Request) -> web.StreamResponse:
         prompt = service.tokenizer.encode(prompt_text)
     else:
         raise ApiError(400, "Only one prompt per request is supported", param="prompt", code="unsupported_value")
-    params, limit = _sampling(req, req.max_tokens, config, service, len(prompt))
+    if req.echo and req.logprobs is not None:
+        raise fields.refused("logprobs", "the prompt's log-probabilities (echo with logprobs) are not computed")
+    params, limit = _sampling(req, req.max_tokens, config, service, prompt, logprobs=req.logprobs)
     job = GenerationJob(prompt, params, limit, req.stop_list(), _replay(req), validation=_validation(req))
     run = _Run(request, job, "cmpl", trace=req.exo_trace)
     model = service.model_name
     prefix = prompt_text if req.echo else ""
+    cursor = LogprobCursor(service.tokenizer, run.result)
+    offset = len(prefix)
+
+    def logprobs(final: bool) -> s.CompletionLogprobs | None:
+        nonlocal offset
+        if req.logprobs is None:
+            return None
+        out, offset = cursor.completion(cursor.take(final), offset)
+        return out
+
     await _admitted(service)
     try:
         if not req.stream:
             text = prefix + "".join([d.text async for d in _collect(run, request)])
-            choice = s.CompletionChoice(0, text, run.result.finish_reason)
+            choice = s.CompletionChoice(0, text, run.result.finish_reason, logprobs(True))
             return json_response(
                 run.traced(s.Completion(f"cmpl-{run.id}", run.created, model, [choice], usage=run.usage()))
             )
 
-        def chunk(text: str, finish: str | None = None) -> s.Completion:
-            return s.Completion(f"cmpl-{run.id}", run.created, model, [s.CompletionChoice(0, text, finish)])
+        def chunk(text: str, finish: str | None = None, lp: bool = False) -> s.Completion:
+            choice = s.CompletionChoice(0, text, finish, logprobs(finish is not None) if lp else None)
+            return s.Completion(f"cmpl-{run.id}", run.created, model, [choice])
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _sse(
             request,
             run,
             first=chunk(prefix) if prefix else None,
-            make=lambda d: chunk(d.text, d.finish_reason),
+            make=lambda d: chunk(d.text, d.finish_reason, lp=True),
             usage=(
                 lambda: s.Completion(
                     f"cmpl-{run.id}", run.created, model, [], usage=run.usage() if include_usage else None
@@ -409,6 +429,16 @@ async def tokenize(request: web.Request) -> web.Response:
     return json_response(s.TokenizeResponse(ids))
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    raise ApiError(
+        501,
+        f"Embeddings are not served: {service.model_name} is a generative model and this server computes no embeddings",
+        type="invalid_request_error",
+        code="not_implemented",
+    )
+
+
 async def health(request: web.Request) -> web.Response:
     return json_response(request.app[SERVICE_KEY].health())
 
@@ -439,6 +469,7 @@ def create_app(service: Service, config: ApiConfig) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/tokenize", tokenize)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/traces/{id}", trace)
