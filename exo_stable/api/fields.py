@@ -14,6 +14,7 @@ import msgspec
 
 from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError
+from exo_stable.engine import ContextOverflow
 from exo_stable.sampling import PENALTY_WINDOW, SamplingParams
 from exo_stable.service import Service, default_seed
 
@@ -50,6 +51,17 @@ def resolve_model(requested: str | None, service: Service) -> None:
         param="model",
         code="model_not_found",
     )
+
+
+def token_limit(service: Service, cap: int, prompt_len: int, max_tokens: int | None, param: str = "max_tokens") -> int:
+    """How many tokens a request may generate: what it asked for (at most ``cap``), within the context."""
+    try:
+        service.check_fits(prompt_len)
+    except ContextOverflow as exc:
+        raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
+    if max_tokens is not None and max_tokens > cap:
+        raise ApiError(400, f"{param} is capped at {cap} on this server", param=param, code="invalid_value")
+    return min(max_tokens or cap, service.context_length - prompt_len)
 
 
 # --- the request fields ---------------------------------------------------------------------------
@@ -165,11 +177,12 @@ def sampling_params(
     req: s._Sampling, *, prompt: Sequence[int], vocab_size: int, logprobs: int | None
 ) -> SamplingParams:
     """The request's sampler: OpenAI's defaults (temperature 1), a fresh seed unless one is given."""
-    params = SamplingParams(
+    return build_params(
+        prompt,
         temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
-        seed=default_seed() if req.seed is None else req.seed % 2**64,
+        seed=req.seed,
         min_p=req.min_p or 0.0,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
@@ -177,10 +190,15 @@ def sampling_params(
         logit_bias=logit_bias(req.logit_bias, vocab_size),
         logprobs=logprobs,
     )
+
+
+def build_params(prompt: Sequence[int], *, seed: int | None, **controls: Any) -> SamplingParams:
+    """A :class:`SamplingParams` (a fresh seed unless one is given; the prompt's tail when a penalty is on);
+    a value the sampler refuses is a 400."""
+    try:
+        params = SamplingParams(seed=default_seed() if seed is None else seed % 2**64, **controls)
+    except ValueError as exc:
+        raise ApiError(400, f"Invalid sampling parameters: {exc}", code="invalid_value") from exc
     if params.penalized:
-        params = _with_tail(params, prompt)
+        params = msgspec.structs.replace(params, prompt_tail=tuple(prompt[-PENALTY_WINDOW:]))
     return params
-
-
-def _with_tail(params: SamplingParams, prompt: Sequence[int]) -> SamplingParams:
-    return msgspec.structs.replace(params, prompt_tail=tuple(prompt[-PENALTY_WINDOW:]))

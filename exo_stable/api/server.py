@@ -23,7 +23,6 @@ from exo_stable.api import fields
 from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError, error_json
 from exo_stable.api.logprobs import LogprobCursor
-from exo_stable.engine import ContextOverflow
 from exo_stable.logs import REQUEST_ID
 from exo_stable.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from exo_stable.metrics import Metrics, RequestObserver, ServiceCollector
@@ -83,7 +82,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     try:
-        if config.api_key and request.path.startswith("/v1/"):
+        if config.api_key and request.path.startswith(("/v1/", "/api/")):
             _check_key(request, config.api_key)
         return await handler(request)
     except ApiError as exc:
@@ -134,19 +133,7 @@ def _sampling(
     *,
     logprobs: int | None = None,
 ) -> tuple[SamplingParams, int]:
-    try:
-        service.check_fits(len(prompt))
-    except ContextOverflow as exc:
-        raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
-    if max_tokens is not None and max_tokens > config.max_tokens_cap:
-        raise ApiError(
-            400,
-            f"max_tokens is capped at {config.max_tokens_cap} on this server",
-            param="max_tokens",
-            code="invalid_value",
-        )
-    room = service.context_length - len(prompt)
-    limit = min(max_tokens or config.max_tokens_cap, room)
+    limit = fields.token_limit(service, config.max_tokens_cap, len(prompt), max_tokens)
     params = fields.sampling_params(req, prompt=prompt, vocab_size=service.tokenizer.vocab_size, logprobs=logprobs)
     return params, limit
 
@@ -459,7 +446,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(service: Service, config: ApiConfig) -> web.Application:
-    app = web.Application(middlewares=[request_context, errors_and_auth], client_max_size=config.max_body_bytes)
+    from exo_stable.api import dialects  # the other dialects build on this module's handlers
+
+    app = web.Application(
+        middlewares=[request_context, dialects.dialect_errors, errors_and_auth], client_max_size=config.max_body_bytes
+    )
     app[SERVICE_KEY] = service
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics()
@@ -470,6 +461,7 @@ def create_app(service: Service, config: ApiConfig) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/tokenize", tokenize)
     app.router.add_post("/v1/embeddings", embeddings)
+    dialects.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/traces/{id}", trace)
