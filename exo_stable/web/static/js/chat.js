@@ -237,7 +237,7 @@ export class Chat {
         if (event.error) { m.meta.error = event.error.message; continue; }
         if (!m.meta.request_id && event.id) {
           m.meta.request_id = event.id;
-          poller = this.pollTrace(m, () => { figures(); redraw(); });
+          poller = this.pollTrace(m, () => { figures(); redraw(); this.store.save(); });  // a reload keeps the text so far
         }
         if (event.model) m.meta.model = event.model;
         if (event.usage) m.meta.tokens = event.usage.completion_tokens;
@@ -264,7 +264,7 @@ export class Chat {
       figures();
       this.store.touch(c);
       this.render();
-      if (m.meta.request_id) this.finalTrace(m, () => { figures(); this.store.save(); this.render(); });
+      if (m.meta.request_id) this.finalTrace(m, () => { figures(); this.store.save(); this.updateMessage(m); });
     }
   }
 
