@@ -162,3 +162,31 @@ def test_unsupported_families_are_refused_with_the_reason(tmp_path: Path) -> Non
         (d / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
         with pytest.raises(UnsupportedModelError, match=rf"'{model_type}' is not supported: .*{reason}"):
             open_model(d)
+
+
+def test_rewinds_and_undone_steps_leave_the_caches_exact(family_dir: Path) -> None:
+    # A spot check recomputes a step after rewinding it; a step built ahead is undone when a replay brings
+    # several tokens at once. Past a sliding window (gemma3_text, mistral) both must restore what the rotating
+    # cache overwrote, so the logits stay those of a run that did neither.
+    source = open_model(family_dir)
+    n = source.spec.num_hidden_layers
+    (sc,) = _stages(source, (n,))
+    feed = [[t] for t in (563, 260, 3426, 30, 2, 198, 1, 520)] + [[9531, 198], [19161, 253]]
+
+    def run(rid: str, *, disturb: bool) -> list[bytes]:
+        sc.open(rid, SamplingParams())
+        out = [np.array(sc.forward_input(rid, PROMPT)).tobytes()]
+        for tokens in feed:
+            if disturb:
+                sc.prepare(rid)  # undone below when two tokens come
+            logits = sc.forward_input(rid, tokens)
+            if disturb:
+                sc.prepare(rid)  # the next step built ahead, then a spot check of this one: both are undone
+                sc.rewind(rid, len(tokens))  # the spot check: the same call again on the same cache state
+                again = sc.forward_input(rid, tokens)
+                assert np.array_equal(np.array(again), np.array(logits))
+            out.append(np.array(logits).tobytes())
+        sc.close(rid)
+        return out
+
+    assert run("disturbed", disturb=True) == run("plain", disturb=False)
