@@ -190,3 +190,24 @@ def test_rewinds_and_undone_steps_leave_the_caches_exact(family_dir: Path) -> No
         return out
 
     assert run("disturbed", disturb=True) == run("plain", disturb=False)
+
+
+@pytest.mark.parametrize("family", sorted(fm.GGUF_ARCHITECTURES))
+def test_gguf_files_run_as_mlx_lms_model(family: str, default_gguf: Path, tmp_path: Path) -> None:
+    # Written as llama.cpp's converter names and lays out tensors (gguf's own name map), read back into mlx-lm's
+    # names and configuration: the same logits as mlx-lm's model of those weights, whole and split.
+    path, reference = fm.write_gguf(family, tmp_path / f"{family}.gguf", default_gguf)
+    source = open_model(path)
+    assert source.format == "gguf" and source.spec.model_type == fm.config_for(family)["model_type"]
+    n = source.spec.num_hidden_layers
+    x = mx.array([PROMPT], dtype=mx.int32)
+    expected = np.array(reference(x, cache=make_prompt_cache(reference)))
+    whole = source.load_shard(LayerRange(0, n, n), Dtype.FLOAT32)
+    got = np.array(whole(x, whole.make_cache()))
+    if family == "llama":
+        # Llama's permuted q/k run with the traditional rotary layout: the same values, summed in another order.
+        assert np.abs(got - expected).max() < 1e-4
+    else:
+        assert np.array_equal(got, expected)
+    first, last = (source.load_shard(LayerRange(a, b, n), Dtype.FLOAT32) for a, b in ((0, 2), (2, n)))
+    assert np.array_equal(np.array(last(first(x, first.make_cache()), last.make_cache())), got)
