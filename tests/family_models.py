@@ -180,12 +180,16 @@ GGUF_ARCHITECTURES = {
 GGUF_OVERRIDES: dict[str, dict[str, Any]] = {"qwen3_moe": {"mlp_only_layers": []}}  # llama.cpp: every layer MoE
 
 
-def write_gguf(family: str, path: Path, tokenizer_source: Path, *, seed: int = 0) -> tuple[Path, nn.Module]:
+def write_gguf(
+    family: str, path: Path, tokenizer_source: Path, *, seed: int = 0, quantize: bool = False
+) -> tuple[Path, nn.Module]:
     """The family's tiny model as llama.cpp's converter would write it, with the ``gguf`` package: tensor names
     from gguf's own name map (not exo-stable's), llama's q/k permuted, Gemma's norms stored as ``1 + w``.
-    Returns the file and the mlx-lm model it holds."""
+    ``quantize``: the layers' matrices in llama.cpp's Q4_0 (attention) and Q8_0 (the rest, MoE experts
+    included) blocks, where their rows are whole blocks. Returns the file and the mlx-lm model it holds."""
     import gguf
     import numpy as np
+    from gguf.quants import quantize as quantize_blocks
 
     from exo_stable.synthetic import tokenizer_metadata
 
@@ -234,7 +238,12 @@ def write_gguf(family: str, path: Path, tokenizer_source: Path, *, seed: int = 0
             data = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
         if family.startswith("gemma") and module.endswith("norm"):
             data = data + np.float32(1.0)
-        writer.add_tensor(f"{gguf_module}.{kind}", data)
+        if quantize and data.ndim >= 2 and data.shape[-1] % 32 == 0 and ".layers." in name:
+            kind_q = gguf.GGMLQuantizationType.Q4_0 if "self_attn" in name else gguf.GGMLQuantizationType.Q8_0
+            blocks = quantize_blocks(data, kind_q)
+            writer.add_tensor(f"{gguf_module}.{kind}", blocks, raw_shape=blocks.shape, raw_dtype=kind_q)
+        else:
+            writer.add_tensor(f"{gguf_module}.{kind}", data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

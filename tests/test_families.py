@@ -211,3 +211,20 @@ def test_gguf_files_run_as_mlx_lms_model(family: str, default_gguf: Path, tmp_pa
         assert np.array_equal(got, expected)
     first, last = (source.load_shard(LayerRange(a, b, n), Dtype.FLOAT32) for a, b in ((0, 2), (2, n)))
     assert np.array_equal(np.array(last(first(x, first.make_cache()), last.make_cache())), got)
+
+
+def test_quantized_gguf_moe_splits_exactly(default_gguf: Path, tmp_path: Path) -> None:
+    # Q4_0 attention and Q8_0 MoE experts (3-D blocks), kept quantized: any split is the whole model's bits,
+    # and the dequantized model stays close to mlx-lm's float one.
+    path, reference = fm.write_gguf("qwen3_moe", tmp_path / "q.gguf", default_gguf, quantize=True)
+    source = open_model(path)
+    assert {q.bits for q in source.quant.values()} == {4, 8}
+    assert any("switch_mlp" in module for module in source.quant)
+    n = source.spec.num_hidden_layers
+    x = mx.array([PROMPT], dtype=mx.int32)
+    whole = source.load_shard(LayerRange(0, n, n), Dtype.QUANTIZED)
+    got = np.array(whole(x, whole.make_cache()))
+    first, last = (source.load_shard(LayerRange(a, b, n), Dtype.QUANTIZED) for a, b in ((0, 3), (3, n)))
+    assert np.array_equal(np.array(last(first(x, first.make_cache()), last.make_cache())), got)
+    expected = np.array(reference(x, cache=make_prompt_cache(reference)))
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.6
