@@ -100,12 +100,12 @@ def config_for(family: str) -> dict[str, Any]:
     return {**_BASE, **CONFIGS[family]}
 
 
-def build(family: str, *, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+def build(family: str, *, seed: int = 0, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """mlx-lm's own Model of the family with seeded random weights (norm weights and biases varied too).
 
     With a tied head, the layers' weights are scaled up so that what they add outweighs the input token's
     embedding: otherwise every position's top token is its input and the split tests would be blind."""
-    config = config_for(family)
+    config = config_for(family) | overrides
     seed += sum(map(ord, family))
     model_type = mlx_utils.MODEL_REMAPPING.get(config["model_type"], config["model_type"])
     arch = __import__(f"mlx_lm.models.{model_type}", fromlist=["Model"])
@@ -166,6 +166,89 @@ def write(
     mlx_utils.save_config(config, path / "config.json")
     Tokenizer.from_gguf(tokenizer_source).save_hf_dir(path)
     return path
+
+
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+}
+GGUF_OVERRIDES: dict[str, dict[str, Any]] = {"qwen3_moe": {"mlp_only_layers": []}}  # llama.cpp: every layer MoE
+
+
+def write_gguf(
+    family: str, path: Path, tokenizer_source: Path, *, seed: int = 0, quantize: bool = False
+) -> tuple[Path, nn.Module]:
+    """The family's tiny model as llama.cpp's converter would write it, with the ``gguf`` package: tensor names
+    from gguf's own name map (not exo-stable's), llama's q/k permuted, Gemma's norms stored as ``1 + w``.
+    ``quantize``: the layers' matrices in llama.cpp's Q4_0 (attention) and Q8_0 (the rest, MoE experts
+    included) blocks, where their rows are whole blocks. Returns the file and the mlx-lm model it holds."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize as quantize_blocks
+
+    from exo_stable.synthetic import tokenizer_metadata
+
+    model, config = build(family, seed=seed, **GGUF_OVERRIDES.get(family, {}))
+    arch = GGUF_ARCHITECTURES[family]
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), LAYERS)
+    writer = gguf.GGUFWriter(str(path), arch)
+    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_vocab_size(VOCAB)
+    if family == "qwen3_moe":
+        writer.add_expert_count(config["num_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if family == "gemma2":
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if family == "gemma3_text":
+        writer.add_sliding_window(config["sliding_window"])
+        writer.add_sliding_window_pattern(config["sliding_window_pattern"])
+    meta = tokenizer_metadata(tokenizer_source)
+    writer.add_tokenizer_model(str(meta["tokenizer.ggml.model"]))
+    writer.add_tokenizer_pre(str(meta["tokenizer.ggml.pre"]))
+    writer.add_token_list(list(meta["tokenizer.ggml.tokens"]))
+    writer.add_token_merges(list(meta["tokenizer.ggml.merges"]))
+    writer.add_token_types([int(t) for t in np.array(meta["tokenizer.ggml.token_type"]).tolist()])
+    writer.add_bos_token_id(int(meta["tokenizer.ggml.bos_token_id"].item()))
+    writer.add_eos_token_id(int(meta["tokenizer.ggml.eos_token_id"].item()))
+    for name, value in tree_flatten(model.parameters()):
+        module, kind = name.rsplit(".", 1)
+        gguf_module = names.get_name(module.replace(".switch_mlp.", ".experts."))
+        assert gguf_module is not None, name
+        data = np.array(value.astype(mx.float32))
+        if family == "llama" and module.endswith(("q_proj", "k_proj")):
+            n = heads if module.endswith("q_proj") else kv_heads
+            data = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+        if family.startswith("gemma") and module.endswith("norm"):
+            data = data + np.float32(1.0)
+        if quantize and data.ndim >= 2 and data.shape[-1] % 32 == 0 and ".layers." in name:
+            kind_q = gguf.GGMLQuantizationType.Q4_0 if "self_attn" in name else gguf.GGMLQuantizationType.Q8_0
+            blocks = quantize_blocks(data, kind_q)
+            writer.add_tensor(f"{gguf_module}.{kind}", blocks, raw_shape=blocks.shape, raw_dtype=kind_q)
+        else:
+            writer.add_tensor(f"{gguf_module}.{kind}", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, model
 
 
 def reference(path: Path, dtype: mx.Dtype | None = None) -> nn.Module:
