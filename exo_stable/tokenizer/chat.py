@@ -1,10 +1,11 @@
 """Chat templates: the model's Jinja template rendered as Hugging Face's ``apply_chat_template`` renders it.
 
 Messages are mappings (or :class:`ChatMessage`) with a role and a content that is a string, a list of text
-parts (``{"type": "text", "text": ...}``, joined as mlx-lm joins them), or absent on an assistant message
-that carries ``tool_calls``; other keys (``tool_calls``, ``tool_call_id``, ``name``, ``reasoning_content``)
-pass through to the template. The template sees ``messages``, ``tools``, ``add_generation_prompt``,
-``bos_token``, ``eos_token`` and, when given, ``enable_thinking``.
+parts (``{"type": "text", "text": ...}``: kept for templates that read parts, else joined as mlx-lm does),
+or absent on an assistant message that carries ``tool_calls``. Other keys (``tool_calls``, ``tool_call_id``,
+``name``, ``reasoning_content``) pass through to the template, reasoning under the three names templates use.
+The template sees ``messages``, ``tools``, ``add_generation_prompt``, ``bos_token``, ``eos_token``,
+``documents`` (None) and, when given, ``enable_thinking``.
 
 :func:`render_with_content_spans` also says where each message's content lies in the rendered text, so that
 special-token text typed by a user stays plain text (see :meth:`Tokenizer.encode_chat`).
@@ -28,12 +29,16 @@ __all__ = [
     "ChatMessage",
     "check_no_special_text",
     "compile_template",
+    "content_texts",
     "normalize_messages",
+    "reads_content_parts",
     "render_with_content_spans",
 ]
 
 #: Roles accepted in chat messages.
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +78,7 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def _content_text(index: int, content: Any, has_tool_calls: bool) -> str | None:
+def _content(index: int, content: Any, has_tool_calls: bool, typed: bool) -> str | list[dict[str, str]] | None:
     if isinstance(content, str):
         return content
     if content is None and has_tool_calls:
@@ -84,14 +89,20 @@ def _content_text(index: int, content: Any, has_tool_calls: bool) -> str | None:
             if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ValueError(f"message {index} content part {part!r:.80} is not a text part")
             texts.append(part["text"])
-        return "".join(texts)
+        return [{"type": "text", "text": t} for t in texts] if typed else "".join(texts)
     raise ValueError(
         f"message {index} content must be a string or a list of text parts, found {type(content).__name__}"
     )
 
 
-def normalize_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as the template sees them: plain dicts whose content is a string (or None beside tool calls)."""
+def normalize_messages(
+    messages: Sequence[ChatMessage | Mapping[str, Any]], *, typed_content: bool = False
+) -> list[dict[str, Any]]:
+    """Messages as the template sees them: plain dicts; other keys than role and content pass through.
+
+    A list of text parts stays a list when the template reads content parts (``typed_content``), as
+    ``transformers`` hands it over; otherwise its texts are joined into one string, as mlx-lm does.
+    """
     out: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         if isinstance(message, ChatMessage):
@@ -103,9 +114,35 @@ def normalize_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> l
         role = fields.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise ValueError(f"message {index} has role {role!r}; expected one of {sorted(CHAT_ROLES)}")
-        fields["content"] = _content_text(index, fields.get("content"), bool(fields.get("tool_calls")))
+        fields["content"] = _content(index, fields.get("content"), bool(fields.get("tool_calls")), typed_content)
+        reasoning = next((fields[k] for k in _REASONING_FIELDS if fields.get(k) is not None), None)
+        if reasoning is not None:  # templates read it under one of several names, as in transformers
+            fields = {"thinking": reasoning, **fields, "reasoning_content": reasoning}
         out.append(fields)
     return out
+
+
+def reads_content_parts(render: Callable[[list[dict[str, Any]]], str]) -> bool:
+    """Whether a template renders a content given as a list of text parts (Gemma's, Llama 4's, ...).
+
+    Probed the way llama.cpp probes templates: a needle in a one-part list must come out as plain text, not
+    inside the list's repr.
+    """
+    needle = f"needle{secrets.token_hex(6)}"
+    try:
+        text = render([{"role": "user", "content": [{"type": "text", "text": needle}]}])
+    except Exception:  # a template that rejects the probe does not read parts: its error is not ours
+        return False
+    return needle in text and "'type'" not in text
+
+
+def content_texts(content: Any) -> list[str]:
+    """The texts of a normalized content (a string, text parts, or None)."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [part["text"] for part in content]
+    return []
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -148,9 +185,15 @@ def render_with_content_spans(
     plain = render(messages)
     nonce = secrets.token_hex(8)
     open_m, close_m = f"\U000f0000{nonce}\U000f0001", f"\U000f0002{nonce}\U000f0003"
-    marked_msgs = [
-        {**m, "content": f"{open_m}{m['content']}{close_m}"} if isinstance(m["content"], str) else m for m in messages
-    ]
+
+    def mark(content: Any) -> Any:
+        if isinstance(content, str):
+            return f"{open_m}{content}{close_m}"
+        if isinstance(content, list):
+            return [{**part, "text": f"{open_m}{part['text']}{close_m}"} for part in content]
+        return content
+
+    marked_msgs = [{**m, "content": mark(m["content"])} for m in messages]
     marked = render(marked_msgs)
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
@@ -184,8 +227,7 @@ def render_with_content_spans(
     # Fallback: find each content in order in the plain rendering.
     spans = []
     pos = 0
-    for m in messages:
-        content = m["content"] if isinstance(m["content"], str) else ""
+    for content in (text for m in messages for text in content_texts(m["content"])):
         found = False
         for candidate in dict.fromkeys((content, content.strip())):
             hit = plain.find(candidate, pos) if candidate else -1

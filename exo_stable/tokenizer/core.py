@@ -35,6 +35,7 @@ from exo_stable.tokenizer.chat import (
     check_no_special_text,
     compile_template,
     normalize_messages,
+    reads_content_parts,
     render_with_content_spans,
 )
 
@@ -303,6 +304,7 @@ class Tokenizer:
             "eos_token": self._tokens[self.eos_id] if self.eos_id is not None else "",
             "add_generation_prompt": add_generation_prompt,
             "tools": [dict(t) for t in tools] if tools is not None else None,
+            "documents": None,
             **extra,
         }
 
@@ -310,6 +312,10 @@ class Tokenizer:
             return template.render(messages=messages, **variables)
 
         return render
+
+    @cached_property
+    def _typed_content(self) -> bool:
+        return self._template is not None and reads_content_parts(self._renderer(False, None, {}))
 
     @staticmethod
     def _extra(enable_thinking: bool | None) -> dict[str, Any]:
@@ -329,9 +335,8 @@ class Tokenizer:
         the latter only when given. Raises ValueError for an unknown role or content that is neither a
         string nor text parts, and jinja2's TemplateError when the template rejects the conversation.
         """
-        normalized = normalize_messages(messages)
         render = self._renderer(add_generation_prompt, tools, self._extra(enable_thinking))
-        text: str = render(normalized)
+        text: str = render(normalize_messages(messages, typed_content=self._typed_content))
         return text
 
     def encode_chat(
@@ -350,10 +355,10 @@ class Tokenizer:
         parsing. A BOS is prepended when the model asks for one (``add_bos``) and the prompt does not
         already start with it.
         """
-        normalized = normalize_messages(messages)
+        render = self._renderer(add_generation_prompt, tools, self._extra(enable_thinking))
+        normalized = normalize_messages(messages, typed_content=self._typed_content)
         specials = [tok for tok, _ in self._specials_all]
         check_no_special_text(normalized, tools, [tok for tok, i in self._specials_all if i in self._control])
-        render = self._renderer(add_generation_prompt, tools, self._extra(enable_thinking))
         text, spans = render_with_content_spans(render, normalized, specials)
         ids = self._encode(text, True, spans)
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
