@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from exo_stable.cluster.addresses import Address, format_host_port, unmap
 from exo_stable.logs import safe
 from exo_stable.wire.handshake import Identity, PeerInfo
 from exo_stable.wire.health import NetworkHealthMonitor
@@ -36,6 +38,12 @@ Dispatch = Callable[[str, Message], Awaitable[None]]
 MembershipHook = Callable[[PeerInfo | str, bool], None]
 
 _POLL_S = 5.0  # upper bound of one wait in the link watchers; they loop, so it only bounds each wait
+_PROBE_S = 2.0  # how long a TCP connect to one of a peer's candidate addresses may take before the next is tried
+_MAX_REACHED_ON = 8
+_MAX_REFUSED = 64
+
+_remote: contextvars.ContextVar[str | None] = contextvars.ContextVar("exo_stable_peer_remote", default=None)
+"""The remote address of the wire connection being accepted (set by :meth:`PeerManager.handle`)."""
 
 
 class PeerUnreachable(ConnectionError):
@@ -48,6 +56,8 @@ class _Peer:
     out: PeerLink | None = None
     inbound: PeerLink | None = None
     up: bool = False
+    remote_host: str | None = None
+    """Where the peer's own connection to this node came from (an address it can be dialed on, likely)."""
     down_since: float | None = None  # monotonic time it went down (or was created without coming up)
 
 
@@ -74,6 +84,12 @@ class PeerManager:
         self.server = WireServer(identity, secret=secret, config=self.config, on_new_peer=self._accept)
         self._peers: dict[str, _Peer] = {}
         self._dialed: dict[str, PeerLink] = {}  # by URL
+        self._dialed_address: dict[str, Address] = {}  # by URL
+        self._probing: set[str] = set()  # node ids whose candidate addresses are being tried
+        self.refused: dict[str, str] = {}
+        """Peers whose links this node closed, with the reason (the most recent :data:`_MAX_REFUSED`)."""
+        self.reached_on: list[str] = []
+        """Local addresses peers reached this node on, most recent first (what a wildcard-bound node advertises)."""
         self._kept: set[str] = set()  # URLs dialed for good (static peers); the others may be forgotten
         self._dialed_at: dict[str, float] = {}
         self.forget_after_s = forget_after_s
@@ -88,7 +104,19 @@ class PeerManager:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The wire route's handler (the node serves it on the same port as its API)."""
+        sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+        if sockname:
+            self._note_reached_on(unmap(str(sockname[0])))
+        _remote.set(unmap(request.remote) if request.remote else None)
         return await self.server.handle(request)
+
+    def _note_reached_on(self, host: str) -> None:
+        if self.reached_on[:1] == [host]:
+            return
+        if host in self.reached_on:
+            self.reached_on.remove(host)
+        self.reached_on.insert(0, host)
+        del self.reached_on[_MAX_REACHED_ON:]
 
     async def run(self, stop: asyncio.Event) -> None:
         """Own every link task until ``stop`` is set; then close all links (each with its deadline)."""
@@ -121,7 +149,7 @@ class PeerManager:
     def dial(self, host: str, port: int, *, keep: bool = True) -> None:
         """Keep a link to the node at ``host:port``, reconnecting until the manager stops (``keep``) or until
         it has been unreachable for ``forget_after_s`` (an address learned from a peer or discovery)."""
-        url = f"ws://{host}:{port}{WIRE_PATH}"
+        url = _url(host, port)
         if keep:
             self._kept.add(url)
         if url in self._dialed:
@@ -129,9 +157,46 @@ class PeerManager:
         self._dialed_at[url] = time.monotonic()
         link = PeerLink(self.identity, url=url, secret=self._secret, config=self.config, monitor=self.monitor)
         self._dialed[url] = link
+        self._dialed_address[url] = (host, port)
         self._spawn(link, url)
         assert self._tg is not None
         self._tg.create_task(link.start(), name=f"start {url}")
+
+    def dial_any(self, node_id: str, candidates: Sequence[Address]) -> None:
+        """Link to ``node_id``, dialing the first of ``candidates`` that accepts a TCP connection (the first of
+        them when none does yet: that link keeps retrying). Nothing happens when a link to it exists or is
+        being set up."""
+        if not candidates or node_id == self.node_id or node_id in self._probing or self._is_up(node_id):
+            return
+        if any(_url(h, p) in self._dialed for h, p in candidates):
+            return
+        assert self._tg is not None, "PeerManager.run() is not running"
+        self._probing.add(node_id)
+        self._tg.create_task(self._probe_and_dial(node_id, list(candidates)), name=f"probe {node_id}")
+
+    async def _probe_and_dial(self, node_id: str, candidates: list[Address]) -> None:
+        try:
+            for host, port in candidates:
+                try:
+                    async with asyncio.timeout(_PROBE_S):
+                        _reader, writer = await asyncio.open_connection(host, port)
+                except (OSError, TimeoutError) as exc:
+                    shown = format_host_port(host, port)
+                    log.info("%s: %s is not reachable at %s: %r", self.node_id, node_id, shown, exc)
+                    continue
+                writer.close()
+                try:
+                    async with asyncio.timeout(_PROBE_S):
+                        await writer.wait_closed()
+                except (OSError, TimeoutError) as exc:
+                    log.debug("%s: closing the probe to %s: %r", self.node_id, node_id, exc)
+                log.info("%s: dialing %s at %s", self.node_id, node_id, format_host_port(host, port))
+                self.dial(host, port, keep=False)
+                return
+            log.warning("%s: none of %s's addresses answers yet; retrying the first", self.node_id, node_id)
+            self.dial(*candidates[0], keep=False)
+        finally:
+            self._probing.discard(node_id)
 
     def _accept(self, hello: Hello) -> PeerLink | None:
         if hello.node_id == self.node_id:
@@ -139,7 +204,9 @@ class PeerManager:
         link = PeerLink(
             self.identity, peer_id=hello.node_id, secret=self._secret, config=self.config, monitor=self.monitor
         )
-        self._peers.setdefault(hello.node_id, _Peer(down_since=time.monotonic())).inbound = link
+        peer = self._peers.setdefault(hello.node_id, _Peer(down_since=time.monotonic()))
+        peer.inbound = link
+        peer.remote_host = _remote.get()
         self._spawn(link, f"from {hello.node_id}")
         return link
 
@@ -172,6 +239,16 @@ class PeerManager:
                 log.warning("%s: %s leads to this node itself; closing that link", self.node_id, link.url)
                 await link.close()
                 return
+            if info.model_fingerprint != self.identity.model_fingerprint:
+                # Both sides see the mismatch in their own handshake and both log it; the dialer's closed link
+                # does not reconnect, so the refusal is said once per side, not in a loop.
+                reason = (
+                    f"it serves model {info.model_fingerprint or '(none)'}, this node serves"
+                    f" {self.identity.model_fingerprint or '(none)'}: start every node with the same --model"
+                )
+                self._refuse(info.node_id, reason)
+                await link.close()
+                return
             self._connected(link, info)
             while link.connected:
                 try:
@@ -186,6 +263,13 @@ class PeerManager:
         if link.url is not None:
             peer.out = link
         self._update(info.node_id)
+
+    def _refuse(self, node_id: str, reason: str) -> None:
+        log.warning("%s: refusing peer %s: %s", self.node_id, node_id, reason)
+        self.refused.pop(node_id, None)
+        self.refused[node_id] = reason
+        while len(self.refused) > _MAX_REFUSED:
+            del self.refused[next(iter(self.refused))]
 
     def _update(self, node_id: str) -> None:
         peer = self._peers[node_id]
@@ -243,7 +327,20 @@ class PeerManager:
         return peer is not None and peer.up
 
     def dialed(self, host: str, port: int) -> bool:
-        return f"ws://{host}:{port}{WIRE_PATH}" in self._dialed
+        return _url(host, port) in self._dialed
+
+    def reached_at(self, node_id: str) -> Address | None:
+        """The address this node's own connected link to ``node_id`` dialed (proven to work), if any."""
+        peer = self._peers.get(node_id)
+        link = peer.out if peer else None
+        if link is None or not link.connected or link.url is None:
+            return None
+        return self._dialed_address.get(link.url)
+
+    def remote_host(self, node_id: str) -> str | None:
+        """Where ``node_id``'s connection to this node came from, if it dialed this node."""
+        peer = self._peers.get(node_id)
+        return peer.remote_host if peer else None
 
     def connected_peers(self) -> dict[str, PeerInfo]:
         return {nid: p.info for nid, p in self._peers.items() if p.up and p.info is not None}
@@ -294,3 +391,7 @@ class PeerManager:
                 }
             out[nid] = {"up": p.up, "health": self.monitor.state(nid).value, "links": links}
         return out
+
+
+def _url(host: str, port: int) -> str:
+    return f"ws://{format_host_port(host, port)}{WIRE_PATH}"

@@ -190,6 +190,10 @@ class TokenChunk(WireMessage, frozen=True, tag="token"):
     """The forward steps behind this token (and any earlier steps that yielded no token), for tracing."""
     hops_lost: int = 0
     """Hops the last stage could not keep for this token (its bound was reached)."""
+    logprob: float | None = None
+    """The token's log-probability, when the request asked for them (``SamplingSpec.logprobs``)."""
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    """The most likely tokens at this position and their log-probabilities, best first."""
 
 
 class ValidationResult(WireMessage, frozen=True, tag="validation"):
@@ -326,6 +330,15 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_tail: tuple[int, ...] = ()
+    """The prompt's last tokens, which the penalties count as seen (only when a penalty is on)."""
+    logprobs: int | None = None
+    """Send each token's log-probability and this many of the most likely ones (None: none)."""
 
 
 class PeerAddress(msgspec.Struct, frozen=True):
