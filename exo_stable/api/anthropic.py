@@ -143,8 +143,11 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req = await core._decode(request, MessagesRequest)
     fields.resolve_model(req.model, service)
     _check(req)
+    chat = _messages(req)
+    tokenizing = request.app[core.TOKENIZING_KEY]  # off the event loop, bounded by size first (api/guards.py)
+    tokenizing.check_length((m.content for m in chat), "messages")
     try:
-        prompt = service.tokenizer.encode_chat(_messages(req))
+        prompt = await tokenizing.run(service.tokenizer.encode_chat, chat)
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
     limit = fields.token_limit(service, config.max_tokens_cap, len(prompt), req.max_tokens)

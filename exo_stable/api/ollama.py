@@ -165,8 +165,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     service = request.app[core.SERVICE_KEY]
     _model(req.model, service)
     messages = _chat(req)
+    tokenizing = request.app[core.TOKENIZING_KEY]  # off the event loop, bounded by size first (api/guards.py)
+    tokenizing.check_length((m.content for m in messages), "messages")
     try:
-        prompt = service.tokenizer.encode_chat(messages)
+        prompt = await tokenizing.run(service.tokenizer.encode_chat, messages)
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
 
@@ -180,8 +182,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     req = await core._decode(request, GenerateRequest)
     service = request.app[core.SERVICE_KEY]
     _model(req.model, service)
+    tokenizing = request.app[core.TOKENIZING_KEY]
+    tokenizing.check_length([req.prompt, req.system or ""], "prompt")
     try:
-        prompt = _generate_prompt(req, service)
+        prompt = await tokenizing.run(_generate_prompt, req, service)
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="prompt") from exc
     if not prompt:  # Ollama loads the model on an empty prompt: it is always loaded here
