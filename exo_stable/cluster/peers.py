@@ -309,6 +309,7 @@ class PeerManager:
         if link.url is not None:
             self._dialed.pop(link.url, None)
             self._dialed_at.pop(link.url, None)
+            self._dialed_address.pop(link.url, None)
         elif link.peer_id is not None and self.server.link(link.peer_id) is link:
             self.server.unregister(link.peer_id)
 
