@@ -98,6 +98,7 @@ class PeerManager:
         self._tg: asyncio.TaskGroup | None = None
         self._ready = asyncio.Event()
         self._membership = asyncio.Event()
+        self._stopping = False
         self.unroutable = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -129,6 +130,7 @@ class PeerManager:
                         async with asyncio.timeout(min(_POLL_S, self.forget_after_s / 2)):
                             await stop.wait()
                     await self._sweep(time.monotonic())
+                self._stopping = True  # no new links from now on
                 for link in list(self._links):
                     await link.close()
         finally:
@@ -199,7 +201,7 @@ class PeerManager:
             self._probing.discard(node_id)
 
     def _accept(self, hello: Hello) -> PeerLink | None:
-        if hello.node_id == self.node_id:
+        if hello.node_id == self.node_id or self._tg is None or self._stopping:
             return None
         link = PeerLink(
             self.identity, peer_id=hello.node_id, secret=self._secret, config=self.config, monitor=self.monitor
@@ -223,6 +225,8 @@ class PeerManager:
             if sender is None:
                 continue
             if sender != self.node_id and not self._is_up(sender) and link.connected and link.peer is not None:
+                if link.peer.model_fingerprint != self.identity.model_fingerprint:
+                    continue  # its watcher is about to refuse it: nothing it sent counts
                 self._connected(link, link.peer)  # its watcher has not run yet: the sender is up before its message
             await self._dispatch(sender, message)
 
@@ -265,7 +269,7 @@ class PeerManager:
         self._update(info.node_id)
 
     def _refuse(self, node_id: str, reason: str) -> None:
-        log.warning("%s: refusing peer %s: %s", self.node_id, node_id, reason)
+        log.warning("%s: refusing peer %s: %s", self.node_id, safe(node_id), safe(reason))
         self.refused.pop(node_id, None)
         self.refused[node_id] = reason
         while len(self.refused) > _MAX_REFUSED:
