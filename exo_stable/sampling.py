@@ -127,7 +127,8 @@ def sample(
     if params.min_p > 0.0:
         keep = max(1, int(np.count_nonzero(kept >= kept[0] + np.log(params.min_p))))
         candidates, kept = candidates[:keep], kept[:keep]
-    probs = np.exp((kept - kept[0]) / params.temperature)
+    with np.errstate(over="ignore", under="ignore"):  # a tiny temperature sends the rest to exp(-inf) = 0
+        probs = np.exp((kept - kept[0]) / params.temperature)
     probs /= probs.sum()
     rng = np.random.default_rng([params.seed & 0xFFFFFFFFFFFFFFFF, position])
     draw = rng.random()

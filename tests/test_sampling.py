@@ -103,3 +103,10 @@ def test_pick_reports_the_models_own_logprobs() -> None:
     assert picked.logprob == pytest.approx(np.log(0.2), abs=1e-6), "before bias and penalties"
     assert [t for t, _ in picked.top] == [0, 1]
     assert pick(logits, SamplingParams(), 0).logprob is None
+
+
+def test_a_tiny_temperature_samples_the_top_token_without_overflow() -> None:
+    """Found by the API fuzz: 5e-324 overflowed the division (a RuntimeWarning, an error under pytest) and
+    crashed the stage; three such requests made the node give up its stage."""
+    logits = np.array([0.5, 3.0, -1.0, 2.9], dtype=np.float32)
+    assert sample(logits, SamplingParams(temperature=5e-324, seed=1), 0) == 1
