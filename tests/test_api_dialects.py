@@ -7,6 +7,7 @@ its own error shape.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -167,3 +168,27 @@ async def test_every_dialect_needs_the_key_when_one_is_set(limited_server: Serve
         assert (await keyed.list()).models
     async with aiohttp.ClientSession() as http, http.post(f"{limited_server.root}/api/chat", data=b"{") as resp:
         assert resp.status == 401 and set(await resp.json()) == {"error"}
+
+
+async def test_ollama_format_and_anthropic_output_config_give_json_of_the_schema(
+    llama: ollama.AsyncClient, claude: anthropic.AsyncAnthropic
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20}},
+        "required": ["capital", "country"],
+        "additionalProperties": False,
+    }
+    options = {"temperature": 0, "num_predict": 60}
+    reply = await llama.chat(
+        model="default", messages=[{"role": "user", "content": ASK}], format=schema, options=options
+    )
+    assert set(json.loads(reply.message.content or "")) == {"capital", "country"}
+    message = await claude.messages.create(
+        model="default",
+        max_tokens=60,
+        messages=[{"role": "user", "content": ASK}],
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+        extra_body={"temperature": 0},
+    )
+    assert set(json.loads(message.content[0].text)) == {"capital", "country"}  # type: ignore[union-attr]

@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta, Struct
 
+from exo_stable import grammar
 from exo_stable.api import fields
 from exo_stable.api import server as core
 from exo_stable.api.errors import ApiError
@@ -103,7 +104,6 @@ def _check(req: MessagesRequest) -> None:
         ("container", req.container, "no code execution here"),
         ("mcp_servers", req.mcp_servers, "no MCP connector here"),
         ("context_management", req.context_management, "not implemented"),
-        ("output_config", req.output_config, "structured output is not implemented yet"),
         ("speed", req.speed, "this server has one speed"),
         ("inference_geo", req.inference_geo, "inference runs where this node is"),
         ("diagnostics", req.diagnostics, "not implemented"),
@@ -116,6 +116,25 @@ def _check(req: MessagesRequest) -> None:
         raise fields.refused("thinking", "the served model does not think")
     if req.service_tier not in (None, "auto", "standard_only"):
         raise fields.refused("service_tier", "this server has one tier")
+
+
+def _output_grammar(config: Any) -> str:
+    """``output_config.format`` ``{"type": "json_schema", "schema": ...}``: the reply is JSON valid against it."""
+    if config is None:
+        return ""
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or set(config) - {"format"}:
+        raise fields.refused("output_config", "only output_config.format is served")
+    if fmt is None:
+        return ""
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise ApiError(
+            400, 'output_config.format must be {"type": "json_schema", "schema": {...}}', param="output_config"
+        )
+    try:
+        return grammar.json_grammar(fmt["schema"])
+    except grammar.GrammarError as exc:
+        raise ApiError(400, str(exc), param="output_config.format.schema") from exc
 
 
 def _messages(req: MessagesRequest) -> list[ChatMessage]:
@@ -150,6 +169,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     limit = fields.token_limit(service, config.max_tokens_cap, len(prompt), req.max_tokens)
     params = fields.build_params(
         prompt,
+        grammar=await fields.checked_grammar(_output_grammar(req.output_config), service.tokenizer, "output_config"),
         seed=None,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,

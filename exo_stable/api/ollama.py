@@ -19,6 +19,7 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta, Struct
 
+from exo_stable import grammar
 from exo_stable.api import fields
 from exo_stable.api import server as core
 from exo_stable.api.errors import ApiError
@@ -120,8 +121,6 @@ def _model(name: str, service: Service) -> None:
 
 
 def _check(req: _Common, options: Options) -> None:
-    if req.format is not None:
-        raise fields.refused("format", "structured output is not implemented yet")
     if req.think:
         raise fields.refused("think", "the served model does not think")
     for name in _UNSUPPORTED_OPTIONS:
@@ -129,6 +128,20 @@ def _check(req: _Common, options: Options) -> None:
             raise fields.refused(f"options.{name}", "not implemented by this server's sampler")
     if options.repeat_last_n != PENALTY_WINDOW:
         raise fields.refused("options.repeat_last_n", f"the penalties look back over {PENALTY_WINDOW} tokens")
+
+
+def _format_grammar(fmt: Any) -> str:
+    """Ollama's ``format``: ``"json"`` (any JSON object) or a JSON schema."""
+    if fmt is None or fmt == "":
+        return ""
+    if fmt == "json":
+        return grammar.json_grammar(None)
+    if isinstance(fmt, dict):
+        try:
+            return grammar.json_grammar(fmt)
+        except grammar.GrammarError as exc:
+            raise ApiError(400, str(exc), param="format") from exc
+    raise ApiError(400, 'format must be "json" or a JSON schema', param="format")
 
 
 def _chat(req: ChatRequest) -> list[ChatMessage]:
@@ -209,6 +222,7 @@ async def _run(
         limit = min(limit, options.num_ctx - len(prompt))
     params = fields.build_params(
         prompt,
+        grammar=await fields.checked_grammar(_format_grammar(req.format), service.tokenizer, "format"),
         seed=options.seed,
         temperature=options.temperature,
         top_p=options.top_p,

@@ -61,6 +61,18 @@ class ChatMessageIn(Struct, kw_only=True, forbid_unknown_fields=True):
         return "".join(part.text or "" for part in self.content)
 
 
+class JsonSchemaFormat(Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(Struct, kw_only=True, forbid_unknown_fields=True):
     include_usage: bool = False
     include_obfuscation: bool | None = None
@@ -104,7 +116,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True)
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

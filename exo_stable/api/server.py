@@ -132,9 +132,11 @@ def _sampling(
     prompt: list[int],
     *,
     logprobs: int | None = None,
+    grammar: str = "",
 ) -> tuple[SamplingParams, int]:
     limit = fields.token_limit(service, config.max_tokens_cap, len(prompt), max_tokens)
-    params = fields.sampling_params(req, prompt=prompt, vocab_size=service.tokenizer.vocab_size, logprobs=logprobs)
+    vocab = service.tokenizer.vocab_size
+    params = fields.sampling_params(req, prompt=prompt, vocab_size=vocab, logprobs=logprobs, grammar=grammar)
     return params, limit
 
 
@@ -228,7 +230,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
     want = (req.top_logprobs or 0) if req.logprobs else None
-    params, limit = _sampling(req, req.max_completion_tokens or req.max_tokens, config, service, prompt, logprobs=want)
+    grammar = await fields.checked_grammar(
+        fields.response_grammar(req.response_format), service.tokenizer, "response_format"
+    )
+    limit_asked = req.max_completion_tokens or req.max_tokens
+    params, limit = _sampling(req, limit_asked, config, service, prompt, logprobs=want, grammar=grammar)
     job = GenerationJob(prompt, params, limit, req.stop_list(), _replay(req), validation=_validation(req))
     run = _Run(request, job, "chatcmpl", trace=req.exo_trace)
     model = service.model_name
