@@ -198,7 +198,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "usage": usage(),
         }
 
-    await core._admitted(service)
+    await core._admitted(service, request)
     try:
         if not req.stream:
             text = "".join([d.text async for d in core._collect(run, request)])

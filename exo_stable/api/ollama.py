@@ -252,7 +252,7 @@ async def _run(
             "eval_duration": max(0, elapsed - first),
         }
 
-    await core._admitted(service)
+    await core._admitted(service, request)
     try:
         if not req.stream:
             return core.json_response(final("".join([d.text async for d in core._collect(run, request)])))

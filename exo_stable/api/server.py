@@ -22,6 +22,7 @@ from aiohttp import web
 from exo_stable.api import fields
 from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError, error_json
+from exo_stable.api.guards import RUNNER_STATS_KEY, GuardCollector, LoopLag, Tokenizing, read_body
 from exo_stable.api.logprobs import LogprobCursor
 from exo_stable.logs import REQUEST_ID
 from exo_stable.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -34,11 +35,13 @@ from exo_stable.service import (
     GenerationResult,
     Service,
     ServiceBusy,
+    ServiceOverloaded,
     ServiceUnavailable,
 )
 from exo_stable.textstream import Delta
 from exo_stable.tokenizer import ChatMessage
 from exo_stable.trace import TraceRing
+from exo_stable.web import add_routes as add_web_routes
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +55,17 @@ class ApiConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens_cap: int = 4096
     trace_ring: int = 128  # traces of this many recent requests are kept for GET /v1/traces/{id}
+    header_timeout_s: float = 10.0  # a connection's request headers must arrive within this (api/guards.py)
+    body_timeout_s: float = 30.0  # ... and its body within this
+    tokenize_timeout_s: float = 10.0  # tokenizing or rendering one prompt (off the event loop) takes at most this
 
 
 SERVICE_KEY = web.AppKey("service", Service)
 CONFIG_KEY = web.AppKey("config", ApiConfig)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 TRACES_KEY = web.AppKey("traces", TraceRing)
+TOKENIZING_KEY = web.AppKey("tokenizing", Tokenizing)
+LAG_KEY = web.AppKey("loop_lag", LoopLag)
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -65,7 +73,8 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 def error_response(error: ApiError) -> web.Response:
-    return web.Response(body=error_json(error), status=error.status, content_type="application/json")
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    return web.Response(body=error_json(error), status=error.status, content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -86,7 +95,10 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
             _check_key(request, config.api_key)
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc)
+        response = error_response(exc)
+        if exc.status == 408:
+            response.force_close()  # the rest of a late body would be read as the next request
+        return response
     except web.HTTPRequestEntityTooLarge:
         return error_response(
             ApiError(413, f"Request body exceeds {config.max_body_bytes} bytes", code="request_too_large")
@@ -117,11 +129,13 @@ def _check_key(request: web.Request, api_key: str) -> None:
 
 
 async def _decode(request: web.Request, kind: type[T]) -> T:
-    body = await request.read()
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.DecodeError as exc:
-        raise ApiError.from_decode_error(exc) from exc
+    """The body as ``kind``: within the body deadline, depth-checked, large ones decoded off the loop."""
+    body = await read_body(request, request.app[CONFIG_KEY].body_timeout_s)
+    return await request.app[TOKENIZING_KEY].decode(body, kind)
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 def _sampling(
@@ -210,13 +224,21 @@ class _Run:
             )
 
 
-async def _admitted(service: Service) -> None:
+async def _admitted(service: Service, request: web.Request) -> None:
     if (reason := service.unavailable()) is not None:
         raise ApiError(503, reason, type="server_error", code="unavailable")
     try:
         await service.admit()
+    except ServiceOverloaded as exc:
+        raise ApiError(
+            429, str(exc), type="rate_limit_error", code="queue_full", retry_after_s=exc.retry_after_s
+        ) from exc
     except ServiceBusy as exc:
         raise ApiError(503, str(exc), type="server_error", code="server_busy") from exc
+    if _client_gone(request):  # it left while queued: nothing is run for it
+        service.release()
+        log.info("%s %s: the client left while queued", request.method, request.path)
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -225,8 +247,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     fields.resolve_model(req.model, service)
     fields.check_chat(req)
     messages = _chat_messages(req.messages)
+    tokenizing = request.app[TOKENIZING_KEY]
+    tokenizing.check_length((m.content for m in messages), "messages")
     try:
-        prompt = service.tokenizer.encode_chat(messages)
+        prompt = await tokenizing.run(service.tokenizer.encode_chat, messages)
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
     want = (req.top_logprobs or 0) if req.logprobs else None
@@ -243,7 +267,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     def logprobs(final: bool) -> s.ChatLogprobs | None:
         return None if want is None else s.ChatLogprobs(cursor.chat(cursor.take(final)))
 
-    await _admitted(service)
+    await _admitted(service, request)
     try:
         if not req.stream:
             text = "".join([d.text async for d in _collect(run, request)])
@@ -277,19 +301,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
     req = await _decode(request, s.CompletionRequest)
+    tokenizing = request.app[TOKENIZING_KEY]
     fields.resolve_model(req.model, service)
     fields.check_completion(req)
     if isinstance(req.prompt, str):
-        prompt = service.tokenizer.encode(req.prompt)
+        tokenizing.check_length([req.prompt], "prompt")
+        prompt = await tokenizing.run(service.tokenizer.encode, req.prompt)
         prompt_text = req.prompt
     elif req.prompt and all(isinstance(x, int) for x in req.prompt):
         prompt = [int(x) for x in req.prompt]
         if any(not 0 <= t < service.tokenizer.vocab_size for t in prompt):
             raise ApiError(400, "prompt token id out of the vocabulary", param="prompt", code="invalid_value")
-        prompt_text = service.tokenizer.decode(prompt)
+        if len(prompt) > service.context_length:
+            raise ApiError(400, "The prompt is longer than the context", param="prompt", code="context_length_exceeded")
+        prompt_text = await tokenizing.run(service.tokenizer.decode, prompt)
     elif len(req.prompt) == 1:
         prompt_text = str(req.prompt[0])
-        prompt = service.tokenizer.encode(prompt_text)
+        tokenizing.check_length([prompt_text], "prompt")
+        prompt = await tokenizing.run(service.tokenizer.encode, prompt_text)
     else:
         raise ApiError(400, "Only one prompt per request is supported", param="prompt", code="unsupported_value")
     if req.echo and req.logprobs is not None:
@@ -309,7 +338,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         out, offset = cursor.completion(cursor.take(final), offset)
         return out
 
-    await _admitted(service)
+    await _admitted(service, request)
     try:
         if not req.stream:
             text = prefix + "".join([d.text async for d in _collect(run, request)])
@@ -411,12 +440,17 @@ async def tokenize(request: web.Request) -> web.Response:
     req = await _decode(request, s.TokenizeRequest)
     if (req.text is None) == (req.messages is None):
         raise ApiError(400, 'Give exactly one of "text" or "messages"', param="text")
+    tokenizing = request.app[TOKENIZING_KEY]
     if req.text is not None:
-        return json_response(s.TokenizeResponse(service.tokenizer.encode(req.text)))
+        tokenizing.check_length([req.text], "text")
+        return json_response(s.TokenizeResponse(await tokenizing.run(service.tokenizer.encode, req.text)))
     assert req.messages is not None
     messages = _chat_messages(req.messages)
+    tokenizing.check_length((m.content for m in messages), "messages")
     try:
-        ids = service.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
+        ids = await tokenizing.run(
+            service.tokenizer.encode_chat, messages, add_generation_prompt=req.add_generation_prompt
+        )
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
     return json_response(s.TokenizeResponse(ids))
@@ -433,7 +467,19 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return json_response(request.app[SERVICE_KEY].health())
+    """Readiness, as a load balancer reads it: 200 when this node can serve a request now, else 503 with the
+    reason (the same body otherwise)."""
+    service = request.app[SERVICE_KEY]
+    body = service.health()
+    reason = service.unavailable()
+    if reason is None:
+        return json_response(body)
+    return json_response(body | {"status": "unavailable", "reason": reason}, status=503)
+
+
+async def liveness(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process answers at all (restart it when this fails, not when /health does)."""
+    return json_response({"status": "alive"})
 
 
 async def trace(request: web.Request) -> web.Response:
@@ -445,6 +491,15 @@ async def trace(request: web.Request) -> web.Response:
             404, f"No trace for {request_id!r} (the last {ring} requests are kept)", param="id", code="trace_not_found"
         )
     return json_response(found.as_dict())
+
+
+async def trace_live(request: web.Request) -> web.Response:
+    """A trace's summary and events without its step records: what the web page polls during an answer."""
+    request_id = request.match_info["id"]
+    found = request.app[TRACES_KEY].get(request_id)
+    if found is None:
+        raise ApiError(404, f"No trace for {request_id!r}", param="id", code="trace_not_found")
+    return json_response(found.live())
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -462,6 +517,18 @@ def create_app(service: Service, config: ApiConfig) -> web.Application:
     app[METRICS_KEY] = Metrics()
     app[METRICS_KEY].register(ServiceCollector(service))
     app[TRACES_KEY] = TraceRing(config.trace_ring)
+    tokenizing = app[TOKENIZING_KEY] = Tokenizing(
+        service.tokenizer, service.context_length, timeout_s=config.tokenize_timeout_s
+    )
+    lag = app[LAG_KEY] = LoopLag()
+    app[RUNNER_STATS_KEY] = {}
+    app[METRICS_KEY].register(GuardCollector(lag, tokenizing, app[RUNNER_STATS_KEY]))
+    app.cleanup_ctx.append(lag.context)
+
+    async def close_pool(_: web.Application) -> None:
+        tokenizing.close()
+
+    app.on_cleanup.append(close_pool)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -469,6 +536,9 @@ def create_app(service: Service, config: ApiConfig) -> web.Application:
     app.router.add_post("/v1/embeddings", embeddings)
     dialects.add_routes(app)
     app.router.add_get("/health", health)
+    app.router.add_get("/health/live", liveness)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/traces/{id}", trace)
+    app.router.add_get("/v1/traces/{id}/live", trace_live)
+    add_web_routes(app)  # the chat and cluster page at / (exo_stable/web)
     return app

@@ -120,6 +120,7 @@ class OwnerStats:
     requests: int = 0
     finished: int = 0
     failed: int = 0
+    cancelled: int = 0
     late_messages: int = 0
     resend_requests: int = 0
     recoveries: int = 0
@@ -204,6 +205,8 @@ class PipelineOwner:
             verify_checksum=level is not ValidationLevel.OFF,
         )
         mode = job.replay or self.config.replay
+        if result.trace is not None:
+            result.trace.validation, result.trace.replay = level.value, mode.value
         owned = _Owned(
             assembler,
             plan,
@@ -279,6 +282,9 @@ class PipelineOwner:
                     _drain(owned.inbox)
                     self.stats.recoveries += 1
             self.stats.finished += 1
+        except (GeneratorExit, asyncio.CancelledError):
+            self.stats.cancelled += 1  # the client went away: not a failure of the pipeline
+            raise
         except BaseException:
             self.stats.failed += 1
             raise
@@ -543,6 +549,7 @@ class PipelineOwner:
             "requests": self.stats.requests,
             "finished": self.stats.finished,
             "failed": self.stats.failed,
+            "cancelled": self.stats.cancelled,
             "late_messages": self.stats.late_messages,
             "resend_requests": self.stats.resend_requests,
             "recoveries": self.stats.recoveries,

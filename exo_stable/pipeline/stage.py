@@ -107,6 +107,7 @@ class StageStats:
     source_checksum_failures: int = 0  # strict: activations whose sender's checksum did not match (also bad)
     spot_checks: int = 0  # strict: steps computed twice
     spot_check_mismatches: int = 0  # ... whose two results differed
+    refused_per_owner: int = 0  # request opens past the per-owner share of the slots
     build_ahead_busy: int = 0  # next steps not built ahead because the stage served other requests too
 
 
@@ -118,6 +119,7 @@ class StageConfig:
     index: int
     dtype: Dtype
     max_requests: int = 16
+    max_requests_per_owner: int = 12  # one owner node may hold this many of the slots (the others keep some)
     load_timeout_s: float = 600.0
     step_timeout_s: float = 120.0
     send_timeout_s: float = 30.0
@@ -163,6 +165,10 @@ class StageActor(Actor[StageMessage]):
     @property
     def open_requests(self) -> int:
         return len(self._requests)
+
+    def owner_of(self, request_id: str) -> str | None:
+        request = self._requests.get(request_id)
+        return None if request is None else request.owner
 
     def request_owners(self) -> list[tuple[str, str, int]]:
         """(request id, owner node, plan epoch) of every request this stage holds."""
@@ -234,6 +240,10 @@ class StageActor(Actor[StageMessage]):
             self._assembler.discard(msg.request_id)
             await self._run(self._compute.close, msg.request_id)
         try:
+            held = sum(1 for r in self._requests.values() if r.owner == msg.owner)
+            if msg.request_id not in self._requests and held >= self.config.max_requests_per_owner:
+                self.stats.refused_per_owner += 1
+                raise StageBusy(f"{msg.owner} already holds {held} of this stage's requests")
             await self._run(self._compute.open, msg.request_id, params, msg.history)
             self._requests[msg.request_id] = _Request(
                 msg.owner,
