@@ -129,18 +129,29 @@ def check_chat(req: s.ChatCompletionRequest) -> None:
         raise refused("modalities", 'this model produces text only (["text"])')
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    if req.tools:
-        raise refused("tools", "tool calls are not implemented yet")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise refused("tool_choice", "tool calls are not implemented yet")
-    if req.parallel_tool_calls is not None and req.tools:
-        raise refused("parallel_tool_calls", "tool calls are not implemented yet")
+    names = [t.function.name for t in req.tools or []]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "tool names must be unique", param="tools")
+    if req.tool_choice == "required" and not names:
+        raise ApiError(400, 'tool_choice "required" needs tools', param="tool_choice")
+    if isinstance(req.tool_choice, s.NamedToolChoice) and req.tool_choice.function.name not in names:
+        raise ApiError(400, f"tool_choice names {req.tool_choice.function.name!r}, not in tools", param="tool_choice")
+    if forced_tool(req) and req.response_format is not None and req.response_format.type != "text":
+        raise refused("response_format", "a forced tool call already constrains the output")
     for i, message in enumerate(req.messages):
         check_message(message, f"messages[{i}]")
 
 
+def forced_tool(req: s.ChatCompletionRequest) -> bool:
+    return bool(req.tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, s.NamedToolChoice))
+
+
 def check_message(message: s.ChatMessageIn, where: str) -> None:
     """Only text reaches the model: any other content part is refused by its place in the request."""
+    if message.tool_calls is not None and message.role != "assistant":
+        raise ApiError(400, "only assistant messages carry tool_calls", param=f"{where}.tool_calls")
+    if message.role == "tool" and not message.tool_call_id:
+        raise ApiError(400, "a tool message needs tool_call_id", param=f"{where}.tool_call_id")
     if isinstance(message.content, list):
         for j, part in enumerate(message.content):
             if part.type != "text" or part.text is None:
@@ -155,8 +166,6 @@ def check_message(message: s.ChatMessageIn, where: str) -> None:
         ("refusal", message.refusal),
         ("function_call", message.function_call),
         ("audio", message.audio),
-        ("tool_calls", message.tool_calls),
-        ("tool_call_id", message.tool_call_id),
     ):
         if value is not None:
             why = "the chat template has no place for it" if name == "name" else "not implemented yet"
