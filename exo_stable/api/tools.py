@@ -233,11 +233,6 @@ class ToolPlan:
 def plan(req: s.ChatCompletionRequest, template: str | None) -> ToolPlan | None:
     """None when neither tools nor earlier calls are in the request. With ``tool_choice: "none"`` the earlier
     calls and results are rendered but no tool is offered (``names`` is empty: nothing is parsed)."""
-    history = any(m.tool_calls or m.role == "tool" for m in req.messages)
-    if not req.tools and not history:
-        return None
-    offered = req.tools if req.tools and req.tool_choice != "none" else []
-    defs = [msgspec.to_builtins(t) for t in offered]
     messages = []
     for m in req.messages:
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -246,10 +241,25 @@ def plan(req: s.ChatCompletionRequest, template: str | None) -> ToolPlan | None:
         if m.tool_call_id:
             message["tool_call_id"] = m.tool_call_id
         messages.append(message)
-    rendered, template_tools = prompt_messages(messages, defs, template)
-    forced = req.tool_choice.function.name if isinstance(req.tool_choice, s.NamedToolChoice) else None
-    text = forced_grammar(defs, forced, template) if req.tool_choice == "required" or forced else ""
-    return ToolPlan(rendered, template_tools, text, frozenset(t.function.name for t in offered))
+    choice = req.tool_choice
+    name = choice.function.name if isinstance(choice, s.NamedToolChoice) else choice
+    defs = [msgspec.to_builtins(t) for t in req.tools or []]
+    return plan_from(messages, defs, name, template)
+
+
+def plan_from(
+    messages: list[dict[str, Any]], defs: list[dict[str, Any]], choice: str | None, template: str | None
+) -> ToolPlan | None:
+    """:func:`plan` for any dialect: OpenAI-shaped messages and tool definitions; ``choice`` is ``auto``
+    (or None), ``none``, ``required``, or the name of the function to call."""
+    history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if not defs and not history:
+        return None
+    offered = defs if choice != "none" else []
+    rendered, template_tools = prompt_messages(messages, offered, template)
+    forced = None if choice in (None, "auto", "none", "required") else choice
+    text = forced_grammar(offered, forced, template) if offered and (choice == "required" or forced) else ""
+    return ToolPlan(rendered, template_tools, text, frozenset(t["function"]["name"] for t in offered))
 
 
 def calls_out(calls: Sequence[ToolCall]) -> list[s.ToolCallOut]:
