@@ -182,3 +182,35 @@ def test_chat_in_a_browser(server: ServerProcess) -> None:
         screenshot(driver, "chat-phone", PHONE)
         driver.set_window_size(*DESKTOP)
         assert console_errors(driver) == []
+
+        # The model's text is untrusted: markdown's HTML is sanitized, code is highlighted.
+        hostile = (
+            "Run this:\n\n```python\ndef f(x):\n    return x + 1\n```\n\n"
+            '<img src="data:," onerror="window.pwned = 1"><script>window.pwned = 2</script>'
+            '<a href="javascript:window.pwned = 3">link</a> **bold**'
+        )
+        driver.execute_script(
+            """
+            const list = JSON.parse(localStorage.getItem('exo-stable.conversations.v1'));
+            const messages = [{role: 'user', content: 'hi'}, {role: 'assistant', content: arguments[0], meta: {}}];
+            list.unshift({id: 'hostile', title: 'Hostile', titled: true, created: 1, updated: Date.now(), settings: {},
+                          messages});
+            localStorage.setItem('exo-stable.conversations.v1', JSON.stringify(list));
+            localStorage.setItem('exo-stable.active', 'hostile');
+            """,
+            hostile,
+        )
+        driver.refresh()
+        wait(driver, lambda d: d.execute_script("return document.body.dataset.ready"), 20, "the reloaded page")
+        body = driver.find_element("css selector", "article.assistant .body")
+        assert body.find_elements("css selector", "pre code.hljs span.hljs-keyword"), body.get_attribute("innerHTML")
+        assert body.find_element("css selector", "strong").text == "bold"
+        assert not body.find_elements("css selector", "script")
+        for link in body.find_elements("css selector", "a"):
+            assert not (link.get_attribute("href") or "").startswith("javascript:")
+            link.click()
+        assert driver.execute_script("return window.pwned") is None
+        driver.set_window_size(*DESKTOP)
+        # The only complaint left is the page's Content-Security-Policy refusing the handler (DOMPurify parses the
+        # text in an inert document, where Chrome still checks the policy): a second wall, not a failure.
+        assert all("has been blocked" in e for e in console_errors(driver))
