@@ -39,7 +39,7 @@ from cluster_proc import free_port_block
 pytestmark = pytest.mark.timeout(420)
 
 PROMPT = "Count from 1 to 100, separated by commas."
-MAX_TOKENS = 40
+MAX_TOKENS = 48
 
 
 @dataclass
