@@ -117,6 +117,16 @@ def test_chat_in_a_browser(server: ServerProcess) -> None:
         first_id = meta["request_id"]
         screenshot(driver, "chat")
 
+        # The full trace needs the key: the page fetches it with the key and opens it in a new tab.
+        page = driver.current_window_handle
+        driver.find_element("css selector", "article.assistant a.trace-link").click()
+        wait(driver, lambda d: len(d.window_handles) == 2, 10, "the trace's tab")
+        driver.switch_to.window(next(h for h in driver.window_handles if h != page))
+        full = json.loads(wait(driver, lambda d: d.find_element("tag name", "body").text, 10, "the trace"))
+        assert full["object"] == "exo.trace" and full["id"] == first_id and full["step_records"]
+        driver.close()
+        driver.switch_to.window(page)
+
         # Regenerate: a new request (greedy: the same text).
         driver.find_element("css selector", "article.assistant button.regenerate").click()
         wait(
