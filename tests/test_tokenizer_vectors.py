@@ -1,0 +1,117 @@
+"""llama.cpp's own tokenizer test vectors (``ggml-vocab-*.gguf`` + ``.inp`` / ``.out``), none written here.
+
+The files come from the llama-cpp-python source distribution on PyPI, fetched once into
+``~/.cache/exo-stable/llama-vocab/`` (see ``tests/vocab_vectors.py``). Every case of every vocabulary
+must give exactly llama.cpp's ids (``add_special=False``, ``parse_special=False``, as test-tokenizer-0 runs
+them), and the ids must decode back to the text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vocab_vectors import read_cases, vocab_dir_fixture, vocabularies  # noqa: F401  (the vocab_dir fixture)
+
+from exo_stable.tokenizer import Tokenizer, TokenizerError
+
+# Vocabularies with vectors, and the families that use them. All must be exact.
+EXACT = {
+    "llama-spm": "Llama 1/2, Mistral v0.1-v0.3, TinyLlama (SentencePiece)",
+    "phi-3": "Phi-3 (SentencePiece)",
+    "gemma-4": "Gemma 4 (raw-UTF-8 BPE)",
+    "llama-bpe": "Llama 3.x (byte-level BPE)",
+    "qwen2": "Qwen2, Qwen2.5, Qwen3, Qwen3-MoE",
+    "qwen35": "Qwen3.5",
+    "deepseek-llm": "DeepSeek LLM",
+    "deepseek-coder": "DeepSeek Coder",
+    "command-r": "Command-R",
+    "gpt-2": "GPT-2",
+    "starcoder": "StarCoder",
+    "refact": "Refact",
+    "falcon": "Falcon",
+    "mpt": "MPT",
+}
+REFUSED = {"bert-bge": "bert"}  # WordPiece embedding models: not served
+
+
+def test_every_vocabulary_with_vectors_is_classified(vocab_dir: Path) -> None:
+    assert sorted(vocabularies(vocab_dir)) == sorted([*EXACT, *REFUSED])
+
+
+@pytest.mark.parametrize("vocab", sorted(EXACT))
+def test_vocabulary_matches_llamacpp(vocab_dir: Path, vocab: str) -> None:
+    tok = Tokenizer.from_gguf(vocab_dir / f"ggml-vocab-{vocab}.gguf")
+    cases = read_cases(vocab_dir, vocab)
+    assert len(cases) >= 40
+    wrong = [(text, expected, got) for text, expected in cases if (got := tok.encode(text)) != expected]
+    assert not wrong, f"{vocab}: {len(cases) - len(wrong)}/{len(cases)} exact; first: {wrong[0]!r:.400}"
+    for text, expected in cases:
+        decoded = tok.decode(expected)
+        if tok.kind == "sentencepiece" and text:
+            decoded = decoded.removeprefix(" ")  # the space SentencePiece puts before the text
+        assert decoded == text
+
+
+@pytest.mark.parametrize("vocab", sorted(REFUSED))
+def test_unsupported_vocabulary_is_refused_clearly(vocab_dir: Path, vocab: str) -> None:
+    with pytest.raises(TokenizerError, match=repr(REFUSED[vocab])):
+        Tokenizer.from_gguf(vocab_dir / f"ggml-vocab-{vocab}.gguf")
+
+
+# A tokenizer.json that no one here wrote: transformers' own GGUF-to-tokenizers converter turns the vocabulary
+# into the `tokenizer.json` an HF / MLX model directory carries; loaded through Tokenizer.from_hf_dir it must
+# still give llama.cpp's ids. (For other vocabularies the converter itself differs from llama.cpp.)
+HF_EXACT = ("gpt-2", "phi-3", "qwen2")
+
+
+def _write_hf_dir(vocab_dir: Path, vocab: str, out: Path) -> None:
+    converter = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    import mlx.core as mx
+
+    loaded: Any = mx.load(str(vocab_dir / f"ggml-vocab-{vocab}.gguf"), return_metadata=True)
+    meta = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in loaded[1].items()}
+    names = converter.GGUF_TOKENIZER_MAPPING["tokenizer"]
+    fields = {name: meta[f"tokenizer.{key}"] for key, name in names.items() if f"tokenizer.{key}" in meta}
+    backend, _ = converter.convert_gguf_tokenizer(meta["general.architecture"], fields)
+    out.mkdir()
+    backend.save(str(out / "tokenizer.json"))
+    tokens = meta["tokenizer.ggml.tokens"]
+    config = {
+        "eos_token": tokens[meta["tokenizer.ggml.eos_token_id"]],
+        "chat_template": meta.get("tokenizer.chat_template"),
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+@pytest.mark.parametrize("vocab", HF_EXACT)
+def test_hf_tokenizer_json_matches_llamacpp(vocab_dir: Path, vocab: str, tmp_path: Path) -> None:
+    _write_hf_dir(vocab_dir, vocab, tmp_path / vocab)
+    tok = Tokenizer.from_hf_dir(tmp_path / vocab)
+    gguf = Tokenizer.from_gguf(vocab_dir / f"ggml-vocab-{vocab}.gguf")
+    assert tok.vocab_size == gguf.vocab_size
+    assert tok.chat_template == gguf.chat_template
+    for text, expected in read_cases(vocab_dir, vocab):
+        assert tok.encode(text) == expected, text
+    assert tok.eos_ids >= {gguf.eos_id}
+
+
+@pytest.fixture(scope="module")
+def llama_spm(vocab_dir: Path) -> Tokenizer:
+    return Tokenizer.from_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet=st.sampled_from([*" \u2581\n\tabcXYZ'.,!é日本😀", "\u00a0"]) | st.characters(), max_size=40)
+)
+def test_spm_word_by_word_equals_whole_text(llama_spm: Tokenizer, text: str) -> None:
+    # The word-by-word shortcut (with its cache) must give the ids of llama.cpp's merge over the whole text.
+    model: Any = llama_spm.model
+    assert model.encode(text, True) == model._merge((" " + text).replace(" ", "\u2581"))
+    if text and "\u2581" not in text:  # an input ▁ reads back as a space, in llama.cpp too
+        assert llama_spm.decode(llama_spm.encode(text)) == " " + text
