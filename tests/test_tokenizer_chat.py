@@ -162,3 +162,15 @@ def test_hf_dir_stop_tokens_from_config_lists(vocab_dir: Path, tmp_path: Path) -
         assert stream.push(tok.encode("Hi")[0]).finish_reason is None
         delta = stream.push(stop)
         assert delta.finish_reason == "stop" and stream.text == "Hi"
+
+
+@pytest.mark.parametrize(("vocab", "dropped"), [("llama-spm", True), ("phi-3", True), ("qwen2", False)])
+def test_completion_drops_only_sentencepieces_prefix_space(vocab_dir: Path, vocab: str, dropped: bool) -> None:
+    tok = Tokenizer.from_gguf(vocab_dir / f"ggml-vocab-{vocab}.gguf")
+    assert tok.space_prefix is dropped
+    ids = tok.encode(("" if dropped else " ") + "Paris, of course. 日本")  # SentencePiece writes the space itself
+    stream = TextStream(tok, max_tokens=len(ids))
+    text = "".join(stream.push(i).text for i in ids)
+    decoded = tok.decode(ids)
+    assert text == stream.text == (decoded.removeprefix(" ") if dropped else decoded)
+    assert text.startswith("Paris" if dropped else " Paris")

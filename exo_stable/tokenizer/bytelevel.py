@@ -173,6 +173,7 @@ class ByteLevelBPE:
     """The BPE of a byte-level vocabulary: ids of text that holds no special tokens."""
 
     kind = "byte-level-bpe"
+    space_prefix = False
 
     def __init__(self, hf: HFTokenizer, merges: Sequence[str]) -> None:
         self.hf = hf

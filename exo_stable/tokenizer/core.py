@@ -66,6 +66,8 @@ class TextModel(Protocol):
     """Tokenizes text that holds no special tokens."""
 
     kind: str
+    #: Whether text after a special token gets a space put before it (SentencePiece's prefix space).
+    space_prefix: bool
 
     def encode(self, text: str, after_special: bool) -> list[int]:
         """Ids of ``text``; ``after_special`` is true at the start of the text and after a special token."""
@@ -212,6 +214,15 @@ class Tokenizer:
     def special_ids(self) -> frozenset[int]:
         """The control tokens' ids."""
         return self._control
+
+    @property
+    def space_prefix(self) -> bool:
+        """Whether the model writes a space before text that follows a special token (SentencePiece).
+
+        A completion's first token then starts with that space, which is not part of the answer; the
+        text stream drops it, as mlx-lm and ``transformers`` do when decoding.
+        """
+        return self.model.space_prefix
 
     @property
     def kind(self) -> str:

@@ -33,8 +33,9 @@ class HFPipeline:
 
     kind = "tokenizer.json"
 
-    def __init__(self, hf: HFTokenizer, source: str) -> None:
+    def __init__(self, hf: HFTokenizer, source: str, space_prefix: bool) -> None:
         self.hf = hf
+        self.space_prefix = space_prefix
         self.hf.encode_special_tokens = True  # special tokens are split by the caller
         self._digest = hashlib.sha256(source.encode()).hexdigest()
 
@@ -76,6 +77,19 @@ def _post_processor_adds_bos(post: Any, bos_text: str | None) -> bool:
         single = post.get("single") or []
         first = single[0] if single else None
         return isinstance(first, Mapping) and (first.get("SpecialToken") or {}).get("id") == bos_text
+    return False
+
+
+def _decoder_strips_space(decoder: Any) -> bool:
+    """Whether the decoder drops the space SentencePiece puts before a text (Strip or Metaspace)."""
+    if not isinstance(decoder, Mapping):
+        return False
+    if decoder.get("type") == "Sequence":
+        return any(_decoder_strips_space(d) for d in decoder.get("decoders") or [])
+    if decoder.get("type") == "Strip":
+        return decoder.get("content") == " " and int(decoder.get("start", 0)) > 0
+    if decoder.get("type") == "Metaspace":
+        return decoder.get("prepend_scheme", "always") != "never" and decoder.get("add_prefix_space", True) is not False
     return False
 
 
@@ -125,7 +139,7 @@ def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
         merges = [m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in raw_merges]
         model = ByteLevelBPE(hf, merges)
     else:
-        model = HFPipeline(hf, source)
+        model = HFPipeline(hf, source, _decoder_strips_space(spec.get("decoder")))
     if byte_level:
         plain = [byte_level_bytes(tok) for tok in tokens]
     else:

@@ -25,6 +25,7 @@ class RawBPE:
     """Merges by rank on raw characters, with ``<0xAB>`` byte fallback."""
 
     kind = "raw-bpe"
+    space_prefix = False
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str]) -> None:
         vocab: dict[str, int] = {}

@@ -40,6 +40,7 @@ class SentencePiece:
             self._ids[tok] = i  # llama.cpp's text-to-token map keeps the last of duplicate texts
         self._scores = tuple(scores)
         self.add_space_prefix = add_space_prefix
+        self.space_prefix = add_space_prefix
         # When no piece holds a ▁ that follows another character, no merge can cross a word start, so words
         # are tokenized (and cached) one by one: the same ids as the whole text, much faster.
         self._by_word = not any(_WORD_START.search(tok) for tok in tokens)
