@@ -174,3 +174,16 @@ def test_completion_drops_only_sentencepieces_prefix_space(vocab_dir: Path, voca
     decoded = tok.decode(ids)
     assert text == stream.text == (decoded.removeprefix(" ") if dropped else decoded)
     assert text.startswith("Paris" if dropped else " Paris")
+
+
+def test_phi3_special_tokens_swallow_the_whitespace_after_them(templates: dict[str, Tokenizer]) -> None:
+    # llama.cpp gives Phi-3's special tokens (not <s>, <unk>, <|endoftext|>) the RSTRIP attribute.
+    tok = templates["phi-3"]
+    user, end, assistant, eot = (tok.token_to_id(t) for t in ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>"))
+    assert None not in (user, end, assistant, eot)
+    ids = tok.encode("<|user|>\n Hi <|end|>\n<|assistant|>\n", parse_special=True)
+    assert ids == [user, *tok.encode("Hi "), end, assistant]
+    assert tok.encode("<|endoftext|>\nHi", parse_special=True) == [eot, *tok.encode("\nHi")]
+    rendered = tok.render_chat([{"role": "user", "content": "Hi"}])
+    assert tok.encode_chat([{"role": "user", "content": "Hi"}]) == [tok.bos_id, user, *tok.encode("Hi"), end, assistant]
+    assert rendered.endswith("<|user|>\nHi<|end|>\n<|assistant|>\n")

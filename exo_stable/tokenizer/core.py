@@ -62,6 +62,9 @@ EOG_TEXTS = frozenset(
 )
 
 
+_C_SPACE = " \t\n\v\f\r"  # C's isspace(), which llama.cpp's LSTRIP / RSTRIP use
+
+
 class TextModel(Protocol):
     """Tokenizes text that holds no special tokens."""
 
@@ -113,6 +116,8 @@ class Tokenizer:
         chat_template: str | None,
         pre_tokenizer_name: str,
         hf: HFTokenizer | None = None,
+        lstrip_ids: Iterable[int] = (),
+        rstrip_ids: Iterable[int] = (),
     ) -> None:
         """Prefer the ``from_*`` constructors; this one takes already validated parts."""
         self.model = model
@@ -143,6 +148,9 @@ class Tokenizer:
             (t, i) for t, i in self._specials_all if i in self._user_defined
         )
         self._template = compile_template(chat_template) if chat_template is not None else None
+        # Special tokens that swallow the whitespace before / after them (llama.cpp's LSTRIP / RSTRIP).
+        self._lstrip: frozenset[int] = frozenset(lstrip_ids)
+        self._rstrip: frozenset[int] = frozenset(rstrip_ids)
 
     # ---------------------------------------------------------------------------------------- builders
 
@@ -239,6 +247,7 @@ class Tokenizer:
         Follows llama.cpp: tokens from longest to shortest each claim all their non-overlapping occurrences
         in the still-unclaimed text. Control-token occurrences overlapping a ``protected`` span (message
         content) are left as text; user-defined tokens are matched everywhere, as llama.cpp always does.
+        Tokens marked lstrip / rstrip also take the whitespace before / after them (Phi-3's specials).
         """
         pieces: list[int | tuple[int, int]] = [(0, len(text))] if text else []
         starts = [s for s, _ in protected]
@@ -257,9 +266,16 @@ class Tokenizer:
                     if protected and tok_id in self._control and _spans_overlap(protected, starts, hit, stop):
                         search = hit + 1
                         continue
-                    if hit > cursor:
-                        out.append((cursor, hit))
+                    left = hit
+                    if tok_id in self._lstrip:
+                        while left > cursor and text[left - 1] in _C_SPACE:
+                            left -= 1
+                    if left > cursor:
+                        out.append((cursor, left))
                     out.append(tok_id)
+                    if tok_id in self._rstrip:
+                        while stop < end and text[stop] in _C_SPACE:
+                            stop += 1
                     cursor = search = stop
                 if cursor < end:
                     out.append((cursor, end))

@@ -69,6 +69,16 @@ def _byte_level(
     return ByteLevelBPE(hf, merges), pre, spec.add_bos
 
 
+def _phi3_rstrip(metadata: Mapping[str, Any], tokens: list[str], specials: set[int]) -> set[int]:
+    """llama.cpp makes Phi-3's special tokens swallow the whitespace after them (as its tokenizer.json does)."""
+    name = (meta_str(metadata, "general.name") or "").lower()
+    if "phi-3" not in name and "phi3" not in name:
+        return set()
+    ids = {tok: i for i, tok in enumerate(tokens)}
+    rstrip = specials | {ids["</s>"]} if "</s>" in ids else set(specials)
+    return rstrip - {ids[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in ids}
+
+
 def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
     """The tokenizer llama.cpp would build from this GGUF metadata."""
     kind = meta_str(metadata, "tokenizer.ggml.model")
@@ -127,4 +137,5 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
         chat_template=meta_str(metadata, "tokenizer.chat_template"),
         pre_tokenizer_name=pre,
         hf=hf,
+        rstrip_ids=_phi3_rstrip(metadata, tokens, control | user_defined),
     )

@@ -128,8 +128,14 @@ def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
         tokens[tid] = tok
     control: set[int] = set()
     user_defined: set[int] = set()
+    lstrip: set[int] = set()
+    rstrip: set[int] = set()
     for added in spec.get("added_tokens") or []:
         (control if added.get("special") else user_defined).add(int(added["id"]))
+        if added.get("lstrip"):
+            lstrip.add(int(added["id"]))
+        if added.get("rstrip"):
+            rstrip.add(int(added["id"]))
     eog_by_text = {i for i in control | user_defined if tokens[i] in EOG_TEXTS}
     control |= eog_by_text
 
@@ -176,4 +182,6 @@ def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
         chat_template=_chat_template(path, config),
         pre_tokenizer_name=pre_name if isinstance(pre_name, str) else "tokenizer.json",
         hf=hf,
+        lstrip_ids=lstrip,
+        rstrip_ids=rstrip,
     )
