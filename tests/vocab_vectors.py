@@ -53,9 +53,10 @@ def fetch() -> Path:
         raise Unreachable("pypi.org:443 is unreachable")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps"]
+        # Only this package as source: `--no-binary :all:` would also build its build tools from source.
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", "llama-cpp-python", "--no-deps"]
         cmd += [f"llama-cpp-python=={VERSION}", "-d", tmp]
-        subprocess.run(cmd, check=True, timeout=600)
+        subprocess.run(cmd, check=True, timeout=300)
         sdist = Path(tmp) / f"llama_cpp_python-{VERSION}.tar.gz"
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != SHA256:
