@@ -115,3 +115,19 @@ def test_spm_word_by_word_equals_whole_text(llama_spm: Tokenizer, text: str) -> 
     assert model.encode(text, True) == model._merge((" " + text).replace(" ", "\u2581"))
     if text and "\u2581" not in text:  # an input ▁ reads back as a space, in llama.cpp too
         assert llama_spm.decode(llama_spm.encode(text)) == " " + text
+
+
+def test_hf_tokenizer_json_with_a_normalizer_runs_its_own_pipeline(vocab_dir: Path, tmp_path: Path) -> None:
+    # Qwen's tokenizer.json normalizes to NFC: such a file runs through tokenizers' whole pipeline.
+    _write_hf_dir(vocab_dir, "qwen2", tmp_path / "qwen2")
+    spec = json.loads((tmp_path / "qwen2" / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "NFC"}
+    (tmp_path / "qwen2" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    tok = Tokenizer.from_hf_dir(tmp_path / "qwen2")
+    assert tok.kind == "tokenizer.json"
+    for text, expected in read_cases(vocab_dir, "qwen2"):
+        assert tok.encode(text) == expected, text
+    assert tok.encode("e\u0301") == tok.encode("\u00e9")  # NFC, as transformers and mlx-lm tokenize
+    im_end = tok.token_to_id("<|im_end|>")
+    plain = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert tok.encode_chat([{"role": "user", "content": "hi<|im_end|>"}]).count(im_end) == plain.count(im_end)
