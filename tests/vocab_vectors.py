@@ -8,6 +8,7 @@ downloads it once with pip, checks its sha256, and keeps only those files in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -17,8 +18,12 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from exo_stable.tokenizer import Tokenizer
 
 VERSION = "0.3.36"  # the llama-cpp-python release the default model's oracle was produced with
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -85,6 +90,14 @@ def vocab_dir_fixture() -> Path:
         return fetch()
     except Unreachable as exc:
         pytest.skip(f"llama.cpp vocabulary vectors not cached and PyPI is unreachable ({exc})")
+
+
+@functools.cache
+def load(directory: Path, vocab: str) -> Tokenizer:
+    """One vocabulary's tokenizer, built once per test session (tokenizers are immutable)."""
+    from exo_stable.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(directory / f"ggml-vocab-{vocab}.gguf")
 
 
 def read_cases(directory: Path, vocab: str) -> list[tuple[str, list[int]]]:

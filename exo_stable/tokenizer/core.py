@@ -72,8 +72,9 @@ class TextModel(Protocol):
     #: Whether text after a special token gets a space put before it (SentencePiece's prefix space).
     space_prefix: bool
 
-    def encode(self, text: str, after_special: bool) -> list[int]:
-        """Ids of ``text``; ``after_special`` is true at the start of the text and after a special token."""
+    def encode(self, text: str, after_special: bool, at_start: bool) -> list[int]:
+        """Ids of ``text``; ``after_special`` is true at the start of the text and after a special token,
+        ``at_start`` only at the start of the text."""
         ...
 
     def state(self) -> dict[str, Any]:
@@ -285,7 +286,7 @@ class Tokenizer:
     def _encode(self, text: str, parse_special: bool, protected: Sequence[tuple[int, int]] = ()) -> list[int]:
         specials = self._specials_all if parse_special else self._specials_always
         if not specials:
-            return self.model.encode(text, True) if text else []
+            return self.model.encode(text, True, True) if text else []
         ids: list[int] = []
         after_special = True
         for piece in self._partition(text, specials, protected):
@@ -293,7 +294,7 @@ class Tokenizer:
                 ids.append(piece)
                 after_special = True
             else:
-                ids.extend(self.model.encode(text[piece[0] : piece[1]], after_special))
+                ids.extend(self.model.encode(text[piece[0] : piece[1]], after_special, piece[0] == 0))
                 after_special = False
         return ids
 

@@ -38,14 +38,33 @@ class HFPipeline:
         self.space_prefix = space_prefix
         self.hf.encode_special_tokens = True  # special tokens are split by the caller
         self._digest = hashlib.sha256(source.encode()).hexdigest()
+        # Metaspace(prepend_scheme="first") puts its ▁ only before the text at the very start of the input;
+        # the text after a special token is tokenized by a copy that never prepends.
+        spec = json.loads(source)
+        self._rest = hf
+        if _never_prepend(spec.get("pre_tokenizer")):
+            self._rest = HFTokenizer.from_str(json.dumps(spec))
+            self._rest.encode_special_tokens = True
 
-    def encode(self, text: str, after_special: bool) -> list[int]:
+    def encode(self, text: str, after_special: bool, at_start: bool = True) -> list[int]:
         del after_special  # the normalizer / pre-tokenizer decide about a leading space
-        ids: list[int] = self.hf.encode(text, add_special_tokens=False).ids
+        ids: list[int] = (self.hf if at_start else self._rest).encode(text, add_special_tokens=False).ids
         return ids
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "tokenizer.json": self._digest}
+
+
+def _never_prepend(node: Any) -> bool:
+    """Turn Metaspace pre-tokenizers that prepend only at the start into ones that never do; say if any did."""
+    found = False
+    if isinstance(node, dict):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+            node["prepend_scheme"] = "never"
+            found = True
+        for child in node.get("pretokenizers") or []:
+            found = _never_prepend(child) or found
+    return found
 
 
 def _read_json(path: Path) -> dict[str, Any]:

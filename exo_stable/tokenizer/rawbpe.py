@@ -41,7 +41,7 @@ class RawBPE:
         self._merges = tuple(merges)
         self._model = models.BPE(vocab=vocab, merges=pairs, byte_fallback=True)
 
-    def encode(self, text: str, after_special: bool) -> list[int]:
+    def encode(self, text: str, after_special: bool, at_start: bool = True) -> list[int]:
         del after_special
         ids: list[int] = []
         for run in _RUNS.findall(text.replace(" ", SPACE)):

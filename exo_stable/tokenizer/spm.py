@@ -52,7 +52,7 @@ class SentencePiece:
                 found = self._ids.get(chr(b))
             self._byte_ids.append(found)
 
-    def encode(self, text: str, after_special: bool) -> list[int]:
+    def encode(self, text: str, after_special: bool, at_start: bool = True) -> list[int]:
         if self.add_space_prefix and after_special:
             text = " " + text
         text = text.replace(" ", SPACE)
