@@ -171,3 +171,25 @@ def test_sentencepiece_agrees_with_tokenizers_beyond_the_vectors(
     # Our SentencePiece merge (llama.cpp's algorithm) against tokenizers' BPE on the converter's merges:
     # two independent implementations, on text the vectors do not hold.
     assert load(vocab_dir, "phi-3").encode(text) == phi3_reference.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("vocab", ["llama-spm", "phi-3"])
+def test_sentencepiece_written_as_tokenizer_json_keeps_its_ids(vocab_dir: Path, vocab: str, tmp_path: Path) -> None:
+    # save_hf_dir writes a SentencePiece vocabulary as BPE with byte fallback (how an MLX directory carries
+    # it); loaded back it must still give llama.cpp's ids, split special tokens the same way and decode alike.
+    gguf = load(vocab_dir, vocab)
+    gguf.save_hf_dir(tmp_path)
+    tok = Tokenizer.from_hf_dir(tmp_path)
+    assert tok.kind == "tokenizer.json" and tok.space_prefix
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.chat_template) == (
+        gguf.bos_id,
+        gguf.eos_ids,
+        gguf.add_bos,
+        gguf.chat_template,
+    )
+    special = tok.id_to_token(max(tok.special_ids))
+    for text, expected in read_cases(vocab_dir, vocab):
+        assert tok.encode(text) == expected, text
+        assert tok.decode(expected) == gguf.decode(expected)
+        sample = f"{text}{special}{text}"
+        assert tok.encode(sample, parse_special=True) == gguf.encode(sample, parse_special=True), sample

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -116,7 +116,7 @@ class Tokenizer:
         add_bos: bool,
         chat_template: str | None,
         pre_tokenizer_name: str,
-        hf: HFTokenizer | None = None,
+        hf: HFTokenizer | Callable[[], HFTokenizer] | None = None,
         lstrip_ids: Iterable[int] = (),
         rstrip_ids: Iterable[int] = (),
     ) -> None:
@@ -179,12 +179,17 @@ class Tokenizer:
         return tokenizer_from_hf_dir(Path(path))
 
     def save_hf_dir(self, path: Path) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json``, from which :meth:`from_hf_dir` loads."""
+        """Write ``tokenizer.json`` and ``tokenizer_config.json``, from which :meth:`from_hf_dir` loads.
+
+        Byte-level BPE is written as it runs; SentencePiece as the BPE-with-byte-fallback form ``transformers``
+        uses for it (merges ordered by the merged piece's score), which gives the same ids.
+        """
         if self._hf is None:
             raise ValueError(f"a {self.model.kind} tokenizer cannot be written as tokenizer.json")
+        hf = self._hf if isinstance(self._hf, HFTokenizer) else self._hf()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self._hf.save(str(path / "tokenizer.json"))
+        hf.save(str(path / "tokenizer.json"))
         config: dict[str, Any] = {
             "add_bos_token": self.add_bos,
             "bos_token": self._tokens[self.bos_id] if self.bos_id is not None else None,
