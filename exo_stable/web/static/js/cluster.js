@@ -33,7 +33,7 @@ export class ClusterView {
     clearTimeout(this.timer);
     if (!this.active || document.hidden) return;
     try {
-      const health = await getJSON("/health");
+      const health = await getJSON("/health", { also: [503] });
       let cluster = null;
       try {
         cluster = await getJSON("/v1/cluster");
@@ -60,6 +60,9 @@ export class ClusterView {
       ? h("p", { class: "status offline", text: `Not answering: ${problem}` })
       : h("p", { class: "status live", text: `Live · updated ${this.updated ? this.updated.toLocaleTimeString() : "–"}` });
     parts.push(status);
+    if (health && health.status === "unavailable") {
+      parts.push(h("p", { class: "status offline", text: `This node cannot serve requests now: ${health.reason}` }));
+    }
     if (health) parts.push(...(cluster ? this.clusterParts(health, cluster) : this.singleParts(health)));
     this.root.replaceChildren(...parts);
   }
