@@ -97,6 +97,7 @@ class PeerManager:
         self._links: list[PeerLink] = []
         self._tg: asyncio.TaskGroup | None = None
         self._ready = asyncio.Event()
+        self._closing = False  # set once stop is: no new link is made after that
         self._membership = asyncio.Event()
         self.unroutable = 0
 
@@ -129,8 +130,12 @@ class PeerManager:
                         async with asyncio.timeout(min(_POLL_S, self.forget_after_s / 2)):
                             await stop.wait()
                     await self._sweep(time.monotonic())
-                for link in list(self._links):
-                    await link.close()
+                self._closing = True
+                # A probe or a handshake that was under way may still add a link while others close: close
+                # until none is open, or the task group would wait on that link's pump forever.
+                while still_open := [link for link in self._links if not link.closed]:
+                    for link in still_open:
+                        await link.close()
         finally:
             self._tg = None
 
@@ -152,7 +157,7 @@ class PeerManager:
         url = _url(host, port)
         if keep:
             self._kept.add(url)
-        if url in self._dialed:
+        if url in self._dialed or self._closing:
             return
         self._dialed_at[url] = time.monotonic()
         link = PeerLink(self.identity, url=url, secret=self._secret, config=self.config, monitor=self.monitor)
@@ -166,7 +171,9 @@ class PeerManager:
         """Link to ``node_id``, dialing the first of ``candidates`` that accepts a TCP connection (the first of
         them when none does yet: that link keeps retrying). Nothing happens when a link to it exists or is
         being set up."""
-        if not candidates or node_id == self.node_id or node_id in self._probing or self._is_up(node_id):
+        if self._closing or not candidates or node_id == self.node_id or node_id in self._probing:
+            return
+        if self._is_up(node_id):
             return
         if any(_url(h, p) in self._dialed for h, p in candidates):
             return
@@ -199,7 +206,7 @@ class PeerManager:
             self._probing.discard(node_id)
 
     def _accept(self, hello: Hello) -> PeerLink | None:
-        if hello.node_id == self.node_id:
+        if hello.node_id == self.node_id or self._closing:
             return None
         link = PeerLink(
             self.identity, peer_id=hello.node_id, secret=self._secret, config=self.config, monitor=self.monitor
