@@ -63,7 +63,7 @@ from exo_stable.wire.messages import (
     SuspectNode,
     TokenChunk,
 )
-from exo_stable.wire.peerlink import WIRE_PATH
+from exo_stable.wire.peerlink import WIRE_PATH, LinkConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class NodeConfig:
     split: tuple[int, ...] | None = None
     max_stages: int | None = None
     shutdown_timeout_s: float = 10.0
+    peer_timeout_s: float = 1.5
+    """A peer link silent this long (no data, no heartbeat) is down; heartbeats go every quarter of it."""
     replay: ReplayMode = ReplayMode.EXACT
     stage_max_restarts: int = 2
     stage_restart_period_s: float = 30.0
@@ -491,6 +493,9 @@ class Node:
                 dispatch=self.dispatch,
                 on_membership=self._on_membership,
                 secret=config.cluster_secret,
+                config=LinkConfig.from_env(
+                    heartbeat_interval_s=config.peer_timeout_s / 4, heartbeat_timeout_s=config.peer_timeout_s
+                ),
             )
             self.coordinator.wait_links = self.peers.wait_connected_to
             self._say_who_may_join()

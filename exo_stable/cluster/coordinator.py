@@ -329,6 +329,7 @@ class Coordinator:
         self._round_barrier: DistributedBarrier | None = None
         self._loads: set[asyncio.Task[None]] = set()  # plan loads in progress (owned by run's TaskGroup)
         self._pulse = asyncio.Event()  # set (and replaced) on every commit, membership change and suspect change
+        self._lost_member = False  # a member left since the planning loop last woke: re-plan without settling
 
     # -- membership ------------------------------------------------------------------------------------
 
@@ -348,6 +349,7 @@ class Coordinator:
             self.members[peer.node_id] = Member(peer.node_id, peer.memory_bytes, peer.model_fingerprint)
         elif peer in self.members and peer != self.node_id:
             del self.members[peer]
+            self._lost_member = True
         else:
             return
         self.membership_epoch += 1
@@ -447,7 +449,11 @@ class Coordinator:
                     self._notify()
                 if stop.is_set():
                     break
-                await self._settle()
+                if self._lost_member:
+                    # A stage that left stalls every request on its plan: plan now. Joins settle (they burst).
+                    self._lost_member = False
+                else:
+                    await self._settle()
                 self._changed.clear()
                 if self.leader == self.node_id:
                     try:
