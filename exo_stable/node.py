@@ -559,7 +559,8 @@ class Node:
         else:
             return
         print(
-            f"exo-stable: serving {self.source.name} ({self.config.dtype}) on http://{self.config.host}:{port}/v1"
+            f"exo-stable: serving {self.source.name} ({self.config.dtype})"
+            f" on http://{addr.format_host_port(self.config.host, port)}/v1"
             f" as {self.node_id}, plan {plan.epoch}: "
             + " ".join(f"{s.node_id}[{s.start},{s.end})" for s in plan.stages),
             flush=True,

@@ -8,6 +8,7 @@ Skips, with the reason, only where namespaces cannot be created.
 
 from __future__ import annotations
 
+import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netns import PORT, Cluster, Fabric, Stream, fabric_fixture, unavailable
+from netns import PORT, Cluster, Fabric, NsNode, Stream, fabric_fixture, unavailable
 
 REASON = unavailable()
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=REASON or ""), pytest.mark.timeout(300)]
@@ -151,3 +152,33 @@ def test_leader_partitioned_mid_stream(fabric: Fabric, tmp_path: Path) -> None:
             fabric.heal(0)
         _ready(cluster)
         assert _answer(fabric, 0) == expected
+
+
+def test_ipv6_only_nodes_join_through_a_bracketed_seed(fabric: Fabric, tmp_path: Path) -> None:
+    """Bound to ``::`` and joined through ``[fd77::1]:52415``: the nodes advertise and dial IPv6 addresses."""
+    base = ("--cluster-secret", SECRET, "--no-discovery", *TINY)
+    prefix = f"v6{secrets.token_hex(2)}n"
+    nodes = [
+        NsNode(fabric, 0, f"{prefix}0", base, tmp_path / "v0.log", host="::"),
+        NsNode(
+            fabric, 1, f"{prefix}1", (*base, "--peers", f"[{fabric.addr6(0)}]:{PORT}"), tmp_path / "v1.log", host="::"
+        ),
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        try:
+            views = fabric.wait_plan([n.node_id for n in nodes], [0, 1], PLAN_TIMEOUT_S, v6=True)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{nodes[0].log()}\n{nodes[1].log()}") from exc
+        shown = {n["id"]: n["addresses"] for n in views[0]["nodes"]}
+        assert f"[{fabric.addr6(1)}]:{PORT}" in shown[nodes[1].node_id], shown
+        assert all(a.startswith("[fd77::") for addrs in shown.values() for a in addrs), shown
+        stream = Stream(fabric, 1, BODY, v6=True)
+        try:
+            assert stream.result(timeout_s=120).get("done")
+        finally:
+            stream.close()
+    finally:
+        for node in nodes:
+            node.stop()
