@@ -29,14 +29,26 @@ from typing import Any
 from aiohttp import web
 
 from actors import ActorSystem, Strategy, Supervisor
+from exo_stable.api.guards import ApiRunner
 from exo_stable.api.server import METRICS_KEY, ApiConfig, create_app, json_response
 from exo_stable.cluster import addresses as addr
-from exo_stable.cluster.coordinator import ClusterOptions, Coordinator, StageHost
+from exo_stable.cluster.coordinator import Coordinator
 from exo_stable.cluster.exposure import interface_ips, is_ip, peer_addresses, say_who_may_join
 from exo_stable.cluster.peers import PeerManager
+from exo_stable.cluster.roles import (
+    MAX_DIRECTORY,
+    Bounds,
+    Refusals,
+    activation_refusal,
+    request_open_refusal,
+    step_refusal,
+    token_refusal,
+)
 from exo_stable.cluster.security import SecretSource
+from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.fallback import FallbackCoordinator
 from exo_stable.loader import ModelSource, open_model
+from exo_stable.logs import safe
 from exo_stable.metrics import NodeCollector
 from exo_stable.modelspec import Dtype
 from exo_stable.pipeline.barrier import BarrierActor, Barriers
@@ -58,6 +70,7 @@ from exo_stable.wire.messages import (
     RequestOpen,
     ResendTokens,
     StageFailure,
+    StageRange,
     StageStatus,
     StepInput,
     SuspectNode,
@@ -103,6 +116,7 @@ class NodeConfig:
     adaptive_validation: bool = True
     decode_ahead: bool = True
     build_ahead: bool = True
+    peer_forget_s: float = 60.0  # a peer down this long leaves nothing behind (cluster/peers.py)
 
 
 def available_memory() -> int:
@@ -213,6 +227,10 @@ class Node:
         self.barriers: Barriers
         self.fallback: FallbackCoordinator
         self.escalations = 0
+        self.refusals = Refusals(self.node_id)
+        spec = source.spec
+        self.bounds = Bounds(context_length=spec.context_length, vocab_size=spec.vocab_size)
+        self.slots_per_owner = self.options.max_requests_per_owner
         self._escalated: asyncio.Queue[BaseException] = asyncio.Queue(maxsize=16)
 
     def _stage_supervisor(self) -> StageSupervisor:
@@ -257,6 +275,18 @@ class Node:
             await self.coordinator.mark_suspect(self.node_id, decision.reason)
 
     async def dispatch(self, sender: str, message: Message) -> None:
+        """Route a peer's message to its handler if the sender holds the role it needs (cluster/roles.py)."""
+        if sender != self.node_id and sender not in self.coordinator.members:
+            self.refusals.refuse(sender, "not_a_member", message)
+            return
+        refusal = self._refusal(sender, message)
+        if refusal is not None:
+            self.refusals.refuse(sender, refusal, message)
+            if isinstance(message, RequestOpen) and sender == message.owner:
+                # The owner's request fails now, not at its open deadline.
+                no = BarrierArrive(name=message.barrier, member=self.node_id, ok=False, detail=f"refused: {refusal}")
+                await self.send(message.owner, no)
+            return
         match message:
             case PlanProposal() | StageStatus() | PlanCommit() | SuspectNode():
                 await self.coordinator.handle(sender, message)
@@ -281,7 +311,55 @@ class Node:
                     self.unexpected += 1
             case _:
                 self.unexpected += 1
-                log.warning("%s: unexpected %s from %s", self.node_id, type(message).__name__, sender)
+                log.warning("%s: unexpected %s from %s", self.node_id, type(message).__name__, safe(sender))
+
+    def _plan_stages(self, epoch: int) -> tuple[StageRange, ...] | None:
+        plan = self.coordinator.history.plans.get(epoch)
+        return plan.stages if plan is not None else self.stage_host.stages_of(epoch)
+
+    def _refusal(self, sender: str, message: Message) -> str | None:
+        """Why a member's message is not for it to send (cluster/roles.py), or None."""
+        host = self.stage_host
+        match message:
+            case PeerDirectory(peers=entries):
+                return "directory_too_large" if len(entries) > MAX_DIRECTORY else None
+            case BarrierArrive(member=member):
+                return None if member == sender else "barrier_for_another_node"
+            case TokenChunk(plan_epoch=epoch):
+                return token_refusal(sender, self._plan_stages(epoch))
+            case StageFailure(node_id=node, plan_epoch=epoch):
+                plans = (
+                    [self.coordinator.history.plans.get(epoch)]
+                    if epoch != -1
+                    else self.coordinator.history.plans.values()
+                )
+                if node != sender or not any(p is not None and sender in {s.node_id for s in p.stages} for p in plans):
+                    return "failure_not_from_stage"
+                return None
+            case RequestOpen():
+                stages = host.stages_of(message.plan_epoch)
+                if stages is None or all(s.node_id != self.node_id for s in stages):
+                    return "request_open_without_stage"
+                refusal = request_open_refusal(message, sender, self.bounds)
+                full = host.owner_of(message.request_id) != sender and host.requests_of(sender) >= self.slots_per_owner
+                return "request_slots_per_owner_full" if refusal is None and full else refusal
+            case StepInput():
+                return step_refusal(
+                    message,
+                    sender,
+                    node_id=self.node_id,
+                    stages=host.stages_of(message.plan_epoch),
+                    owner=host.owner_of(message.request_id),
+                    bounds=self.bounds,
+                )
+            case ActivationChunk():
+                return activation_refusal(
+                    message, sender, node_id=self.node_id, stages=host.stages_of(message.plan_epoch)
+                )
+            case RequestClose(request_id=rid) | ResendTokens(request_id=rid):
+                owner = host.owner_of(rid)
+                return None if owner is None or owner == sender else "request_not_owned_by_sender"
+        return None
 
     def _on_membership(self, peer: PeerInfo | str, up: bool) -> None:
         self.coordinator.on_membership(peer, up)
@@ -362,6 +440,7 @@ class Node:
             found = self.addresses() if info is None else self.peer_addresses(node_id, info)
             shown = [addr.format_host_port(h, p) for h, p in found]
             health = "alive" if node_id == self.node_id else self.peers.monitor.state(node_id).value
+            memory = info.memory_bytes if info else self.memory_bytes if node_id == self.node_id else None
             nodes.append(
                 {
                     "id": node_id,
@@ -369,9 +448,11 @@ class Node:
                     "addresses": shown,
                     "health": health,
                     "layers": layers.get(node_id),
+                    "memory_bytes": memory,
                 }
             )
         return {
+            "node_id": self.node_id,  # the node that answered
             "nodes": nodes,
             "refused": dict(self.peers.refused),
             "plan": None
@@ -415,6 +496,7 @@ class Node:
                     stage_host=self.stage_host,
                     barriers=self.barriers,
                     options=self.options,
+                    refusals=self.refusals,
                 )
                 self.fallback = FallbackCoordinator(
                     self.source,
@@ -457,7 +539,13 @@ class Node:
         app[METRICS_KEY].register(NodeCollector(self))
         app.router.add_get("/v1/cluster", self._cluster_route)
         app.router.add_get(WIRE_PATH, self._wire_route)
-        runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_s, access_log=None, handle_signals=False)
+        runner = ApiRunner(
+            app,
+            header_timeout_s=config.api.header_timeout_s,
+            shutdown_timeout=config.shutdown_timeout_s,
+            access_log=None,
+            handle_signals=False,
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port)
@@ -486,6 +574,7 @@ class Node:
                 config=LinkConfig.from_env(
                     heartbeat_interval_s=config.peer_timeout_s / 4, heartbeat_timeout_s=config.peer_timeout_s
                 ),
+                forget_after_s=config.peer_forget_s,
             )
             self.coordinator.wait_links = self.peers.wait_connected_to
             say_who_may_join(
@@ -562,7 +651,7 @@ class Node:
                 except TimeoutError:
                     continue
                 if event.kind in ("found", "updated") and event.peer.model_fingerprint == self.source.fingerprint:
-                    self.peers.dial(event.peer.host, event.peer.port)
+                    self.peers.dial(event.peer.host, event.peer.port, keep=False)
 
     async def wait_listening(self, timeout: float) -> int:  # noqa: ASYNC109
         """Wait until the API and wire routes accept connections; returns the port."""

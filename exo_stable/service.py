@@ -20,7 +20,7 @@ from typing import Any
 from exo_stable.engine import ContextOverflow, SingleDeviceEngine
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.recovery import ReplayMode
-from exo_stable.sampling import SamplingParams
+from exo_stable.sampling import Pick, SamplingParams
 from exo_stable.textstream import Delta, TextStream
 from exo_stable.tokenizer import Tokenizer
 from exo_stable.trace import RequestTrace, StepRecord
@@ -61,6 +61,7 @@ class GenerationResult:
     finish_reason: str | None = None
     first_token_s: float | None = None
     token_ids: list[int] = field(default_factory=list)
+    picks: list[Pick] = field(default_factory=list)  # each token's log-probabilities, when the job asked for them
     trace: RequestTrace | None = None  # the request's trace, when the caller keeps one (the API does)
 
 
@@ -182,8 +183,11 @@ class InferenceService(Service):
         self.requests_started += 1
         text = TextStream(self.tokenizer, stop=job.stop, max_tokens=job.max_tokens)
         started = last = time.perf_counter()
-        async with aclosing(self.engine.generate(job.prompt_ids, job.params, job.max_tokens)) as tokens:
-            async for token in tokens:
+        async with aclosing(self.engine.picks(job.prompt_ids, job.params, job.max_tokens)) as picks:
+            async for picked in picks:
+                token = picked.token
+                if picked.logprob is not None:
+                    result.picks.append(picked)
                 now = time.perf_counter()
                 if result.first_token_s is None:
                     result.first_token_s = now - started

@@ -86,7 +86,7 @@ async def test_the_admission_deadline_still_answers_busy() -> None:
 
 async def test_http_429_with_retry_after_in_the_openai_shape() -> None:
     service = HeldService(max_active=1, max_queue=1)
-    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    body: dict[str, Any] = {"model": "held", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     async with TestClient(TestServer(create_app(service, ApiConfig()))) as client:
         running = asyncio.create_task(client.post("/v1/chat/completions", json=body))
         queued = asyncio.create_task(client.post("/v1/chat/completions", json=body))

@@ -6,19 +6,26 @@ node dialed when it is up, else over the one the peer dialed. Messages to this n
 in process, never through a socket. Every link task (delivery pump, membership watcher) is owned by the
 manager's TaskGroup; a peer shows up when a link to it completes the handshake and goes down when no link
 to it is connected any more.
+
+State is bounded: a peer gets a link only once it passed the handshake (wire/server.py), and a peer that
+has been down for ``forget_after_s`` leaves nothing behind (its links, their tasks, its entry, its health
+record), except a link to an address this node was told to keep dialing (``--peers``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from exo_stable.cluster.addresses import Address, format_host_port, unmap
+from exo_stable.logs import safe
 from exo_stable.wire.handshake import Identity, PeerInfo
 from exo_stable.wire.health import NetworkHealthMonitor
 from exo_stable.wire.messages import Hello, Message
@@ -51,6 +58,7 @@ class _Peer:
     up: bool = False
     remote_host: str | None = None
     """Where the peer's own connection to this node came from (an address it can be dialed on, likely)."""
+    down_since: float | None = None  # monotonic time it went down (or was created without coming up)
 
 
 class PeerManager:
@@ -64,6 +72,7 @@ class PeerManager:
         on_membership: MembershipHook,
         secret: bytes | None = None,
         config: LinkConfig | None = None,
+        forget_after_s: float = 60.0,
     ) -> None:
         self.identity = identity
         self.node_id = identity.node_id
@@ -81,6 +90,10 @@ class PeerManager:
         """Peers whose links this node closed, with the reason (the most recent :data:`_MAX_REFUSED`)."""
         self.reached_on: list[str] = []
         """Local addresses peers reached this node on, most recent first (what a wildcard-bound node advertises)."""
+        self._kept: set[str] = set()  # URLs dialed for good (static peers); the others may be forgotten
+        self._dialed_at: dict[str, float] = {}
+        self.forget_after_s = forget_after_s
+        self.forgotten = 0
         self._links: list[PeerLink] = []
         self._tg: asyncio.TaskGroup | None = None
         self._ready = asyncio.Event()
@@ -111,7 +124,11 @@ class PeerManager:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self._ready.set()
-                await stop.wait()
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(_POLL_S, self.forget_after_s / 2)):
+                            await stop.wait()
+                    await self._sweep(time.monotonic())
                 for link in list(self._links):
                     await link.close()
         finally:
@@ -129,11 +146,15 @@ class PeerManager:
 
     # -- links -----------------------------------------------------------------------------------------
 
-    def dial(self, host: str, port: int) -> None:
-        """Keep a link to the node at ``host:port`` (reconnecting forever until the manager stops)."""
+    def dial(self, host: str, port: int, *, keep: bool = True) -> None:
+        """Keep a link to the node at ``host:port``, reconnecting until the manager stops (``keep``) or until
+        it has been unreachable for ``forget_after_s`` (an address learned from a peer or discovery)."""
         url = _url(host, port)
+        if keep:
+            self._kept.add(url)
         if url in self._dialed:
             return
+        self._dialed_at[url] = time.monotonic()
         link = PeerLink(self.identity, url=url, secret=self._secret, config=self.config, monitor=self.monitor)
         self._dialed[url] = link
         self._dialed_address[url] = (host, port)
@@ -170,10 +191,10 @@ class PeerManager:
                 except (OSError, TimeoutError) as exc:
                     log.debug("%s: closing the probe to %s: %r", self.node_id, node_id, exc)
                 log.info("%s: dialing %s at %s", self.node_id, node_id, format_host_port(host, port))
-                self.dial(host, port)
+                self.dial(host, port, keep=False)
                 return
             log.warning("%s: none of %s's addresses answers yet; retrying the first", self.node_id, node_id)
-            self.dial(*candidates[0])
+            self.dial(*candidates[0], keep=False)
         finally:
             self._probing.discard(node_id)
 
@@ -183,7 +204,7 @@ class PeerManager:
         link = PeerLink(
             self.identity, peer_id=hello.node_id, secret=self._secret, config=self.config, monitor=self.monitor
         )
-        peer = self._peers.setdefault(hello.node_id, _Peer())
+        peer = self._peers.setdefault(hello.node_id, _Peer(down_since=time.monotonic()))
         peer.inbound = link
         peer.remote_host = _remote.get()
         self._spawn(link, f"from {hello.node_id}")
@@ -201,6 +222,8 @@ class PeerManager:
             sender = link.peer_id
             if sender is None:
                 continue
+            if sender != self.node_id and not self._is_up(sender) and link.connected and link.peer is not None:
+                self._connected(link, link.peer)  # its watcher has not run yet: the sender is up before its message
             await self._dispatch(sender, message)
 
     async def _watch(self, link: PeerLink) -> None:
@@ -226,17 +249,20 @@ class PeerManager:
                 self._refuse(info.node_id, reason)
                 await link.close()
                 return
-            peer = self._peers.setdefault(info.node_id, _Peer())
-            peer.info = info
-            if link.url is not None:
-                peer.out = link
-            self._update(info.node_id)
+            self._connected(link, info)
             while link.connected:
                 try:
                     await link.wait_disconnected(timeout=_POLL_S)
                 except TimeoutError:
                     continue
             self._update(info.node_id)
+
+    def _connected(self, link: PeerLink, info: PeerInfo) -> None:
+        peer = self._peers.setdefault(info.node_id, _Peer())
+        peer.info = info
+        if link.url is not None:
+            peer.out = link
+        self._update(info.node_id)
 
     def _refuse(self, node_id: str, reason: str) -> None:
         log.warning("%s: refusing peer %s: %s", self.node_id, node_id, reason)
@@ -248,12 +274,43 @@ class PeerManager:
     def _update(self, node_id: str) -> None:
         peer = self._peers[node_id]
         up = any(link is not None and link.connected for link in (peer.out, peer.inbound))
+        peer.down_since = None if up else (peer.down_since or time.monotonic())
         if up != peer.up:
             peer.up = up
             assert peer.info is not None
             log.info("%s: peer %s is %s", self.node_id, node_id, "up" if up else "down")
             self._membership.set()
             self._on_membership(peer.info if up else node_id, up)
+
+    async def _sweep(self, now: float) -> None:
+        """Forget peers down for ``forget_after_s`` and dialed addresses that never answered for as long."""
+        horizon = now - self.forget_after_s
+        for node_id, peer in list(self._peers.items()):
+            if peer.up or peer.down_since is None or peer.down_since > horizon:
+                continue
+            if peer.inbound is not None:
+                await self._drop(peer.inbound)
+                peer.inbound = None
+            if peer.out is not None and peer.out.url not in self._kept:
+                await self._drop(peer.out)
+                peer.out = None
+            if peer.out is None:
+                del self._peers[node_id]
+                self.monitor.forget(node_id)
+                self.forgotten += 1
+                log.info("%s: forgot %s (down for %.0fs)", self.node_id, safe(node_id), now - peer.down_since)
+        for url, link in list(self._dialed.items()):
+            if url not in self._kept and link.peer is None and self._dialed_at.get(url, now) <= horizon:
+                await self._drop(link)
+        self._links = [link for link in self._links if not link.closed]
+
+    async def _drop(self, link: PeerLink) -> None:
+        await link.close()
+        if link.url is not None:
+            self._dialed.pop(link.url, None)
+            self._dialed_at.pop(link.url, None)
+        elif link.peer_id is not None and self.server.link(link.peer_id) is link:
+            self.server.unregister(link.peer_id)
 
     # -- routing ---------------------------------------------------------------------------------------
 
