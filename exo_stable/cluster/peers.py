@@ -97,8 +97,8 @@ class PeerManager:
         self._links: list[PeerLink] = []
         self._tg: asyncio.TaskGroup | None = None
         self._ready = asyncio.Event()
-        self._closing = False  # set once stop is: no new link is made after that
         self._membership = asyncio.Event()
+        self._stopping = False
         self.unroutable = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class PeerManager:
                         async with asyncio.timeout(min(_POLL_S, self.forget_after_s / 2)):
                             await stop.wait()
                     await self._sweep(time.monotonic())
-                self._closing = True
+                self._stopping = True  # no new links from now on
                 # A probe or a handshake that was under way may still add a link while others close: close
                 # until none is open, or the task group would wait on that link's pump forever.
                 while still_open := [link for link in self._links if not link.closed]:
@@ -157,7 +157,7 @@ class PeerManager:
         url = _url(host, port)
         if keep:
             self._kept.add(url)
-        if url in self._dialed or self._closing:
+        if url in self._dialed or self._stopping:
             return
         self._dialed_at[url] = time.monotonic()
         link = PeerLink(self.identity, url=url, secret=self._secret, config=self.config, monitor=self.monitor)
@@ -171,7 +171,7 @@ class PeerManager:
         """Link to ``node_id``, dialing the first of ``candidates`` that accepts a TCP connection (the first of
         them when none does yet: that link keeps retrying). Nothing happens when a link to it exists or is
         being set up."""
-        if self._closing or not candidates or node_id == self.node_id or node_id in self._probing:
+        if self._stopping or not candidates or node_id == self.node_id or node_id in self._probing:
             return
         if self._is_up(node_id):
             return
@@ -206,7 +206,7 @@ class PeerManager:
             self._probing.discard(node_id)
 
     def _accept(self, hello: Hello) -> PeerLink | None:
-        if hello.node_id == self.node_id or self._closing:
+        if hello.node_id == self.node_id or self._tg is None or self._stopping:
             return None
         link = PeerLink(
             self.identity, peer_id=hello.node_id, secret=self._secret, config=self.config, monitor=self.monitor
@@ -230,6 +230,8 @@ class PeerManager:
             if sender is None:
                 continue
             if sender != self.node_id and not self._is_up(sender) and link.connected and link.peer is not None:
+                if link.peer.model_fingerprint != self.identity.model_fingerprint:
+                    continue  # its watcher is about to refuse it: nothing it sent counts
                 self._connected(link, link.peer)  # its watcher has not run yet: the sender is up before its message
             await self._dispatch(sender, message)
 
@@ -272,7 +274,7 @@ class PeerManager:
         self._update(info.node_id)
 
     def _refuse(self, node_id: str, reason: str) -> None:
-        log.warning("%s: refusing peer %s: %s", self.node_id, node_id, reason)
+        log.warning("%s: refusing peer %s: %s", self.node_id, safe(node_id), safe(reason))
         self.refused.pop(node_id, None)
         self.refused[node_id] = reason
         while len(self.refused) > _MAX_REFUSED:
@@ -316,6 +318,7 @@ class PeerManager:
         if link.url is not None:
             self._dialed.pop(link.url, None)
             self._dialed_at.pop(link.url, None)
+            self._dialed_address.pop(link.url, None)
         elif link.peer_id is not None and self.server.link(link.peer_id) is link:
             self.server.unregister(link.peer_id)
 
