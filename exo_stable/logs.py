@@ -19,7 +19,7 @@ import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import orjson
 
@@ -53,11 +53,22 @@ def safe(value: object, limit: int = 200) -> str:
 
 
 class EscapingFormatter(logging.Formatter):
-    """The text format: the message's control characters are escaped; a traceback keeps its lines."""
+    """The text format: the message's control characters are escaped; a traceback keeps its lines, each
+    marked with ``| `` (an exception's text may hold a peer's string: it cannot pass for a log line)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _continuation(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _continuation(super().formatStack(stack_info))
+
+
+def _continuation(text: str) -> str:
+    return "\n".join(f"| {escape(line)}" for line in text.splitlines())
 
 
 class LogFormat(enum.StrEnum):

@@ -262,14 +262,16 @@ def shard_weight_names(spec: ModelSpec, layers: LayerRange, names: Sequence[str]
     """The subset of a model's tensor names that a shard may need: its layers' and the top-level ones (the
     embedding, final norm and head; :func:`build_shard` keeps of these only what the shard holds)."""
     wanted: list[str] = []
-    needs_embed = layers.is_first or (layers.is_last and spec.tie_word_embeddings)
+    # A family may decide in its sanitize whether the head is tied (gemma3_text: when the file has no lm_head).
+    tied = spec.tie_word_embeddings or spec.config is not None
+    needs_embed = layers.is_first or (layers.is_last and tied)
     for name in names:
         index = layer_index(name)
         if index is not None:
             if layers.start <= index < layers.end:
                 wanted.append(name)
         elif name.startswith("model.embed_tokens."):
-            if needs_embed or layers.is_last:  # a family may tie its head to the embedding whatever the spec says
+            if needs_embed:
                 wanted.append(name)
         elif name.startswith(("model.norm.", "lm_head.")):
             if layers.is_last:

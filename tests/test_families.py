@@ -123,10 +123,13 @@ def test_every_split_point_gives_the_whole_models_tokens(family_dir: Path) -> No
         assert _generate(stages, name, params, replay_at=6) == expected[name], f"replay, {name}"
 
 
-def test_quantized_and_sharded_directories_load_as_mlx_lm_loads_them(default_gguf: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", fm.FAMILIES)
+def test_quantized_sharded_directories_split_as_mlx_lm_loads_them(
+    family: str, default_gguf: Path, tmp_path: Path
+) -> None:
     # mlx-lm's mixed recipe: 4-bit groups, the second layer's MLP in 8 bits, one projection left in float;
-    # written in two model-0000N-of-00002 files with the index.
-    path = fm.write("qwen3_moe", tmp_path / "q", default_gguf, quantize=True, shards=2)
+    # written in two model-0000N-of-00002 files with the index. Kept quantized, a split gives mlx-lm's logits.
+    path = fm.write(family, tmp_path / "q", default_gguf, quantize=True, shards=2)
     assert sorted(p.name for p in path.glob("*.safetensors")) == [
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
@@ -138,15 +141,31 @@ def test_quantized_and_sharded_directories_load_as_mlx_lm_loads_them(default_ggu
     x = mx.array([PROMPT], dtype=mx.int32)
     reference = fm.reference(path)
     expected = np.array(reference(x, cache=make_prompt_cache(reference)))
-    shard = source.load_shard(LayerRange(0, n, n), Dtype.QUANTIZED)
-    assert np.array_equal(np.array(shard(x, shard.make_cache())), expected)
-    first, last = (
-        source.load_shard(LayerRange(0, 1, n), Dtype.QUANTIZED),
-        source.load_shard(LayerRange(1, n, n), Dtype.QUANTIZED),
-    )
+    first, last = (source.load_shard(LayerRange(a, b, n), Dtype.QUANTIZED) for a, b in ((0, 1), (1, n)))
     assert np.array_equal(np.array(last(first(x, first.make_cache()), last.make_cache())), expected)
     dequantized = source.load_shard(LayerRange(0, n, n), Dtype.FLOAT32)
     assert np.abs(np.array(dequantized(x, dequantized.make_cache())) - expected).max() < 1e-3
+
+
+def test_a_forward_call_starts_the_device_every_few_layers(
+    default_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU the shard starts the layers built so far every OVERLAP_LAYERS layers (the family's own loop runs
+    # them): counted here on the CPU with a period of 1, for the shard's own layers only, never after the last.
+    import exo_stable.model as model_module
+
+    path = fm.write("gemma3_text", tmp_path / "g", default_gguf)
+    source = open_model(path)
+    n = source.spec.num_hidden_layers
+    shard = source.load_shard(LayerRange(1, 3, n), Dtype.FLOAT32)
+    started: list[tuple[int, ...]] = []
+    monkeypatch.setattr(model_module, "_overlap_every", lambda: 1)
+    monkeypatch.setattr(model_module.mx, "async_eval", lambda *a: started.append(tuple(a[0].shape)))
+    h = mx.ones((1, 3, source.spec.hidden_size))
+    overlapped = shard(h, shard.make_cache())
+    assert started == [(1, 3, source.spec.hidden_size)]  # after layer 1, not after layer 2 (the last)
+    monkeypatch.undo()
+    assert np.array_equal(np.array(overlapped), np.array(shard(h, shard.make_cache(), overlap=False)))
 
 
 def test_unsupported_families_are_refused_with_the_reason(tmp_path: Path) -> None:

@@ -127,6 +127,7 @@ async def test_a_member_cannot_act_outside_its_role(node: Node) -> None:
                     opener("theirs", node.node_id, epoch),
                     SuspectNode(node_id=node.node_id, reporter=node.node_id, reason="x"),
                     SuspectNode(node_id=node.node_id, reporter=hid, reason="x", ttl_s=float("nan")),
+                    SuspectNode(node_id=node.node_id, reporter=hid, reason="not a stage"),
                     BarrierArrive(name="plan/1", member=node.node_id),
                     TokenChunk(request_id="r", sequence_position=0, token_id=1, source_device_rank=0, plan_epoch=epoch),
                     *flood,
@@ -146,6 +147,7 @@ async def test_a_member_cannot_act_outside_its_role(node: Node) -> None:
             assert kinds["request_open_out_of_bounds"] == 1
             assert kinds["request_open_not_owner"] == 1
             assert kinds["suspect_reporter_mismatch"] == 1 and kinds["suspect_invalid"] == 1
+            assert kinds["suspect_not_from_stage"] == 1 and not node.coordinator.active_suspects()
             assert kinds["barrier_for_another_node"] == 1
             assert kinds["token_not_from_last_stage"] == 1
             assert node.stage_host.requests_of(hid) == cap
@@ -182,3 +184,14 @@ async def test_a_leader_gets_no_unacknowledged_commit_and_no_runaway_epoch(node:
         # The leader left with the plan's only stage: replaced whatever its epoch, and the node serves again.
         await node.coordinator.wait_plan_where(lambda p: p.stages[0].node_id == node.node_id, timeout=30)
         assert await complete(http, root(node), PROMPT) == before
+
+
+async def test_a_client_cancelling_is_not_a_failure(node: Node) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"{root(node)}/v1/completions", json=body)
+        await resp.content.readline()  # generating
+        resp.close()  # the client goes away mid-stream
+    stats = node.owner.stats
+    await eventually("the request ended", lambda: not node.owner.requests)
+    assert (stats.failed, stats.cancelled) == (0, 1)

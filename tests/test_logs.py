@@ -122,9 +122,14 @@ def test_a_peer_supplied_newline_cannot_forge_a_log_line() -> None:
         forged = "evil\n2026-01-01 00:00:00,000 CRITICAL exo_stable: node on fire\r\x1b[2J"
         logging.getLogger("exo_stable.test").warning("refused a connection from %s", forged)
         logging.getLogger("exo_stable.test").warning("cut: %s", safe("x" * 1000, limit=50))
+        try:
+            raise ValueError(forged)
+        except ValueError:
+            logging.getLogger("exo_stable.test").exception("an exception from a peer's string")
     finally:
         logging.getLogger().removeHandler(handler)
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 2, lines
+    assert len(lines) > 3 and all(line.startswith("| ") for line in lines[3:]), lines
+    lines = lines[:2]
     assert "CRITICAL" not in lines[0].split(" ", 3)[2] and "\\n2026" in lines[0] and "\\x1b" in lines[0]
     assert lines[1].endswith("...(1000 chars)")

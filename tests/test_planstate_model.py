@@ -1,7 +1,8 @@
 """Model check of the membership / plan state machine (cluster/planstate.py) with hypothesis.
 
 A simulated cluster of honest nodes, each a real :class:`PlanState`, runs the leader's protocol (propose to
-every member, commit once every member acknowledged, re-plan when membership changes or a round fails) over
+every member, commit once every stage acknowledged, re-plan when membership changes, a round fails, or a
+member refused the last proposal) over
 links that deliver in any order. Hypothesis interleaves deliveries with crashes, membership news arriving
 late, and a misbehaving peer (a non-member, a member that is not the leader, or one that leads for a while)
 that sends forged proposals and commits, huge epochs, and replays of messages it saw. Invariants:
@@ -46,6 +47,7 @@ class Round:
     stages: tuple[StageRange, ...]
     members: frozenset[str]
     waiting: set[str]
+    refusers: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -113,7 +115,9 @@ class Sim:
                 if r is None or r.epoch != message.epoch:
                     return
                 if not message.ready:
-                    self.rounds[dst] = None
+                    r.refusers.add(src)
+                    if src in r.waiting:  # a stage refused: the round fails
+                        self.rounds[dst] = None
                     return
                 r.waiting.discard(src)
                 if not r.waiting:
@@ -124,7 +128,7 @@ class Sim:
                     assert known == r.stages, f"two honest plans for epoch {r.epoch}: {known} and {r.stages}"
                     for member in sorted(r.members):
                         self.send(dst, member, commit)
-                    self.committed_to[dst] = r.members
+                    self.committed_to[dst] = r.members - r.refusers
                     self.rounds[dst] = None
             case PlanCommit():
                 verdict = state.judge_commit(src, message)
@@ -152,7 +156,7 @@ class Sim:
         epoch = state.next_epoch()
         proposal = PlanProposal(epoch=epoch, leader=node, model_fingerprint=FP, n_layers=LAYERS, stages=stages)
         members = frozenset(state.members)
-        self.rounds[node] = Round(epoch, stages, members, set(members))
+        self.rounds[node] = Round(epoch, stages, members, {s.node_id for s in stages})
         for member in sorted(members):
             self.send(node, member, proposal)
 

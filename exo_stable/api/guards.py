@@ -284,6 +284,7 @@ class ApiRunner(web.AppRunner):
     """An AppRunner whose connections get the guards above."""
 
     def __init__(self, app: web.Application, *, header_timeout_s: float = 10.0, **kwargs: Any) -> None:
+        kwargs.setdefault("lingering_time", 1.0)  # the rest of a refused body is read this long, then closed
         super().__init__(app, **kwargs)
         self.header_timeout_s = header_timeout_s
         self.stats: dict[str, int] = app.get(RUNNER_STATS_KEY, {})

@@ -9,7 +9,7 @@ the plan it started with.
 
 A node takes a proposal only from the leader of its own membership, naming only members, with an epoch that
 follows the ones it agreed to (``roles.py``), and it takes a commit only for a proposal it acknowledged:
-the round's barrier waits for every usable member, not only the stages. A committed plan one of whose
+a member that refused a proposal is proposed to again in the next round. A committed plan one of whose
 stages left is replaced by the next commit whatever its epoch, and the leader re-plans as soon as it sees
 one, so no node waits on a plan that no live member can serve.
 """
@@ -105,6 +105,7 @@ class Coordinator(PlanState):
         self._committed = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._committed_to: set[str] = set()
+        self._refusers: set[str] = set()  # members that refused the current round's proposal
         self._failed_rounds = 0
         self.suspects: dict[str, tuple[float, str]] = {}  # node id: (until, on monotonic time; why)
         self._round_barrier: DistributedBarrier | None = None
@@ -328,8 +329,10 @@ class Coordinator(PlanState):
         ):
             return
         members = set(self.members)
-        # Every usable member acknowledges the proposal (a node takes only commits it acknowledged).
-        stage_nodes = frozenset(s.node_id for s in stages) | {m.node_id for m in self._plannable()}
+        # The round waits for the stages. Every member gets the proposal before the commit (links keep order),
+        # so an honest one acknowledged it; one that refused it says so and the next round includes it again.
+        self._refusers = set()
+        stage_nodes = frozenset(s.node_id for s in stages)
         proposal = PlanProposal(
             epoch=epoch,
             leader=self.node_id,
@@ -361,7 +364,9 @@ class Coordinator(PlanState):
         )
         for node in sorted(members):
             await self.send(node, commit)
-        self._committed_to = members
+        self._committed_to = members - self._refusers
+        if self._refusers:
+            self._changed.set()  # propose again (past the epochs they agreed to) once this round is done
         log.info("%s: plan %d committed after %.2fs", self.node_id, epoch, result.elapsed_s)
 
     # -- messages from peers ---------------------------------------------------------------------------
@@ -376,7 +381,13 @@ class Coordinator(PlanState):
                 if not math.isfinite(message.ttl_s) or message.node_id not in self.members:
                     self.refusals.refuse(sender, "suspect_invalid", message)
                     return
-                ttl = min(max(message.ttl_s, 0.0), self.options.suspect_ttl_s * 10)
+                active = self.active
+                stages = set() if active is None else {s.node_id for s in active.stages}
+                if sender != message.node_id and sender not in stages:
+                    # Only a node itself, or a stage of the plan it serves in, may have it left out of plans.
+                    self.refusals.refuse(sender, "suspect_not_from_stage", message)
+                    return
+                ttl = min(max(message.ttl_s, 0.0), self.options.suspect_ttl_s)
                 self.record_suspect(message.node_id, f"{safe(message.reason)} (from {sender})", ttl)
             case PlanProposal():
                 await self._on_proposal(sender, message)
@@ -386,6 +397,7 @@ class Coordinator(PlanState):
                     return
                 if not message.ready:
                     self.learn_agreed(message.agreed_epoch)  # a member agreed to later plans: propose past them
+                    self._refusers.add(message.node_id)  # it will not take this round's commit
                 arrival = BarrierArrive(
                     name=plan_barrier(message.epoch), member=message.node_id, ok=message.ready, detail=message.detail
                 )

@@ -593,8 +593,8 @@ class PeerLink:
             self._ack_urgent = True  # a gap or a duplicate: tell the sender now
         if self._ack_pending == 1:
             self._ack_due = self._clock() + self.config.ack_delay_s
-        if self._ack_urgent or self._ack_pending >= self.config.ack_every:
-            self._wake.set()
+        if self._ack_urgent or self._ack_pending == 1 or self._ack_pending >= self.config.ack_every:
+            self._wake.set()  # the first pending ack sets the writer's deadline (else it sleeps to the next ping)
         for payload in delivered:
             try:
                 message = CODEC.decode(payload)
