@@ -35,16 +35,25 @@ def family_dir(request: pytest.FixtureRequest, default_gguf: Path, tmp_path_fact
     return fm.write(request.param, tmp_path_factory.mktemp(request.param), default_gguf)
 
 
-def test_whole_shard_logits_are_mlx_lms(family_dir: Path) -> None:
+@pytest.mark.parametrize("dtype", [Dtype.FLOAT32, Dtype.BFLOAT16])
+def test_whole_shard_logits_are_mlx_lms(family_dir: Path, dtype: Dtype) -> None:
     source = open_model(family_dir)
     n = source.spec.num_hidden_layers
-    shard = source.load_shard(LayerRange(0, n, n), Dtype.FLOAT32)
-    reference = fm.reference(family_dir)
+    if dtype is Dtype.BFLOAT16 and source.spec.model_type in ("qwen3_moe", "deepseek_v3"):
+        # MLX's CPU backend multiplies gathered experts in float32 only: refused at load, not at the first call.
+        with pytest.raises(UnsupportedModelError, match="MoE expert layers in float32 only"):
+            source.load_shard(LayerRange(0, n, n), dtype)
+        return
+    shard = source.load_shard(LayerRange(0, n, n), dtype)
+    reference = fm.reference(family_dir, mx.bfloat16 if dtype is Dtype.BFLOAT16 else None)
     ours, theirs = shard.make_cache(), make_prompt_cache(reference)
     x = mx.array([PROMPT], dtype=mx.int32)
     for step in range(6):  # the prompt, then decode steps (past gemma3_text's and mistral's windows)
         a, b = shard(x, ours), reference(x, cache=theirs)
-        assert np.array_equal(np.array(a), np.array(b)), f"step {step}"
+        assert np.array_equal(
+            np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a),
+            np.array(b.view(mx.uint16) if b.dtype == mx.bfloat16 else b),
+        ), f"step {step}"
         x = mx.argmax(a[:, -1:, :], axis=-1).astype(mx.int32)
 
 
