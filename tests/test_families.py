@@ -11,6 +11,7 @@ uninterrupted tokens.
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import family_models as fm
@@ -256,3 +257,35 @@ def test_quantized_gguf_moe_splits_exactly(default_gguf: Path, tmp_path: Path) -
     assert np.array_equal(np.array(last(first(x, first.make_cache()), last.make_cache())), got)
     expected = np.array(reference(x, cache=make_prompt_cache(reference)))
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.6
+
+
+def test_hugging_face_layout_is_sanitized_per_shard(default_gguf: Path, tmp_path: Path) -> None:
+    # A transformers checkpoint keeps each expert's matrices apart (mlx-lm's sanitize stacks them) and is
+    # sharded with an index: each stage sanitizes only its own layers' tensors, with mlx-lm's logits.
+    mlx_dir = fm.write("qwen3_moe", tmp_path / "mlx", default_gguf)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (hf / name).write_bytes((mlx_dir / name).read_bytes())
+    loaded = mx.load(str(mlx_dir / "model.safetensors"))
+    assert isinstance(loaded, dict)
+    weights: dict[str, mx.array] = {}
+    for name, value in loaded.items():
+        if ".switch_mlp." in name:
+            for e in range(value.shape[0]):
+                weights[name.replace(".switch_mlp.", f".experts.{e}.")] = value[e]
+        else:
+            weights[name] = value
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        mx.save_safetensors(str(hf / file), {k: weights[k] for k in part})
+    index = {"weight_map": {k: file for file, part in halves.items() for k in part}}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    x = mx.array([PROMPT], dtype=mx.int32)
+    reference = fm.reference(mlx_dir)
+    expected = np.array(reference(x, cache=make_prompt_cache(reference)))
+    source = open_model(hf)
+    n = source.spec.num_hidden_layers
+    first, last = (source.load_shard(LayerRange(a, b, n), Dtype.FLOAT32) for a, b in ((0, 2), (2, n)))
+    assert np.array_equal(np.array(last(first(x, first.make_cache()), last.make_cache())), expected)
