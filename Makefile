@@ -11,7 +11,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /u
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install model serve test lint pytest bench report clean
+.PHONY: install model serve test lint pytest bench report clean vocab-vectors
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ install: $(STAMP)
 model: install
 	$(BIN)/exo-stable fetch
 
+# llama.cpp's tokenizer test vectors (ggml-vocab-*.gguf + .inp/.out) from the llama-cpp-python sdist on PyPI,
+# cached in ~/.cache/exo-stable/llama-vocab/ (about 75 MB); the tokenizer tests fetch them too when missing.
+vocab-vectors: install
+	$(BIN)/python tests/vocab_vectors.py
+
 serve: model
 	$(BIN)/exo-stable serve $(ARGS)
 
@@ -32,7 +37,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-pytest: model
+pytest: model vocab-vectors
 	LD_PRELOAD=$(OPENBLAS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint pytest

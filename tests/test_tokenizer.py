@@ -378,8 +378,8 @@ def test_unknown_pre_tokenizer_is_a_clear_error() -> None:
 
 
 def test_unknown_tokenizer_model_is_a_clear_error() -> None:
-    with pytest.raises(TokenizerError, match="'llama'"):
-        Tokenizer.from_gguf_metadata(_tiny_metadata(**{"tokenizer.ggml.model": "llama"}))
+    with pytest.raises(TokenizerError, match="'bert'"):
+        Tokenizer.from_gguf_metadata(_tiny_metadata(**{"tokenizer.ggml.model": "bert"}))
 
 
 def test_missing_tokens_is_a_clear_error() -> None:
