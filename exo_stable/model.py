@@ -313,8 +313,8 @@ def build_shard(
         params = {k: (v.astype(act) if is_float(v) and not cast_keeps(net, k) else v) for k, v in local.items()}
     else:
         params = _dequantized(local, local_quant, _FLOAT_DTYPES[dtype], net)
-        if dtype is not Dtype.FLOAT32 and mx.default_device() == mx.cpu:
-            _refuse_half_experts_on_cpu(spec, net)
+        if mx.default_device() == mx.cpu:
+            refuse_half_experts_on_cpu(spec, dtype, net)
     expected = {str(item[0]) for item in tree_flatten(net.parameters())}
     missing = expected - set(params)
     if missing:
@@ -324,9 +324,12 @@ def build_shard(
     return model
 
 
-def _refuse_half_experts_on_cpu(spec: ModelSpec, net: nn.Module) -> None:
-    """MLX's CPU backend multiplies gathered expert matrices (MoE layers) in float32 only: refuse at load time
-    what would fail at the first forward call."""
+def refuse_half_experts_on_cpu(spec: ModelSpec, dtype: Dtype, net: nn.Module | None = None) -> None:
+    """MLX's CPU backend multiplies gathered expert matrices (MoE layers) in float32 only: refuse before serving
+    what would fail at the first forward call (call only for a CPU)."""
+    if dtype not in (Dtype.BFLOAT16, Dtype.FLOAT16):
+        return
+    net = net if net is not None else new_model(spec)
     if any(isinstance(m, SwitchLinear) for m in net.modules()):
         raise UnsupportedModelError(
             f"model_type {spec.model_type!r}: MLX's CPU backend runs MoE expert layers in float32 only; "
