@@ -138,7 +138,9 @@ def test_every_split_point_gives_the_whole_models_tokens(family_dir: Path) -> No
         assert _generate(stages, name, params, replay_at=6) == expected[name], f"replay, {name}"
 
 
-@pytest.mark.parametrize("family", fm.FAMILIES)
+# One family per kind of quantized module: stacked experts, latent-attention multi-linears, fused projections,
+# biases with a tied (quantized) embedding head, sliding windows. (All eleven pass; five keep CI lean.)
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "phi3", "qwen2", "gemma3_text"])
 def test_quantized_sharded_directories_split_as_mlx_lm_loads_them(
     family: str, default_gguf: Path, tmp_path: Path
 ) -> None:
