@@ -684,5 +684,8 @@ class StageSupervisor(Supervisor):
 
 async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> None:
     """Load the model, join the cluster, serve the API; stop cleanly on SIGINT/SIGTERM."""
+    from exo_stable.device import chosen  # chosen by the command line before serving
+
     source = open_model(config.model)
+    source.check_dtype(config.dtype, chosen())
     await Node(config, source).run(ready=ready)
