@@ -97,11 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
     serve.add_argument("--max-concurrent", type=int, default=8, help="requests generating at once")
+    serve.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        default=32,
+        help="requests that may wait for a slot; beyond them a request gets 429 with Retry-After (default 32)",
+    )
     serve.add_argument("--node-id", help="this node's name in the cluster (default: HOSTNAME-PORT)")
     serve.add_argument(
         "--peers",
         default=os.environ.get("EXO_STABLE_PEERS", ""),
         help="host:port,... of other nodes to join (for networks without multicast)",
+    )
+    serve.add_argument(
+        "--advertise",
+        metavar="HOST[:PORT]",
+        default=os.environ.get("EXO_STABLE_ADVERTISE"),
+        help="the address other nodes should dial to reach this one (behind NAT or port forwarding); default: the"
+        " bound address, or with --host 0.0.0.0 / :: the address peers reached this node on and its interfaces'",
     )
     serve.add_argument(
         "--discovery",
@@ -111,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--cluster-secret", default=None, help="shared secret peers must prove (or set EXO_STABLE_CLUSTER_SECRET)"
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="on a non-loopback address, accept peers without a cluster secret (anyone on the network can join)",
     )
     serve.add_argument("--memory-gb", type=float, help="memory this node offers for the model (default: available)")
     serve.add_argument("--split", help="force the layers per stage, e.g. 10,12,8 (one count per node)")
@@ -249,12 +267,14 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     """The node configuration that ``serve``'s arguments describe."""
     from exo_stable.api.server import ApiConfig
     from exo_stable.cluster.discovery import parse_static_peers
+    from exo_stable.cluster.security import cluster_auth
     from exo_stable.node import NodeConfig
     from exo_stable.pipeline.levels import ValidationLevel
     from exo_stable.recovery import ReplayMode
     from exo_stable.wire.handshake import resolve_secret
 
     split = tuple(int(x) for x in args.split.split(",")) if args.split else None
+    auth = cluster_auth(args.host, resolve_secret(args.cluster_secret), insecure=args.insecure)
     return NodeConfig(
         model=_model_path(args.model),
         dtype=_dtype(args.dtype, _device(args)),  # type: ignore[arg-type]
@@ -267,10 +287,14 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
             trace_ring=args.trace_ring,
         ),
         max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
         node_id=args.node_id,
         peers=tuple(parse_static_peers(args.peers)) if args.peers else (),
+        advertise=_advertise(args.advertise),
         discovery=args.discovery,
-        cluster_secret=resolve_secret(args.cluster_secret),
+        cluster_secret=auth.secret,
+        cluster_auth=auth.source,
+        cluster_secret_path=auth.path,
         memory_bytes=int(args.memory_gb * (1 << 30)) if args.memory_gb else None,
         split=split,
         max_stages=args.max_stages,
@@ -284,6 +308,19 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         stage_restart_period_s=args.stage_restart_period,
         suspect_ttl_s=args.suspect_seconds,
     )
+
+
+def _advertise(text: str | None) -> tuple[str, int | None] | None:
+    """``--advertise host[:port]`` (IPv6 as ``[v6]:port``); the port defaults to the bound one."""
+    if not text:
+        return None
+    from exo_stable.cluster.addresses import parse_host_port
+
+    try:
+        host, port = parse_host_port(text, default_port=0)
+    except ValueError as exc:
+        raise ValueError(f"--advertise {exc}") from None
+    return host, port or None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -22,7 +23,7 @@ from exo_stable.loader import ModelSource
 from exo_stable.mlx_thread import MlxThread
 from exo_stable.model import LayerRange
 from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams
+from exo_stable.sampling import Pick, SamplingParams
 from exo_stable.stagecompute import StageCompute
 
 log = logging.getLogger(__name__)
@@ -115,17 +116,17 @@ class SingleDeviceEngine:
                 f"the prompt has {prompt_len} tokens; this model's context is {self.context_length} tokens"
             )
 
-    def _prefill(self, rid: str, prompt: Sequence[int], params: SamplingParams) -> int:
+    def _prefill(self, rid: str, prompt: Sequence[int], params: SamplingParams) -> Pick:
         self._compute.open(rid, params)
         t0 = time.perf_counter()
-        token = self._compute.prefill_local(rid, prompt)
+        token = self._compute.prefill_pick(rid, prompt, 0)
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prompt_tokens += len(prompt)
         return token
 
-    def _decode(self, rid: str, token: int, position: int) -> int:
+    def _decode(self, rid: str, token: int, position: int) -> Pick:
         t0 = time.perf_counter()
-        nxt = self._compute.decode_local(rid, token, position)
+        nxt = self._compute.decode_pick(rid, token, position)
         self.stats.decode_seconds += time.perf_counter() - t0
         return nxt
 
@@ -161,16 +162,24 @@ class SingleDeviceEngine:
 
     async def generate(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int) -> AsyncGenerator[int]:
         """Yield up to ``max_tokens`` token ids (never past the context). Closing the iterator frees the cache."""
+        async with aclosing(self.picks(prompt, params, max_tokens)) as picks:
+            async for picked in picks:
+                yield picked.token
+
+    async def picks(self, prompt: Sequence[int], params: SamplingParams, max_tokens: int) -> AsyncGenerator[Pick]:
+        """:meth:`generate`, each token with the log-probabilities the request asked for."""
         self.check_fits(len(prompt))
         budget = min(max_tokens, self.context_length - len(prompt))
         rid = f"r{next(self._ids)}"
         self.stats.requests_started += 1
         self.stats.requests_active += 1
-        ahead = self.lookahead and params.greedy
+        ahead = self.lookahead and params.plain_greedy
         try:
             if ahead:
-                token = await self._thread.run(
-                    self._prefill_ahead, rid, list(prompt), params, budget, timeout=self.step_timeout_s
+                token = Pick(
+                    await self._thread.run(
+                        self._prefill_ahead, rid, list(prompt), params, budget, timeout=self.step_timeout_s
+                    )
                 )
             else:
                 token = await self._thread.run(self._prefill, rid, list(prompt), params, timeout=self.step_timeout_s)
@@ -180,11 +189,13 @@ class SingleDeviceEngine:
                 if position == budget:
                     break
                 if ahead:
-                    token = await self._thread.run(
-                        self._decode_ahead, rid, position, budget, timeout=self.step_timeout_s
+                    token = Pick(
+                        await self._thread.run(self._decode_ahead, rid, position, budget, timeout=self.step_timeout_s)
                     )
                 else:
-                    token = await self._thread.run(self._decode, rid, token, position, timeout=self.step_timeout_s)
+                    token = await self._thread.run(
+                        self._decode, rid, token.token, position, timeout=self.step_timeout_s
+                    )
         finally:
             self.stats.requests_active -= 1
             if self._thread.alive:

@@ -20,16 +20,14 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-import mlx.core as mx
-
 from exo_stable.loader import ModelSource
 from exo_stable.mlx_thread import MlxThread
 from exo_stable.model import LayerRange
 from exo_stable.modelspec import Dtype
 from exo_stable.pipeline.placement import footprint_from_spec
 from exo_stable.recovery import ReplayMode
-from exo_stable.sampling import SamplingParams
-from exo_stable.stagecompute import StageCompute, prompt_chunks
+from exo_stable.sampling import Pick, SamplingParams
+from exo_stable.stagecompute import StageCompute
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +107,8 @@ class FallbackCoordinator:
         *,
         mode: ReplayMode,
         max_tokens: int,
-    ) -> AsyncGenerator[tuple[int, int]]:
-        """Rebuild the request's cache from ``prompt`` and ``history``; yield ``(position, token)`` from position
+    ) -> AsyncGenerator[tuple[int, Pick]]:
+        """Rebuild the request's cache from ``prompt`` and ``history``; yield ``(position, pick)`` from position
         ``len(history)`` on, up to ``max_tokens``. Closing the iterator frees the cache."""
         if (reason := self.unavailable()) is not None:
             self.stats.refused += 1
@@ -120,15 +118,15 @@ class FallbackCoordinator:
         self.stats.requests += 1
         history = list(history)
         position = len(history)
-        await thread.run(compute.open, key, params, timeout=self.step_timeout_s)
+        await thread.run(compute.open, key, params, history, timeout=self.step_timeout_s)
         try:
             if mode is ReplayMode.FAST or not history:
-                token = await thread.run(_prefill, compute, key, [*prompt, *history], position, timeout=self._long())
+                token = await thread.run(compute.prefill_pick, key, [*prompt, *history], position, timeout=self._long())
             else:
-                token = await thread.run(compute.prefill_local, key, list(prompt), timeout=self._long())
+                token = await thread.run(compute.prefill_pick, key, list(prompt), 0, timeout=self._long())
                 for pos in range(1, len(history) + 1):
                     token = await thread.run(
-                        compute.decode_local, key, history[pos - 1], pos, timeout=self.step_timeout_s
+                        compute.decode_pick, key, history[pos - 1], pos, timeout=self.step_timeout_s
                     )
             self.stats.replayed_tokens += len(history)
             while position < max_tokens:
@@ -137,7 +135,7 @@ class FallbackCoordinator:
                 position += 1
                 if position >= max_tokens:
                     break
-                token = await thread.run(compute.decode_local, key, token, position, timeout=self.step_timeout_s)
+                token = await thread.run(compute.decode_pick, key, token.token, position, timeout=self.step_timeout_s)
         finally:
             if thread.alive:
                 thread.submit(compute.close, key, timeout=self.step_timeout_s)
@@ -161,13 +159,3 @@ class FallbackCoordinator:
             "refused": self.stats.refused,
             "load_s": None if self.stats.load_s is None else round(self.stats.load_s, 3),
         }
-
-
-def _prefill(compute: StageCompute, key: str, ids: list[int], position: int) -> int:
-    """On the MLX thread: ``ids`` through the whole model in prompt chunks; the token at ``position``."""
-    logits: mx.array | None = None
-    for chunk in prompt_chunks(ids):
-        logits = compute.forward(key, mx.array([chunk], dtype=mx.int32))
-    if logits is None:
-        raise ValueError("nothing to prefill")
-    return compute.pick(key, logits, position)

@@ -1,7 +1,8 @@
 """Find a model on disk, say what it is, and load any layer range of it.
 
-Two formats are accepted: a llama-architecture GGUF file (the default model is one), and an MLX /
-Hugging Face model directory (``config.json`` + ``*.safetensors`` + tokenizer files). A third source needs
+Two formats are accepted: a GGUF file (the default model is one) and an MLX / Hugging Face model directory
+(``config.json`` + ``*.safetensors``, sharded with an index or not, + tokenizer files), of any family
+:mod:`exo_stable.family` supports. A third source needs
 no file: ``random:<shape>[@seed]`` is a published llama shape with seeded random weights, each shard
 generating only its own tensors (see :mod:`exo_stable.random_model`).
 """
@@ -17,9 +18,10 @@ from typing import Any, Literal
 import mlx.core as mx
 
 from exo_stable import random_model
-from exo_stable.gguf import UnsupportedModelError, quant_specs, read_gguf
+from exo_stable.family import check_supported
+from exo_stable.gguf import quant_specs, read_gguf
 from exo_stable.model import LayerRange, ShardModel, build_shard, shard_weight_names
-from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec
+from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
 from exo_stable.tokenizer import Tokenizer
 
 __all__ = ["ModelSource", "UnsupportedModelError", "open_model"]
@@ -120,57 +122,113 @@ def _open_random(name: str) -> ModelSource:
     )
 
 
-def _spec_from_config(config: dict[str, Any]) -> ModelSpec:
+def spec_from_config(config: dict[str, Any]) -> ModelSpec:
+    """A model's spec from its config.json (any supported family; refused with the reason otherwise)."""
     model_type = config.get("model_type")
-    if model_type not in ("llama", "mistral"):
-        raise UnsupportedModelError(f"model_type {model_type!r} is not supported (supported: llama)")
-    heads = int(config["num_attention_heads"])
-    return ModelSpec(
-        hidden_size=int(config["hidden_size"]),
-        num_hidden_layers=int(config["num_hidden_layers"]),
-        intermediate_size=int(config["intermediate_size"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        vocab_size=int(config["vocab_size"]),
-        head_dim=config.get("head_dim"),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
-        rope_traditional=bool(config.get("rope_traditional", False)),
-        rope_scaling=config.get("rope_scaling"),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-        context_length=int(config.get("max_position_embeddings", 2048)),
-    )
+    if not isinstance(model_type, str):
+        raise UnsupportedModelError("config.json has no model_type")
+    check_supported(model_type)
+    try:
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return ModelSpec(
+            hidden_size=hidden,
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            intermediate_size=int(config.get("intermediate_size") or config.get("moe_intermediate_size") or 0),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            rms_norm_eps=float(config.get("rms_norm_eps") or config.get("norm_epsilon") or 1e-5),
+            vocab_size=int(config["vocab_size"]),
+            head_dim=config.get("head_dim"),
+            rope_theta=float(config.get("rope_theta") or 10000.0),
+            rope_traditional=bool(config.get("rope_traditional", False)),
+            rope_scaling=config.get("rope_scaling"),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+            context_length=int(config.get("max_position_embeddings") or 2048),
+            model_type=model_type,
+            config=config,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnsupportedModelError(f"config.json of model_type {model_type!r} lacks or garbles {exc}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """A directory's safetensors files: those its index names (sharded ``model-0000N-of-0000M``), else all."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UnsupportedModelError(f"{index} has no weight_map")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise UnsupportedModelError(f"{path} lacks {', '.join(absent)} (named by {index.name})")
+        return files
+    return sorted(path.glob("*.safetensors"))
+
+
+def safetensors_names(file: Path) -> list[str]:
+    """Tensor names from a safetensors header alone (no tensor is read)."""
+    with file.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size <= 100 << 20:
+            raise UnsupportedModelError(f"{file} is not a safetensors file")
+        header = json.loads(fh.read(size))
+    return [name for name in header if name != "__metadata__"]
+
+
+def quant_from_config(config: dict[str, Any], names: list[str]) -> dict[str, QuantSpec]:
+    """Per-module quantization as mlx-lm writes it: a default in ``quantization`` and per-module overrides
+    (a dict of group size and bits, or false) under the module's path; a module is quantized where the file
+    has its ``scales``."""
+    cfg = config.get("quantization") or config.get("quantization_config")
+    scaled = [n.removesuffix(".scales") for n in names if n.endswith(".scales")]
+    if not cfg:
+        if scaled:
+            raise UnsupportedModelError(f"weights have quantization scales ({scaled[0]}) but config.json says none")
+        return {}
+    if not isinstance(cfg, dict) or cfg.get("mode", "affine") != "affine" or "bits" not in cfg:
+        raise UnsupportedModelError(
+            f"quantization {cfg!r} is not supported (supported: MLX affine quantization with group_size and bits)"
+        )
+    default = QuantSpec(bits=int(cfg["bits"]), group_size=int(cfg["group_size"]))
+    out: dict[str, QuantSpec] = {}
+    for module in scaled:
+        override = cfg.get(module)
+        if override is False:
+            raise UnsupportedModelError(f"{module} has quantization scales but config.json says it is not quantized")
+        if isinstance(override, dict):
+            if override.get("mode", "affine") != "affine":
+                raise UnsupportedModelError(f"{module}: quantization mode {override['mode']!r} is not supported")
+            out[module] = QuantSpec(bits=int(override["bits"]), group_size=int(override["group_size"]))
+        else:
+            out[module] = default
+    return out
 
 
 def _open_mlx_dir(path: Path) -> ModelSource:
     config = json.loads((path / "config.json").read_text())
-    spec = _spec_from_config(config)
-    files = sorted(path.glob("*.safetensors"))
+    if not isinstance(config, dict):
+        raise UnsupportedModelError(f"{path / 'config.json'} is not a JSON object")
+    spec = spec_from_config(config)
+    files = weight_files(path)
     if not files:
         raise UnsupportedModelError(f"{path} has config.json but no *.safetensors weights")
+    names = [n for f in files for n in safetensors_names(f)]
     tokenizer = Tokenizer.from_hf_dir(path)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for f in files:
         digest.update(f"{f.name}:{f.stat().st_size};".encode())
     digest.update(tokenizer.fingerprint().encode())
-    source = ModelSource(
+    return ModelSource(
         path=path,
         format="mlx",
         name=path.name,
         spec=spec,
         tokenizer=tokenizer,
         fingerprint=digest.hexdigest()[:32],
-        quant={},
+        quant=quant_from_config(config, names),
     )
-    quant_cfg = config.get("quantization") or config.get("quantization_config")
-    if quant_cfg:
-        group, bits = int(quant_cfg["group_size"]), int(quant_cfg["bits"])
-        source.quant = {
-            name.removesuffix(".scales"): QuantSpec(bits=bits, group_size=group)
-            for name in _read_weights(source)
-            if name.endswith(".scales")
-        }
-    return source
 
 
 def _read_weights(source: ModelSource) -> dict[str, mx.array]:
@@ -180,11 +238,8 @@ def _read_weights(source: ModelSource) -> dict[str, mx.array]:
         _, weights, _ = read_gguf(source.path)
         return weights
     merged: dict[str, mx.array] = {}
-    for file in sorted(source.path.glob("*.safetensors")):
+    for file in weight_files(source.path):
         loaded = mx.load(str(file))
         assert isinstance(loaded, dict)
         merged.update(loaded)
-    weights = {k: v for k, v in merged.items() if "rotary_emb.inv_freq" not in k}
-    if source.spec.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    return weights
+    return {k: v for k, v in merged.items() if "rotary_emb.inv_freq" not in k}

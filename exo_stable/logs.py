@@ -4,6 +4,10 @@ The API sets :data:`REQUEST_ID` (a context variable) when it admits a request; e
 that request runs, in its handler's task and in what it awaits (the service, the pipeline owner), carries
 the id. A JSON line holds ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``message``, ``request_id`` when
 one applies, and ``exc`` with the traceback when there is one.
+
+Peers and clients choose some of what is logged (node ids, reasons, request fields): a text line escapes
+every control character of its message (a newline becomes ``\\n``), so nobody can forge a log line, and
+:func:`safe` bounds such a string's length where it is interpolated.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import orjson
 
@@ -24,6 +29,46 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("exo_stable_request_id", default
 """The id of the API request the current task works for (the response's ``id``), or None."""
 
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    )
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character (newlines included) written as an escape: one log line."""
+    return _CONTROL.sub(_escape_char, text)
+
+
+def safe(value: object, limit: int = 200) -> str:
+    """A peer- or client-supplied value for a log line: escaped, and cut to ``limit`` characters."""
+    text = escape(str(value))
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+class EscapingFormatter(logging.Formatter):
+    """The text format: the message's control characters are escaped; a traceback keeps its lines, each
+    marked with ``| `` (an exception's text may hold a peer's string: it cannot pass for a log line)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _continuation(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _continuation(super().formatStack(stack_info))
+
+
+def _continuation(text: str) -> str:
+    return "\n".join(f"| {escape(line)}" for line in text.splitlines())
 
 
 class LogFormat(enum.StrEnum):
@@ -65,7 +110,7 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str, fmt: LogFormat | str, stream: TextIO | None = None) -> logging.Handler:
     """Replace the root logger's handlers with one writing ``fmt`` lines to ``stream`` (stderr)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if LogFormat(fmt) is LogFormat.JSON else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if LogFormat(fmt) is LogFormat.JSON else EscapingFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

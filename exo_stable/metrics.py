@@ -207,9 +207,17 @@ class NodeCollector(Collector):
         peers = getattr(self.node, "peers", None)
         if peers is None:  # the API can be scraped before the links are set up
             return
+        members = self.node.coordinator.members  # only members get labels: strangers cannot grow the scrape
+        for kind, n in sorted(self.node.refusals.by_kind.items()):
+            f.counter("peer_messages_refused", "Peer messages refused (the sender lacks the role)", {"kind": kind}, n)
+        for reason, n in sorted(peers.server.rejections.items()):
+            f.counter("peer_handshakes_refused", "Incoming peer connections refused", {"reason": reason}, n)
         for peer in peers.connected_peers():
-            f.gauge("peers_connected", "1 for each peer with a connected link", {"peer": peer}, 1.0)
+            if peer in members:
+                f.gauge("peers_connected", "1 for each peer with a connected link", {"peer": peer}, 1.0)
         for peer, direction, st in peers.link_statistics():
+            if peer not in members:
+                continue
             labels = {"peer": peer, "link": direction}
             if st.rtt_s is not None:
                 f.gauge("peer_rtt_seconds", "Smoothed round-trip time of the link's data frames", labels, st.rtt_s)
@@ -270,6 +278,7 @@ class NodeCollector(Collector):
         f.counter("owner_requests", "Requests owned by this node, by state", {"state": "started"}, s.requests)
         f.counter("owner_requests", "Requests owned by this node, by state", {"state": "finished"}, s.finished)
         f.counter("owner_requests", "Requests owned by this node, by state", {"state": "failed"}, s.failed)
+        f.counter("owner_requests", "Requests owned by this node, by state", {"state": "cancelled"}, s.cancelled)
         f.counter(
             "owner_resend_requests", "Token positions asked for again (missing or invalid)", {}, s.resend_requests
         )

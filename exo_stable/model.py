@@ -1,6 +1,7 @@
-"""A contiguous range of a llama model's layers: the unit a pipeline stage (or one device) runs.
+"""A contiguous range of a model's layers: the unit a pipeline stage (or one device) runs.
 
-Stage 0 also holds the token embedding; the last stage also holds the final norm and the output head
+The layers are those of the model's mlx-lm family (see :mod:`exo_stable.family`), run by the family's own
+code. Stage 0 also holds the token embedding; the last stage also holds the final norm and the output head
 (the embedding again when the model ties them). The whole model on one device is simply the shard
 ``[0, n_layers)``, so single-device and split runs execute the very same operations layer by layer.
 The model never does IO: weights come in as a mapping of arrays.
@@ -8,6 +9,7 @@ The model never does IO: weights come in as a mapping of arrays.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,22 +17,13 @@ from typing import Any
 import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.llama import ModelArgs, TransformerBlock
 
+from exo_stable.family import CacheKind, cache_kinds, cast_keeps, is_float, new_model
+from exo_stable.kvcache import GhostCache, RewindableRotatingKVCache
 from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec
 
 _FLOAT_DTYPES = {Dtype.FLOAT32: mx.float32, Dtype.BFLOAT16: mx.bfloat16, Dtype.FLOAT16: mx.float16}
-_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,47 +63,177 @@ def compute_dtype(dtype: Dtype) -> mx.Dtype:
     return _FLOAT_DTYPES.get(dtype) or quantized_activation_dtype()
 
 
-class ShardModel(nn.Module):
-    """Layers ``[start, end)`` with the embedding on the first shard and norm + head on the last."""
+class _Feed:
+    """What a non-first stage received, for the layer before its range to hand on (see :class:`_Before`)."""
 
-    def __init__(self, spec: ModelSpec, layers: LayerRange) -> None:
+    h: mx.array | None = None
+
+
+class _Before(nn.Module):
+    """A layer before the shard's range: its output is the hidden state the stage received."""
+
+    def __init__(self, feed: _Feed, original: nn.Module) -> None:
         super().__init__()
+        self._feed = feed
+        _copy_flags(original, self)
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        assert self._feed.h is not None
+        return self._feed.h
+
+
+class _After(nn.Module):
+    """A layer after the shard's range, or the final norm of a stage that is not the last: passes its input on."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        _copy_flags(original, self)
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        return x
+
+
+class _NoEmbedding(nn.Module):
+    """The embedding of a stage that is not the first: zeros of the received hidden state's shape and dtype.
+
+    The family's code may scale them; the layer before the range then replaces them with the received
+    state, so none of it is ever evaluated."""
+
+    def __init__(self, feed: _Feed) -> None:
+        super().__init__()
+        self._feed = feed
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        assert self._feed.h is not None
+        return mx.zeros(self._feed.h.shape, dtype=self._feed.h.dtype)
+
+
+def _copy_flags(original: nn.Module, stand_in: nn.Module) -> None:
+    """Plain flags a family's model loop may read from a layer (``use_sliding``, ``is_sliding``...)."""
+    for key, value in vars(original).items():
+        if not key.startswith("_") and isinstance(value, bool | int | float | str):
+            object.__setattr__(stand_in, key, value)
+
+
+class _Ticker:
+    """Counts the shard's layers as the family's loop calls them, starting the device every ``every``."""
+
+    every = 0
+    count = 0
+    last = 0
+
+
+_TICKING: dict[type, type] = {}
+
+
+def _ticking(layer: nn.Module, ticker: _Ticker) -> None:
+    """Make ``layer`` start the device after it every ``ticker.every`` layers (same operations, same bits)."""
+    cls = type(layer)
+    if cls not in _TICKING:
+
+        def call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            out = cls.__call__(self, *args, **kwargs)
+            t: _Ticker = self._exo_ticker
+            t.count += 1
+            if t.every and t.count % t.every == 0 and t.count < t.last:
+                mx.async_eval(out)  # type: ignore[no-untyped-call]
+            return out
+
+        sub = type(cls.__name__, (cls,), {"__call__": call})
+        _TICKING[cls] = sub
+    layer.__class__ = _TICKING[cls]
+    object.__setattr__(layer, "_exo_ticker", ticker)
+
+
+class ShardModel:
+    """Layers ``[start, end)`` of a model, run by the family's own mlx-lm ``Model``.
+
+    The family's model keeps its structure and its global names (``model.layers.<index>``): the layers outside
+    the range become stand-ins without weights, the embedding of a stage that is not the first too, and the
+    final norm of a stage that is not the last passes its input on. A forward call is the family's own call
+    (embedding scale, masks, sliding-window layers, head and soft-capping included): the first stage calls it on
+    the token ids, a later one on dummy ids of the right shape, whose embedding the layer before its range
+    replaces with the hidden state received. Stages that are not the last stop before the head.
+    """
+
+    def __init__(self, spec: ModelSpec, layers: LayerRange, net: nn.Module | None = None) -> None:
         self.spec = spec
         self.range = layers
-        args = ModelArgs.from_dict(spec.mlx_lm_args())
-        if layers.is_first or (layers.is_last and spec.tie_word_embeddings):
-            self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = [TransformerBlock(args) for _ in range(layers.start, layers.end)]
-        if layers.is_last:
-            self.norm = nn.RMSNorm(spec.hidden_size, eps=spec.rms_norm_eps)
-            if not spec.tie_word_embeddings:
-                self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.net = net if net is not None else new_model(spec)
+        self.kinds = cache_kinds(self.net, spec)
+        inner = self.net["model"]
+        self.tied = "lm_head" not in self.net
+        self._feed = _Feed()
+        self._ticker = _Ticker()
+        original = list(inner.layers)
+        if len(original) != layers.total:
+            raise ValueError(f"{spec.model_type} has {len(original)} layers, not {layers.total}")
+        stand_ins: list[nn.Module] = []
+        for index, layer in enumerate(original):
+            if index < layers.start:
+                stand_ins.append(_Before(self._feed, layer))
+            elif index >= layers.end:
+                stand_ins.append(_After(layer))
+            else:
+                _ticking(layer, self._ticker)
+                stand_ins.append(layer)
+        inner.layers = stand_ins
+        if not layers.is_first and not (layers.is_last and self.tied):
+            inner.embed_tokens = _NoEmbedding(self._feed)
+        if not layers.is_last:
+            inner.norm = _After(inner.norm)
+            if "lm_head" in self.net:
+                self.net.pop("lm_head")
+        # A cache kind's first holder in this shard answers for the layers of that kind that others hold.
+        self._twins: dict[CacheKind, int] = {}
+        for local, kind in enumerate(self.kinds[layers.start : layers.end]):
+            self._twins.setdefault(kind, local)
+
+    def parameters(self) -> Any:
+        return self.net.parameters()
 
     def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+        out: list[KVCache] = []
+        for kind, max_size, keep in self.kinds[self.range.start : self.range.end]:
+            if kind == "rotating":
+                assert max_size is not None
+                out.append(RewindableRotatingKVCache(max_size, keep))
+            else:
+                out.append(KVCache())
+        return out
+
+    def _whole_cache(self, cache: Sequence[KVCache]) -> list[Any]:
+        reference = cache[0]
+        whole: list[Any] = []
+        for index, kind in enumerate(self.kinds):
+            if self.range.start <= index < self.range.end:
+                whole.append(cache[index - self.range.start])
+            else:
+                twin = self._twins.get(kind)
+                whole.append(GhostCache(None if twin is None else cache[twin], reference))
+        return whole
 
     def __call__(self, x: mx.array, cache: Sequence[KVCache], *, overlap: bool = True) -> mx.array:
         """Token ids (first shard) or hidden states in; hidden states or logits (last shard) out.
 
         ``overlap=False``: start nothing on the device while building (a graph built before its input is
         written, see :meth:`StageCompute.prepare`)."""
-        h = self.embed_tokens(x) if self.range.is_first else x
-        mask = create_attention_mask(h, cache[0])
-        every = _overlap_every() if overlap else 0
-        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
-            h = layer(h, mask, cache=layer_cache)
-            if every and (i + 1) % every == 0 and i + 1 < len(self.layers):
-                # On a GPU, start the layers built so far while Python builds the next ones: graph building
-                # and device work overlap instead of taking turns. Same operations, same bits.
-                mx.async_eval(h)  # type: ignore[no-untyped-call]
-        if not self.range.is_last:
-            return h
-        h = self.norm(h)
-        if self.spec.tie_word_embeddings:
-            out: mx.array = self.embed_tokens.as_linear(h)
-            return out
-        head: mx.array = self.lm_head(h)
-        return head
+        if len(cache) != self.range.end - self.range.start:
+            raise ValueError(f"{len(cache)} caches for shard {self.range}")
+        if self.range.is_first:
+            ids = x
+        else:
+            self._feed.h = x
+            ids = mx.zeros(x.shape[:2], dtype=mx.int32)
+        self._ticker.every = _overlap_every() if overlap else 0
+        self._ticker.count = 0
+        self._ticker.last = self.range.end - self.range.start
+        try:
+            whole = self._whole_cache(cache)
+            out: mx.array = self.net(ids, cache=whole) if self.range.is_last else self.net["model"](ids, cache=whole)
+        finally:
+            self._feed.h = None
+        return out
 
 
 OVERLAP_LAYERS = 4
@@ -126,19 +249,34 @@ def _overlap_every() -> int:
     return OVERLAP_LAYERS if mx.default_device() == mx.gpu and gpu_backend() is not None else 0
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The layer a tensor belongs to (``model.layers.<index>.``...), or None for embeddings, norms, heads."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
 def shard_weight_names(spec: ModelSpec, layers: LayerRange, names: Sequence[str]) -> list[str]:
-    """The subset of a model's tensor names that a shard needs."""
+    """The subset of a model's tensor names that a shard may need: its layers' and the top-level ones (the
+    embedding, final norm and head; :func:`build_shard` keeps of these only what the shard holds)."""
     wanted: list[str] = []
-    needs_embed = layers.is_first or (layers.is_last and spec.tie_word_embeddings)
+    # A family may decide in its sanitize whether the head is tied (gemma3_text: when the file has no lm_head).
+    tied = spec.tie_word_embeddings or spec.config is not None
+    needs_embed = layers.is_first or (layers.is_last and tied)
     for name in names:
-        if name.startswith("model.layers."):
-            index = int(name.split(".")[2])
+        index = layer_index(name)
+        if index is not None:
             if layers.start <= index < layers.end:
                 wanted.append(name)
         elif name.startswith("model.embed_tokens."):
             if needs_embed:
                 wanted.append(name)
-        elif name.startswith(("model.norm.", "lm_head.")) and layers.is_last:
+        elif name.startswith(("model.norm.", "lm_head.")):
+            if layers.is_last:
+                wanted.append(name)
+        else:
             wanted.append(name)
     return wanted
 
@@ -152,72 +290,39 @@ def build_shard(
 ) -> ShardModel:
     """Build the shard and load its weights, dequantizing or keeping them quantized per ``dtype``.
 
-    ``weights`` uses whole-model names (``model.layers.<global index>...``); they are renumbered to
-    the shard's local layer indices here.
+    ``weights`` and ``quant`` use the whole model's names (``model.layers.<global index>...``), as the files
+    and the family's model do; the family's ``sanitize`` runs on the shard's part of them first.
     """
-    model = ShardModel(spec, layers)
-    local: dict[str, mx.array] = {}
-    local_quant: dict[str, QuantSpec] = {}
-    for name in shard_weight_names(spec, layers, list(weights)):
-        local_name = _localize(name, layers)
-        local[local_name] = weights[name]
-        module = name.rsplit(".", 1)[0]
-        if module in quant:
-            local_quant[local_name.rsplit(".", 1)[0]] = quant[module]
+    net = new_model(spec)
+    local = {name: weights[name] for name in shard_weight_names(spec, layers, list(weights))}
+    if hasattr(net, "sanitize"):
+        local = net.sanitize(local)  # a family may stack experts, drop unused tensors, or tie its head here
+    model = ShardModel(spec, layers, net)
+    expected = {str(item[0]) for item in tree_flatten(net.parameters())}
+    modules = {name.rsplit(".", 1)[0] for name in expected}
+    local_quant = {m: q for m, q in quant.items() if m in modules and f"{m}.scales" in local}
     if dtype is Dtype.QUANTIZED:
-        _quantize_modules(model, local_quant)
+
+        def predicate(path: str, _module: nn.Module) -> bool | dict[str, Any]:
+            q = local_quant.get(path)
+            return False if q is None else {"group_size": q.group_size, "bits": q.bits}
+
+        nn.quantize(net, class_predicate=predicate)
         act = quantized_activation_dtype()
-        params = {
-            k: (v.astype(act) if v.dtype in (mx.float16, mx.bfloat16, mx.float32) else v) for k, v in local.items()
-        }
+        params = {k: (v.astype(act) if is_float(v) and not cast_keeps(net, k) else v) for k, v in local.items()}
     else:
-        params = _dequantized(local, local_quant, _FLOAT_DTYPES[dtype])
-    missing = _missing(model, params)
+        params = _dequantized(local, local_quant, _FLOAT_DTYPES[dtype], net)
+    expected = {str(item[0]) for item in tree_flatten(net.parameters())}
+    missing = expected - set(params)
     if missing:
         raise ValueError(f"model weights for shard {layers} lack {sorted(missing)[:8]}")
-    model.load_weights(list(params.items()), strict=True)
-    mx.eval(model.parameters())
+    net.load_weights([(k, v) for k, v in params.items() if k in expected], strict=True)
+    mx.eval(net.parameters())
     return model
 
 
-def _localize(name: str, layers: LayerRange) -> str:
-    if not name.startswith("model.layers."):
-        # ShardModel keeps the top-level modules flat: embed_tokens, norm, lm_head.
-        return name.removeprefix("model.")
-    parts = name.split(".")
-    parts[2] = str(int(parts[2]) - layers.start)
-    return ".".join(parts[1:])
-
-
-def _quantize_modules(model: ShardModel, quant: Mapping[str, QuantSpec]) -> None:
-    if "embed_tokens" in quant and hasattr(model, "embed_tokens"):
-        q = quant["embed_tokens"]
-        model.embed_tokens = nn.QuantizedEmbedding(
-            model.spec.vocab_size, model.spec.hidden_size, group_size=q.group_size, bits=q.bits
-        )
-    if "lm_head" in quant and hasattr(model, "lm_head"):
-        q = quant["lm_head"]
-        model.lm_head = nn.QuantizedLinear(
-            model.spec.hidden_size, model.spec.vocab_size, bias=False, group_size=q.group_size, bits=q.bits
-        )
-    for index, layer in enumerate(model.layers):
-        for path in _LINEARS:
-            q_spec = quant.get(f"layers.{index}.{path}")
-            if q_spec is None:
-                continue
-            parent_name, attr = path.split(".")
-            parent = getattr(layer, parent_name)
-            linear: nn.Linear = getattr(parent, attr)
-            out_dims, in_dims = linear.weight.shape
-            setattr(
-                parent,
-                attr,
-                nn.QuantizedLinear(in_dims, out_dims, bias=False, group_size=q_spec.group_size, bits=q_spec.bits),
-            )
-
-
 def _dequantized(
-    params: Mapping[str, mx.array], quant: Mapping[str, QuantSpec], dtype: mx.Dtype
+    params: Mapping[str, mx.array], quant: Mapping[str, QuantSpec], dtype: mx.Dtype, net: nn.Module
 ) -> dict[str, mx.array]:
     out: dict[str, mx.array] = {}
     for name, value in params.items():
@@ -234,11 +339,8 @@ def _dequantized(
                 group_size=q.group_size,
                 bits=q.bits,
             ).astype(dtype)
-        else:
+        elif is_float(value) and not cast_keeps(net, name):
             out[name] = value.astype(dtype)
+        else:
+            out[name] = value
     return out
-
-
-def _missing(model: nn.Module, params: Mapping[str, Any]) -> set[str]:
-    expected = {str(item[0]) for item in tree_flatten(model.parameters())}
-    return expected - set(params)

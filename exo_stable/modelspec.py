@@ -1,4 +1,4 @@
-"""The shape of a llama-architecture model, independent of where its weights come from."""
+"""The shape of a decoder model, independent of where its weights come from."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import enum
 from typing import Any
 
 import msgspec
+
+
+class UnsupportedModelError(ValueError):
+    """The file is readable but is not a model exo-stable can run."""
 
 
 class Dtype(enum.StrEnum):
@@ -22,7 +26,13 @@ class Dtype(enum.StrEnum):
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """Hyper-parameters of a llama-style decoder (mlx-lm's ``ModelArgs`` is built from this)."""
+    """Hyper-parameters of a decoder (mlx-lm's ``ModelArgs`` is built from this).
+
+    The named fields are what the runtime itself reads (layer count, widths for placement and activations,
+    vocabulary, context). ``config`` is the family's whole mlx-lm configuration (``model_type`` included) when
+    the model is not a plain llama described by the named fields alone: it is what the family's own
+    ``ModelArgs`` is built from.
+    """
 
     hidden_size: int
     num_hidden_layers: int
@@ -37,8 +47,12 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     rope_scaling: dict[str, float | str] | None = None
     tie_word_embeddings: bool = True
     context_length: int = 2048
+    model_type: str = "llama"
+    config: dict[str, Any] | None = None
 
     def mlx_lm_args(self) -> dict[str, Any]:
+        if self.config is not None:
+            return dict(self.config)
         return {
             "model_type": "llama",
             "hidden_size": self.hidden_size,

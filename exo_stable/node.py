@@ -14,6 +14,7 @@ pipeline over the same code path; more nodes split the layers between them.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
@@ -29,11 +30,25 @@ from typing import Any
 from aiohttp import web
 
 from actors import ActorSystem, Strategy, Supervisor
+from exo_stable.api.guards import ApiRunner
 from exo_stable.api.server import METRICS_KEY, ApiConfig, create_app, json_response
-from exo_stable.cluster.coordinator import ClusterOptions, Coordinator, StageHost
+from exo_stable.cluster import addresses as addr
+from exo_stable.cluster.coordinator import Coordinator
 from exo_stable.cluster.peers import PeerManager
+from exo_stable.cluster.roles import (
+    MAX_DIRECTORY,
+    Bounds,
+    Refusals,
+    activation_refusal,
+    request_open_refusal,
+    step_refusal,
+    token_refusal,
+)
+from exo_stable.cluster.security import SecretSource, is_loopback_only, join_command
+from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.fallback import FallbackCoordinator
 from exo_stable.loader import ModelSource, open_model
+from exo_stable.logs import safe
 from exo_stable.metrics import NodeCollector
 from exo_stable.modelspec import Dtype
 from exo_stable.pipeline.barrier import BarrierActor, Barriers
@@ -55,6 +70,7 @@ from exo_stable.wire.messages import (
     RequestOpen,
     ResendTokens,
     StageFailure,
+    StageRange,
     StageStatus,
     StepInput,
     SuspectNode,
@@ -75,10 +91,16 @@ class NodeConfig:
     port: int = 52415
     api: ApiConfig = field(default_factory=ApiConfig)
     max_concurrent: int = 8
+    max_queue: int = 32
     node_id: str | None = None
     peers: tuple[tuple[str, int], ...] = ()
+    advertise: tuple[str, int | None] | None = None
+    """``--advertise host[:port]``: the address peers are told to dial (port None: the bound port)."""
     discovery: bool = False
     cluster_secret: bytes | None = None
+    cluster_auth: SecretSource = "given"
+    """Where the secret came from (cluster/security.py): the node says so once it listens."""
+    cluster_secret_path: Path | None = None
     memory_bytes: int | None = None
     split: tuple[int, ...] | None = None
     max_stages: int | None = None
@@ -92,6 +114,7 @@ class NodeConfig:
     adaptive_validation: bool = True
     decode_ahead: bool = True
     build_ahead: bool = True
+    peer_forget_s: float = 60.0  # a peer down this long leaves nothing behind (cluster/peers.py)
 
 
 def available_memory() -> int:
@@ -106,7 +129,7 @@ class ClusterService(Service):
 
     backend = "pipeline"
 
-    def __init__(self, node: Node, *, max_active: int) -> None:
+    def __init__(self, node: Node, *, max_active: int, max_queue: int = 32) -> None:
         source = node.source
         super().__init__(
             source.tokenizer,
@@ -114,6 +137,7 @@ class ClusterService(Service):
             context_length=source.spec.context_length,
             dtype=str(node.config.dtype),
             max_active=max_active,
+            max_queue=max_queue,
         )
         self.node = node
 
@@ -183,6 +207,7 @@ class Node:
         self._peers_ready = asyncio.Event()
         self._directory_changed = asyncio.Event()
         self.port = config.port
+        self._interface_ips: list[str] = []
         self.options = ClusterOptions(
             split=config.split,
             max_stages=config.max_stages,
@@ -200,6 +225,10 @@ class Node:
         self.barriers: Barriers
         self.fallback: FallbackCoordinator
         self.escalations = 0
+        self.refusals = Refusals(self.node_id)
+        spec = source.spec
+        self.bounds = Bounds(context_length=spec.context_length, vocab_size=spec.vocab_size)
+        self.slots_per_owner = self.options.max_requests_per_owner
         self._escalated: asyncio.Queue[BaseException] = asyncio.Queue(maxsize=16)
 
     def _stage_supervisor(self) -> StageSupervisor:
@@ -244,13 +273,29 @@ class Node:
             await self.coordinator.mark_suspect(self.node_id, decision.reason)
 
     async def dispatch(self, sender: str, message: Message) -> None:
+        """Route a peer's message to its handler if the sender holds the role it needs (cluster/roles.py)."""
+        if sender != self.node_id and sender not in self.coordinator.members:
+            self.refusals.refuse(sender, "not_a_member", message)
+            return
+        refusal = self._refusal(sender, message)
+        if refusal is not None:
+            self.refusals.refuse(sender, refusal, message)
+            if isinstance(message, RequestOpen) and sender == message.owner:
+                # The owner's request fails now, not at its open deadline.
+                no = BarrierArrive(name=message.barrier, member=self.node_id, ok=False, detail=f"refused: {refusal}")
+                await self.send(message.owner, no)
+            return
         match message:
             case PlanProposal() | StageStatus() | PlanCommit() | SuspectNode():
                 await self.coordinator.handle(sender, message)
             case PeerDirectory(peers=entries):
+                candidates: dict[str, list[addr.Address]] = {}
                 for entry in entries:
-                    if entry.node_id != self.node_id and entry.node_id not in self.peers.connected_peers():
-                        self.peers.dial(entry.host, entry.port)
+                    candidates.setdefault(entry.node_id, []).append((entry.host, entry.port))
+                connected = self.peers.connected_peers()
+                for node_id, found in candidates.items():
+                    if node_id != self.node_id and node_id not in connected:
+                        self.peers.dial_any(node_id, addr.dial_candidates(found))
             case BarrierArrive():
                 await self.barriers.arrive(message)
             case TokenChunk() | StageFailure():
@@ -264,7 +309,55 @@ class Node:
                     self.unexpected += 1
             case _:
                 self.unexpected += 1
-                log.warning("%s: unexpected %s from %s", self.node_id, type(message).__name__, sender)
+                log.warning("%s: unexpected %s from %s", self.node_id, type(message).__name__, safe(sender))
+
+    def _plan_stages(self, epoch: int) -> tuple[StageRange, ...] | None:
+        plan = self.coordinator.history.plans.get(epoch)
+        return plan.stages if plan is not None else self.stage_host.stages_of(epoch)
+
+    def _refusal(self, sender: str, message: Message) -> str | None:
+        """Why a member's message is not for it to send (cluster/roles.py), or None."""
+        host = self.stage_host
+        match message:
+            case PeerDirectory(peers=entries):
+                return "directory_too_large" if len(entries) > MAX_DIRECTORY else None
+            case BarrierArrive(member=member):
+                return None if member == sender else "barrier_for_another_node"
+            case TokenChunk(plan_epoch=epoch):
+                return token_refusal(sender, self._plan_stages(epoch))
+            case StageFailure(node_id=node, plan_epoch=epoch):
+                plans = (
+                    [self.coordinator.history.plans.get(epoch)]
+                    if epoch != -1
+                    else self.coordinator.history.plans.values()
+                )
+                if node != sender or not any(p is not None and sender in {s.node_id for s in p.stages} for p in plans):
+                    return "failure_not_from_stage"
+                return None
+            case RequestOpen():
+                stages = host.stages_of(message.plan_epoch)
+                if stages is None or all(s.node_id != self.node_id for s in stages):
+                    return "request_open_without_stage"
+                refusal = request_open_refusal(message, sender, self.bounds)
+                full = host.owner_of(message.request_id) != sender and host.requests_of(sender) >= self.slots_per_owner
+                return "request_slots_per_owner_full" if refusal is None and full else refusal
+            case StepInput():
+                return step_refusal(
+                    message,
+                    sender,
+                    node_id=self.node_id,
+                    stages=host.stages_of(message.plan_epoch),
+                    owner=host.owner_of(message.request_id),
+                    bounds=self.bounds,
+                )
+            case ActivationChunk():
+                return activation_refusal(
+                    message, sender, node_id=self.node_id, stages=host.stages_of(message.plan_epoch)
+                )
+            case RequestClose(request_id=rid) | ResendTokens(request_id=rid):
+                owner = host.owner_of(rid)
+                return None if owner is None or owner == sender else "request_not_owned_by_sender"
+        return None
 
     def _on_membership(self, peer: PeerInfo | str, up: bool) -> None:
         self.coordinator.on_membership(peer, up)
@@ -277,16 +370,39 @@ class Node:
             if closed:
                 log.warning("%s: closed %d requests of %s, which is gone", self.node_id, closed, node)
 
+    def addresses(self) -> list[addr.Address]:
+        """Where peers should dial this node, best first: never a wildcard (see cluster/addresses.py)."""
+        config = self.config
+        advertise = None
+        if config.advertise is not None:
+            host, port = config.advertise
+            advertise = (host, self.port if port is None else port)
+        return addr.advertised_addresses(
+            config.host,
+            self.port,
+            advertise=advertise,
+            reached_on=self.peers.reached_on,
+            interface_ips=self._interface_ips,
+        )
+
+    def peer_addresses(self, node_id: str, info: PeerInfo) -> list[addr.Address]:
+        """Where ``node_id`` can be dialed, best first: the address this node reached it on, the address its
+        own connection came from (with its advertised port), then what it advertises."""
+        advertised = addr.addresses_from_capabilities(info.capabilities)
+        seen: list[addr.Address] = []
+        reached = self.peers.reached_at(node_id)
+        if reached is not None:
+            seen.append(reached)
+        remote = self.peers.remote_host(node_id)
+        if remote is not None and advertised:
+            seen.append((remote, advertised[0][1]))
+        return addr.dial_candidates(seen, advertised)
+
     def directory(self) -> PeerDirectory:
-        """This node and every peer it knows, with the API address each one advertised."""
-        entries = []
-        known = [(self.node_id, self.identity.capabilities)]
-        known += [(node_id, info.capabilities) for node_id, info in self.peers.connected_peers().items()]
-        for node_id, capabilities in known:
-            address = _api_address(capabilities)
-            if address is not None:
-                host, _, port = address.rpartition(":")
-                entries.append(PeerAddress(node_id, host, int(port)))
+        """This node and every peer it knows, with the addresses each one can be dialed on."""
+        entries = [PeerAddress(self.node_id, h, p) for h, p in self.addresses()]
+        for node_id, info in self.peers.connected_peers().items():
+            entries += [PeerAddress(node_id, h, p) for h, p in self.peer_addresses(node_id, info)]
         return PeerDirectory(peers=tuple(entries))
 
     async def _gossip(self, stop: asyncio.Event) -> None:
@@ -329,11 +445,24 @@ class Node:
         nodes = []
         for node_id in sorted(self.coordinator.members):
             info = peers.get(node_id)
-            api = _api_address(info.capabilities if info else self.identity.capabilities)
+            found = self.addresses() if info is None else self.peer_addresses(node_id, info)
+            shown = [addr.format_host_port(h, p) for h, p in found]
             health = "alive" if node_id == self.node_id else self.peers.monitor.state(node_id).value
-            nodes.append({"id": node_id, "address": api, "health": health, "layers": layers.get(node_id)})
+            memory = info.memory_bytes if info else self.memory_bytes if node_id == self.node_id else None
+            nodes.append(
+                {
+                    "id": node_id,
+                    "address": shown[0] if shown else None,
+                    "addresses": shown,
+                    "health": health,
+                    "layers": layers.get(node_id),
+                    "memory_bytes": memory,
+                }
+            )
         return {
+            "node_id": self.node_id,  # the node that answered
             "nodes": nodes,
+            "refused": dict(self.peers.refused),
             "plan": None
             if plan is None
             else {
@@ -375,6 +504,7 @@ class Node:
                     stage_host=self.stage_host,
                     barriers=self.barriers,
                     options=self.options,
+                    refusals=self.refusals,
                 )
                 self.fallback = FallbackCoordinator(
                     self.source,
@@ -412,22 +542,35 @@ class Node:
 
     async def _serve(self, stop: asyncio.Event, ready: asyncio.Event | None, system: ActorSystem) -> None:
         config = self.config
-        service = ClusterService(self, max_active=config.max_concurrent)
+        service = ClusterService(self, max_active=config.max_concurrent, max_queue=config.max_queue)
         app = create_app(service, config.api)
         app[METRICS_KEY].register(NodeCollector(self))
         app.router.add_get("/v1/cluster", self._cluster_route)
         app.router.add_get(WIRE_PATH, self._wire_route)
-        runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout_s, access_log=None, handle_signals=False)
+        runner = ApiRunner(
+            app,
+            header_timeout_s=config.api.header_timeout_s,
+            shutdown_timeout=config.shutdown_timeout_s,
+            access_log=None,
+            handle_signals=False,
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port)
             await site.start()
             port = int(runner.addresses[0][1]) if runner.addresses else config.port
             self.port = port
+            self._interface_ips = _interface_ips() if addr.is_wildcard(config.host) else []
+            advertised = addr.advertised_addresses(
+                config.host,
+                port,
+                advertise=None if config.advertise is None else (config.advertise[0], config.advertise[1] or port),
+                interface_ips=self._interface_ips,
+            )
             self.identity = Identity(
                 node_id=self.node_id,
                 session_id=new_session_id(),
-                capabilities=("mlx", f"api={config.host}:{port}"),
+                capabilities=("mlx", *addr.api_capabilities(advertised)),
                 memory_bytes=self.memory_bytes,
                 model_fingerprint=self.source.fingerprint,
             )
@@ -436,8 +579,10 @@ class Node:
                 dispatch=self.dispatch,
                 on_membership=self._on_membership,
                 secret=config.cluster_secret,
+                forget_after_s=config.peer_forget_s,
             )
             self.coordinator.wait_links = self.peers.wait_connected_to
+            self._say_who_may_join()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.peers.run(stop), name="peers")
                 tg.create_task(self.coordinator.run(stop), name="coordinator")
@@ -458,6 +603,34 @@ class Node:
                 print("exo-stable: shutting down", file=sys.stderr, flush=True)
         finally:
             await runner.cleanup()
+
+    def _say_who_may_join(self) -> None:
+        """Log how peers authenticate (and the API's exposure) once the node listens on its address."""
+        config = self.config
+        if is_loopback_only(config.host):
+            return
+        where = addr.format_host_port(config.host, self.port)
+        if config.api.api_key is None:
+            log.warning(
+                "the API on %s is reachable from other machines without an API key: anyone who can reach it can"
+                " use the model; set --api-key (or EXO_STABLE_API_KEY) to require one",
+                where,
+            )
+        if config.cluster_auth == "insecure":
+            log.warning(
+                "--insecure: %s accepts any peer without a cluster secret; anyone on the network can join this"
+                " cluster and see its requests",
+                where,
+            )
+            return
+        if config.cluster_auth in ("created", "file") and config.cluster_secret is not None:
+            seed = addr.format_host_port(*self.addresses()[0])
+            made = "created" if config.cluster_auth == "created" else "read"
+            print(
+                f"exo-stable: peers must prove the cluster secret {made} in {config.cluster_secret_path} (mode 0600);"
+                f" join another machine with:\n  {join_command(config.cluster_secret, seed)}",
+                flush=True,
+            )
 
     async def _announce(self, port: int, ready: asyncio.Event | None, stop: asyncio.Event) -> None:
         """Print the ready line once this node's first plan is committed (the model is loaded)."""
@@ -482,12 +655,19 @@ class Node:
         from exo_stable.cluster.discovery import Discovery
         from exo_stable.wire.messages import PROTOCOL_VERSION
 
+        # Advertise only on the interfaces this node is bound to, and only addresses peers can dial.
+        bound = self.config.host
+        interfaces = None if addr.is_wildcard(bound) else [bound]
+        hosts = [h for h, _ in self.addresses() if addr.is_dialable(h) and _is_ip(h)]
         async with Discovery(
             self.node_id,
             port,
             protocol_version=PROTOCOL_VERSION,
             model_fingerprint=self.source.fingerprint,
             memory_bytes=self.memory_bytes,
+            interfaces=interfaces,
+            addresses=hosts or None,
+            ipv6=bound == "::" or ":" in bound,
         ) as discovery:
             while not stop.is_set():
                 try:
@@ -495,7 +675,7 @@ class Node:
                 except TimeoutError:
                     continue
                 if event.kind in ("found", "updated") and event.peer.model_fingerprint == self.source.fingerprint:
-                    self.peers.dial(event.peer.host, event.peer.port)
+                    self.peers.dial(event.peer.host, event.peer.port, keep=False)
 
     async def wait_listening(self, timeout: float) -> int:  # noqa: ASYNC109
         """Wait until the API and wire routes accept connections; returns the port."""
@@ -526,8 +706,25 @@ class StageSupervisor(Supervisor):
         self._on_escalate(exc)
 
 
-def _api_address(capabilities: tuple[str, ...]) -> str | None:
-    return next((c.removeprefix("api=") for c in capabilities if c.startswith("api=")), None)
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _interface_ips() -> list[str]:
+    """Every address of this host's interfaces (IPv4 and IPv6), as zeroconf's ifaddr lists them."""
+    import ifaddr
+
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            if text not in found:
+                found.append(text)
+    return found
 
 
 async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> None:

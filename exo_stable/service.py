@@ -20,7 +20,7 @@ from typing import Any
 from exo_stable.engine import ContextOverflow, SingleDeviceEngine
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.recovery import ReplayMode
-from exo_stable.sampling import SamplingParams
+from exo_stable.sampling import Pick, SamplingParams
 from exo_stable.textstream import Delta, TextStream
 from exo_stable.tokenizer import Tokenizer
 from exo_stable.trace import RequestTrace, StepRecord
@@ -28,6 +28,14 @@ from exo_stable.trace import RequestTrace, StepRecord
 
 class ServiceBusy(RuntimeError):
     """No room for another request within the admission deadline."""
+
+
+class ServiceOverloaded(RuntimeError):
+    """Every slot is taken and the admission queue is full: the request is refused at once (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ServiceUnavailable(RuntimeError):
@@ -53,6 +61,7 @@ class GenerationResult:
     finish_reason: str | None = None
     first_token_s: float | None = None
     token_ids: list[int] = field(default_factory=list)
+    picks: list[Pick] = field(default_factory=list)  # each token's log-probabilities, when the job asked for them
     trace: RequestTrace | None = None  # the request's trace, when the caller keeps one (the API does)
 
 
@@ -74,7 +83,10 @@ class Service:
         dtype: str,
         max_active: int = 8,
         admission_timeout_s: float = 30.0,
+        max_queue: int = 32,
     ) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context_length = context_length
@@ -82,6 +94,9 @@ class Service:
         self.max_active = max_active
         self.admission_timeout_s = admission_timeout_s
         self._slots = asyncio.Semaphore(max_active)
+        self.max_queue = max_queue
+        self.queued = 0
+        self.refused_overloaded = 0
         self.active = 0
         self.requests_started = 0
         self.generated_tokens = 0
@@ -111,12 +126,25 @@ class Service:
             "model": self.model_name,
             "dtype": self.dtype,
             "active_requests": self.active,
+            "queued_requests": self.queued,
             "requests_started": self.requests_started,
             "generated_tokens": self.generated_tokens,
         }
 
     async def admit(self) -> None:
-        """Wait (with a deadline) for a free slot; pair with :meth:`release`."""
+        """Wait (with a deadline) for a free slot; pair with :meth:`release`.
+
+        Raises ServiceOverloaded at once when every slot is taken and ``max_queue`` requests already wait,
+        ServiceBusy when no slot frees within the admission deadline.
+        """
+        if self._slots.locked() and self.queued >= self.max_queue:
+            self.refused_overloaded += 1
+            raise ServiceOverloaded(
+                f"{self.max_active} requests are running and {self.queued} are waiting (the queue holds"
+                f" {self.max_queue}); retry later",
+                retry_after_s=max(1, min(30, round(self.admission_timeout_s / 10))),
+            )
+        self.queued += 1
         try:
             async with asyncio.timeout(self.admission_timeout_s):
                 await self._slots.acquire()
@@ -124,6 +152,8 @@ class Service:
             raise ServiceBusy(
                 f"{self.max_active} requests are running and none finished within {self.admission_timeout_s:.0f}s"
             ) from exc
+        finally:
+            self.queued -= 1
         self.active += 1
 
     def release(self) -> None:
@@ -153,8 +183,11 @@ class InferenceService(Service):
         self.requests_started += 1
         text = TextStream(self.tokenizer, stop=job.stop, max_tokens=job.max_tokens)
         started = last = time.perf_counter()
-        async with aclosing(self.engine.generate(job.prompt_ids, job.params, job.max_tokens)) as tokens:
-            async for token in tokens:
+        async with aclosing(self.engine.picks(job.prompt_ids, job.params, job.max_tokens)) as picks:
+            async for picked in picks:
+                token = picked.token
+                if picked.logprob is not None:
+                    result.picks.append(picked)
                 now = time.perf_counter()
                 if result.first_token_s is None:
                     result.first_token_s = now - started

@@ -20,10 +20,12 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from exo_stable.device import activate, chosen
+from exo_stable.grammar import Constraint
 from exo_stable.loader import ModelSource
 from exo_stable.model import LayerRange, ShardModel, compute_dtype
 from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams, sample
+from exo_stable.sampling import Pick, SamplingParams
+from exo_stable.sampling import pick as sample_pick
 
 PREFILL_CHUNK = 512
 """Prompt tokens per forward call; the same on every stage and on the single device."""
@@ -97,6 +99,8 @@ class RequestCache:
     tokens_in: int = 0
     queued: QueuedStep | None = None
     prepared: PreparedStep | None = None
+    generated: list[int] = field(default_factory=list)  # the completion's tokens so far (penalties look back)
+    constraint: Constraint | None = None  # the request's grammar, when it has one
 
 
 @dataclass
@@ -139,12 +143,16 @@ class StageCompute:
             raise RuntimeError("stage not loaded")
         return self.model
 
-    def open(self, rid: str, params: SamplingParams) -> None:
+    def open(self, rid: str, params: SamplingParams, history: Sequence[int] = ()) -> None:
+        """``history``: the completion's tokens already generated (a replay), which the penalties look back on."""
         if rid in self.requests:
             return
         if len(self.requests) >= self.max_requests:
             raise StageBusy(f"stage {self.layers} already holds {self.max_requests} requests")
-        self.requests[rid] = RequestCache(self._model().make_cache(), params)
+        constraint = Constraint(params.grammar, self.source.tokenizer) if params.grammar else None
+        self.requests[rid] = RequestCache(
+            self._model().make_cache(), params, generated=list(history), constraint=constraint
+        )
         self.stats.requests_opened += 1
 
     def close(self, rid: str) -> bool:
@@ -260,8 +268,8 @@ class StageCompute:
         request = self.requests.get(rid)
         if request is None:
             raise UnknownRequest(rid)
-        if not request.params.greedy:
-            raise ValueError("decoding ahead needs a greedy request")
+        if not request.params.plain_greedy:
+            raise ValueError("decoding ahead needs a plain greedy request (no bias, penalties or logprobs)")
         queued = request.queued
         if queued is not None and len(tokens) == 1 and tokens[0] == queued.token_in:
             request.queued = None
@@ -307,22 +315,54 @@ class StageCompute:
 
     def pick(self, rid: str, logits: mx.array, position: int) -> int:
         """The token at generated ``position`` from the last position's logits (last stage only)."""
-        params = self.requests[rid].params
-        if params.greedy:
-            return int(mx.argmax(logits).item())  # type: ignore[arg-type]
-        return sample(np.array(logits.astype(mx.float32), copy=False), params, position)
+        return self.choose(rid, logits, position).token
+
+    def choose(self, rid: str, logits: mx.array, position: int, forced: int | None = None) -> Pick:
+        """:meth:`pick` with the log-probabilities the request asked for. The penalties look back on the
+        completion's tokens before ``position``; the token taken there (``forced``, a replay's known token, or
+        the pick) is recorded for the positions after it."""
+        request = self.requests[rid]
+        params = request.params
+        if params.plain_greedy:
+            chosen = Pick(int(mx.argmax(logits).item()))  # type: ignore[arg-type]
+        else:
+            row = np.array(logits.astype(mx.float32), copy=False)
+            previous = request.generated[:position]
+            allowed = None if request.constraint is None else request.constraint.allowed(previous, row.shape[0])
+            chosen = sample_pick(row, params, position, previous, allowed)
+        self._record(request, position, chosen.token if forced is None else forced)
+        return chosen
+
+    @staticmethod
+    def _record(request: RequestCache, position: int, token: int) -> None:
+        if request.params.needs_history:
+            del request.generated[position:]
+            if len(request.generated) == position:
+                request.generated.append(token)
 
     def prefill_local(self, rid: str, prompt: Sequence[int]) -> int:
         """The whole prompt through a single-stage (whole-model) shard; returns the first token."""
-        logits: mx.array | None = None
-        for chunk in prompt_chunks(prompt):
-            logits = self.forward(rid, mx.array([chunk], dtype=mx.int32))
-        assert logits is not None, "empty prompt"
-        return self.pick(rid, logits, 0)
+        return self.prefill_pick(rid, prompt, 0).token
 
     def decode_local(self, rid: str, token: int, position: int) -> int:
         """One decode step on a whole-model shard: ``token`` in, the token at ``position`` out."""
-        return self.pick(rid, self.forward(rid, mx.array([[token]], dtype=mx.int32)), position)
+        return self.decode_pick(rid, token, position).token
+
+    def prefill_pick(self, rid: str, ids: Sequence[int], position: int) -> Pick:
+        """``ids`` through a whole-model shard in prompt chunks; the token at ``position`` (with logprobs)."""
+        logits: mx.array | None = None
+        for chunk in prompt_chunks(ids):
+            logits = self.forward(rid, mx.array([chunk], dtype=mx.int32))
+        assert logits is not None, "empty prompt"
+        return self.choose(rid, logits, position)
+
+    def decode_pick(self, rid: str, token: int, position: int) -> Pick:
+        """One decode step on a whole-model shard: ``token`` (the one at ``position - 1``) in, the pick out."""
+        request = self.requests.get(rid)
+        if request is None:
+            raise UnknownRequest(rid)
+        self._record(request, position - 1, token)
+        return self.choose(rid, self.forward(rid, mx.array([[token]], dtype=mx.int32)), position)
 
     # ---- greedy decoding one step ahead (the single device's fast path) -----------------------------------
 

@@ -23,7 +23,15 @@ from typing import Any
 
 from exo_stable.wire.messages import StageRange, StepHop
 
-__all__ = ["NodeTotals", "RequestTrace", "StepRecord", "TraceEvent", "TraceRing", "decode_breakdown"]
+__all__ = [
+    "NodeTotals",
+    "RequestTrace",
+    "StepRecord",
+    "TraceEvent",
+    "TraceRing",
+    "decode_breakdown",
+    "token_spans",
+]
 
 DEFAULT_RING = 128
 DEFAULT_MAX_STEPS = 2048
@@ -130,6 +138,8 @@ class RequestTrace:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.ended_s: float | None = None
+        self.validation: str | None = None  # the level the request ran at (pipeline only)
+        self.replay: str | None = None  # the replay mode a recovery would use (pipeline only)
 
     def now(self) -> float:
         return self._clock() - self._t0
@@ -218,7 +228,14 @@ class RequestTrace:
             "resend_requests": self.resend_requests,
             "link_retransmits": sum(int(d.get("retransmits", 0)) for d in links),
             "link_corrupt_frames": sum(int(d.get("corrupt_frames", 0)) for d in links),
+            "validation": self.validation,
+            "replay": self.replay,
+            "spans": token_spans(self.steps, self.events),
         }
+
+    def live(self) -> dict[str, Any]:
+        """The summary and every event, without the step records: small enough to poll while a request runs."""
+        return {**self.summary(), "steps_dropped": self.steps_dropped, "events": [e.as_dict() for e in self.events]}
 
     def as_dict(self) -> dict[str, Any]:
         """Everything: the summary, every kept step record and every event."""
@@ -261,6 +278,51 @@ class TraceRing:
 
     def get(self, request_id: str) -> RequestTrace | None:
         return self._traces.get(request_id)
+
+
+def token_spans(steps: Iterable[StepRecord], events: Iterable[TraceEvent]) -> list[dict[str, Any]]:
+    """Which nodes computed which completion tokens: one span per attempt (the first run, then one after each
+    recovery), in order.
+
+    A step at ``position`` p yields completion token p (the prompt's last chunk yields token 0). After the k-th
+    recovery (``from_position`` f), the attempt's steps below f rebuild the caches (``replayed_tokens``) and
+    its new tokens start at f. ``stages``: every (stage, node, layers) that reported a step in the attempt;
+    ``resumed_after_ms``: from the failure to the owner receiving the attempt's first new token.
+    """
+    recoveries = [e for e in events if e.kind == "recovery"]
+    plans = [e for e in events if e.kind == "plan"]
+    spans: dict[int, dict[str, Any]] = {}
+    replayed: dict[int, set[int]] = {}
+    for r in steps:
+        start = int(recoveries[r.attempt - 1].detail.get("from_position", 0)) if 0 < r.attempt <= len(recoveries) else 0
+        span = spans.setdefault(
+            r.attempt,
+            {"attempt": r.attempt, "from_token": None, "to_token": None, "stages": {}, "first_new_at_s": None},
+        )
+        span["stages"][(r.stage, r.node_id)] = r.layers
+        if r.position < start:
+            replayed.setdefault(r.attempt, set()).add(r.position)
+            continue
+        span["from_token"] = r.position if span["from_token"] is None else min(span["from_token"], r.position)
+        span["to_token"] = r.position if span["to_token"] is None else max(span["to_token"], r.position)
+        if span["first_new_at_s"] is None:
+            span["first_new_at_s"] = r.at_s
+    out = []
+    for attempt in sorted(spans):
+        span = spans[attempt]
+        first_new = span.pop("first_new_at_s")
+        span["stages"] = [
+            {"stage": stage, "node_id": node, "layers": list(layers)}
+            for (stage, node), layers in sorted(span["stages"].items())
+        ]
+        span["plan_epoch"] = plans[attempt].detail.get("epoch") if attempt < len(plans) else None
+        span["replayed_tokens"] = len(replayed.get(attempt, ()))
+        if 0 < attempt <= len(recoveries):
+            failure = recoveries[attempt - 1]
+            span["recovery"] = failure.as_dict()
+            span["resumed_after_ms"] = None if first_new is None else round(1000 * (first_new - failure.at_s), 1)
+        out.append(span)
+    return out
 
 
 def decode_breakdown(step_records: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:

@@ -175,6 +175,23 @@ class LocalCluster:
         self.endpoint = match.group(1).decode()
         return self.endpoint
 
+    def wait_output(self, text: str, timeout_s: float) -> None:
+        """Read the script's output until it contains ``text``; raise if the deadline passes or the script exits."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while text.encode() not in self.output:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"local-cluster did not print {text!r} within {timeout_s:.0f}s:\n{self.text}")
+                if not sel.select(timeout=left):
+                    continue
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise RuntimeError(f"local-cluster exited before printing {text!r}:\n{self.text}")
+                self.output += chunk
+
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 

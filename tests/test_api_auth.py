@@ -87,14 +87,14 @@ async def test_health_is_open_without_a_key(http: aiohttp.ClientSession) -> None
 
 async def test_openai_client_uses_the_key(limited_server: ServerProcess) -> None:
     async with AsyncOpenAI(base_url=limited_server.base_url, api_key=API_KEY, max_retries=0, timeout=120) as client:
-        stream = await client.chat.completions.create(model="any", messages=HI, max_tokens=2, stream=True)
+        stream = await client.chat.completions.create(model="default", messages=HI, max_tokens=2, stream=True)
         chunks = [c async for c in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len([c for c in chunks if c.choices and c.choices[0].finish_reason]) == 1
 
     async with AsyncOpenAI(base_url=limited_server.base_url, api_key="wrong", max_retries=0, timeout=120) as client:
         with pytest.raises(openai.AuthenticationError) as denied:
-            await client.chat.completions.create(model="any", messages=HI, max_tokens=2)
+            await client.chat.completions.create(model="default", messages=HI, max_tokens=2)
     assert denied.value.status_code == 401
 
 

@@ -106,7 +106,9 @@ async def test_token_ids_decode_to_their_text(client: AsyncOpenAI, oracle: dict[
     """A token-id prompt echoes as the decode of all its ids, even where characters span several tokens."""
     for name in ("raw_emoji", "raw_cjk", "raw_accents"):
         case = case_named(oracle, name)
-        out = await client.completions.create(model="any", prompt=case["ids"], max_tokens=1, echo=True, temperature=0)
+        out = await client.completions.create(
+            model="default", prompt=case["ids"], max_tokens=1, echo=True, temperature=0
+        )
         assert out.choices[0].text.startswith(case["text"]), name
         assert out.usage is not None and out.usage.prompt_tokens == len(case["ids"])
 
@@ -116,7 +118,7 @@ PROMPT = "The three largest cities of Germany are"
 
 async def test_completion_from_a_string_and_from_token_ids(client: AsyncOpenAI, http: aiohttp.ClientSession) -> None:
     ids = await tokenize(http, {"text": PROMPT})
-    by_text = await client.completions.create(model="any", prompt=PROMPT, max_tokens=6, temperature=0)
+    by_text = await client.completions.create(model="default", prompt=PROMPT, max_tokens=6, temperature=0)
     assert by_text.object == "text_completion"
     (choice,) = by_text.choices
     assert choice.text and choice.finish_reason in ("stop", "length")
@@ -125,19 +127,19 @@ async def test_completion_from_a_string_and_from_token_ids(client: AsyncOpenAI, 
     assert 1 <= by_text.usage.completion_tokens <= 6
     assert by_text.usage.total_tokens == by_text.usage.prompt_tokens + by_text.usage.completion_tokens
 
-    by_ids = await client.completions.create(model="any", prompt=ids, max_tokens=6, temperature=0)
+    by_ids = await client.completions.create(model="default", prompt=ids, max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == choice.text
     assert by_ids.usage == by_text.usage
 
-    one_in_list = await client.completions.create(model="any", prompt=[PROMPT], max_tokens=6, temperature=0)
+    one_in_list = await client.completions.create(model="default", prompt=[PROMPT], max_tokens=6, temperature=0)
     assert one_in_list.choices[0].text == choice.text
 
 
 async def test_streamed_completion_equals_the_unstreamed_one(client: AsyncOpenAI, http: aiohttp.ClientSession) -> None:
     body: dict[str, Any] = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
-    whole = await client.completions.create(model="any", **body)
+    whole = await client.completions.create(model="default", **body)
 
-    stream = await client.completions.create(model="any", stream=True, **body)
+    stream = await client.completions.create(model="default", stream=True, **body)
     pieces = [chunk async for chunk in stream]
     finishes = [c.choices[0].finish_reason for c in pieces if c.choices and c.choices[0].finish_reason]
     assert finishes == [whole.choices[0].finish_reason]
@@ -151,8 +153,8 @@ async def test_streamed_completion_equals_the_unstreamed_one(client: AsyncOpenAI
 
 async def test_echo_prefixes_the_prompt(client: AsyncOpenAI, http: aiohttp.ClientSession) -> None:
     body: dict[str, Any] = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
-    plain = await client.completions.create(model="any", **body)
-    echoed = await client.completions.create(model="any", echo=True, **body)
+    plain = await client.completions.create(model="default", **body)
+    echoed = await client.completions.create(model="default", echo=True, **body)
     assert echoed.choices[0].text == PROMPT + plain.choices[0].text
     assert echoed.usage == plain.usage
 

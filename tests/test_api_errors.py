@@ -100,7 +100,7 @@ async def test_prompt_longer_than_the_context_is_400(http: aiohttp.ClientSession
 
 
 async def test_unknown_route_is_404_and_wrong_method_is_405(http: aiohttp.ClientSession) -> None:
-    status, out = await send(http, "POST", "/v1/embeddings", b"{}")
+    status, out = await send(http, "POST", "/v1/nowhere", b"{}")
     assert_openai_error(status, out, 404)
     status, out = await send(http, "GET", "/nowhere", b"")
     assert_openai_error(status, out, 404)
@@ -112,16 +112,18 @@ async def test_unknown_route_is_404_and_wrong_method_is_405(http: aiohttp.Client
 
 async def test_the_openai_client_raises_matching_errors(client: AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad_temperature:
-        await client.chat.completions.create(model="any", messages=HI, max_tokens=2, temperature=5)
+        await client.chat.completions.create(model="default", messages=HI, max_tokens=2, temperature=5)
     assert bad_temperature.value.status_code == 400
     assert bad_temperature.value.param == "temperature"
 
     with pytest.raises(openai.BadRequestError) as bad_n:
-        await client.chat.completions.create(model="any", messages=HI, max_tokens=2, n=2)
+        await client.chat.completions.create(model="default", messages=HI, max_tokens=2, n=2)
     assert bad_n.value.param == "n"
 
     with pytest.raises(openai.BadRequestError):
-        await client.chat.completions.create(model="any", messages=HI, max_tokens=2, stream=True, n=2)
+        await client.chat.completions.create(model="default", messages=HI, max_tokens=2, stream=True, n=2)
 
-    with pytest.raises(openai.NotFoundError):
-        await client.embeddings.create(model="any", input="hello")
+    with pytest.raises(openai.InternalServerError) as no_embeddings:
+        await client.embeddings.create(model="default", input="hello")
+    assert no_embeddings.value.status_code == 501
+    assert no_embeddings.value.code == "not_implemented"

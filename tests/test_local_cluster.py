@@ -6,7 +6,11 @@ scanning ``/proc/*/cmdline`` for those node ids.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +100,55 @@ def test_a_node_that_dies_during_startup_stops_the_cluster(tmp_path: Path) -> No
     assert cluster.log_dir == tmp_path / "logs", cluster.text
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"{n}.log" for n in cluster.node_ids]
     assert not wait_gone(cluster.node_ids, GONE_TIMEOUT_S), cluster.text
+
+
+def _stages(cluster: LocalCluster, node: int, count: int, timeout_s: float) -> list[str]:
+    """Poll node's /v1/cluster until its plan has ``count`` stages; their node ids."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{cluster.root(node)}/v1/cluster", timeout=5) as resp:
+                plan = json.loads(resp.read())["plan"]
+        except OSError:
+            plan = None
+        if plan and len(plan["stages"]) == count:
+            return [s["node_id"] for s in plan["stages"]]
+        assert time.monotonic() < deadline, f"no {count}-stage plan on node {node}:\n{cluster.text}\n{cluster.logs()}"
+        time.sleep(0.2)  # polling another process's state
+
+
+def test_a_node_that_dies_while_serving_is_reported_and_restarted(tmp_path: Path) -> None:
+    """The others keep serving; --restart brings the node back with its id, and it rejoins the plan."""
+    tiny = ("--model", "random:tiny", "--dtype", "float32", "--suspect-seconds", "3")
+    cluster = LocalCluster.launch(2, "--log-dir", str(tmp_path), "--restart", *tiny)
+    try:
+        cluster.wait_ready(START_TIMEOUT_S)
+        victim = cluster.node_ids[1]
+        (pid,) = [p for p, n in node_pids(cluster.node_ids).items() if n == victim]
+        os.kill(pid, signal.SIGKILL)
+        cluster.wait_output(f"{victim} (pid {pid}) died (signal SIGKILL) while serving", 30)
+        assert f"1 node(s) keep serving: {cluster.node_ids[0]}" in cluster.text
+        assert _stages(cluster, 0, 1, 60) == [cluster.node_ids[0]]
+        with OpenAI(base_url=cluster.base_url(0), api_key="unused", max_retries=0, timeout=60) as client:
+            reply = client.completions.create(model="default", prompt="abc", max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason == "length"
+        cluster.wait_output(f"restarted {victim}", 30)
+        assert sorted(_stages(cluster, 0, 2, 120)) == cluster.node_ids
+        assert cluster.proc.poll() is None, "the script keeps running"
+    finally:
+        status = cluster.stop()
+    assert status == 0, cluster.text
+    assert not wait_gone(cluster.node_ids, GONE_TIMEOUT_S), cluster.text
+
+
+def test_without_restart_the_script_exits_when_every_node_died(tmp_path: Path) -> None:
+    cluster = LocalCluster.launch(1, "--log-dir", str(tmp_path), "--model", "random:tiny", "--dtype", "float32")
+    try:
+        cluster.wait_ready(START_TIMEOUT_S)
+        (pid,) = node_pids(cluster.node_ids)
+        os.kill(pid, signal.SIGKILL)
+        status = cluster.wait_exit()
+    finally:
+        cluster.stop()
+    assert status == 1, cluster.text
+    assert "every node is dead" in cluster.text, cluster.text

@@ -15,7 +15,7 @@ import pytest
 from server_proc import ServerProcess
 
 from exo_stable.cli import build_parser
-from exo_stable.logs import REQUEST_ID, LogFormat, configure, default_format
+from exo_stable.logs import REQUEST_ID, LogFormat, configure, default_format, safe
 from exo_stable.synthetic import tiny_gguf
 
 
@@ -112,3 +112,24 @@ async def test_a_served_request_logs_json_lines_with_its_id(default_gguf: Path, 
     assert mine, f"no log line carries {response_id}: {records}"
     assert any("completion tokens" in r["message"] for r in mine)
     assert all(r.get("request_id") in (None, response_id) for r in records)
+
+
+def test_a_peer_supplied_newline_cannot_forge_a_log_line() -> None:
+    """A node id from a hello with a newline in it stays on its own line, escaped (text format)."""
+    stream = io.StringIO()
+    handler = configure("info", "text", stream)
+    try:
+        forged = "evil\n2026-01-01 00:00:00,000 CRITICAL exo_stable: node on fire\r\x1b[2J"
+        logging.getLogger("exo_stable.test").warning("refused a connection from %s", forged)
+        logging.getLogger("exo_stable.test").warning("cut: %s", safe("x" * 1000, limit=50))
+        try:
+            raise ValueError(forged)
+        except ValueError:
+            logging.getLogger("exo_stable.test").exception("an exception from a peer's string")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) > 3 and all(line.startswith("| ") for line in lines[3:]), lines
+    lines = lines[:2]
+    assert "CRITICAL" not in lines[0].split(" ", 3)[2] and "\\n2026" in lines[0] and "\\x1b" in lines[0]
+    assert lines[1].endswith("...(1000 chars)")

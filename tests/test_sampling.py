@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo_stable.sampling import SamplingParams, sample
+from exo_stable.sampling import PENALTY_WINDOW, SamplingParams, pick, process, sample
 
 logits_strategy = st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=64).map(
     lambda xs: np.array(xs, dtype=np.float32)
@@ -63,3 +64,42 @@ def test_positions_draw_independently() -> None:
 def test_invalid_parameters_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_penalties_follow_llamacpp() -> None:
+    """Repetition divides positive logits and multiplies negative ones; then frequency (per occurrence) and
+    presence (once) subtract; over the prompt's tail and the completion's tokens together."""
+    logits = np.array([2.0, -1.0, 0.5, 3.0], dtype=np.float32)
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, prompt_tail=(1,))
+    out = process(logits, params, [0, 0])
+    assert out.tolist() == [2.0 / 2 - 2 * 0.5 - 0.25, -1.0 * 2 - 0.5 - 0.25, 0.5, 3.0]
+    assert sample(logits, params, 0, [3]) == 0, "greedy is the argmax after the penalties"
+
+
+def test_penalties_look_back_over_a_window_only() -> None:
+    logits = np.array([1.0, 0.0], dtype=np.float32)
+    params = SamplingParams(presence_penalty=2.0)
+    assert process(logits, params, [0])[0] == -1.0
+    assert process(logits, params, [0] + [1] * PENALTY_WINDOW)[0] == 1.0
+
+
+def test_logit_bias_and_min_p() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    banned = SamplingParams(logit_bias=((0, -100.0),))
+    assert sample(logits, banned, 0) == 1
+    forced = SamplingParams(temperature=1.0, seed=3, logit_bias=((2, 100.0),))
+    assert {sample(logits, forced, pos) for pos in range(50)} == {2}
+    min_p = SamplingParams(temperature=1.0, min_p=0.5)  # keeps tokens at least half as likely as the best
+    assert {sample(logits, SamplingParams(**{**msgspec.structs.asdict(min_p), "seed": s}), 0) for s in range(200)} == {
+        0,
+        1,
+    }
+
+
+def test_pick_reports_the_models_own_logprobs() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    picked = pick(logits, SamplingParams(logprobs=2, logit_bias=((2, 100.0),)), 0)
+    assert picked.token == 2
+    assert picked.logprob == pytest.approx(np.log(0.2), abs=1e-6), "before bias and penalties"
+    assert [t for t, _ in picked.top] == [0, 1]
+    assert pick(logits, SamplingParams(), 0).logprob is None

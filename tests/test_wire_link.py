@@ -18,7 +18,7 @@ from exo_stable.wire.health import PeerState
 from exo_stable.wire.messages import (
     CODEC,
     PROTOCOL_VERSION,
-    Accepted,
+    Challenge,
     Note,
     TensorPayload,
     TokenChunk,
@@ -233,9 +233,9 @@ async def test_garbage_and_oversized_frames_on_an_established_link() -> None:
                 async with session.ws_connect(server.url, max_msg_size=1 << 20) as ws:
                     dialer = Dialer(raw_id, None)
                     await send_handshake(ws, codec, dialer.hello(tx_base=1))
-                    auth, _ = dialer.on_welcome(await recv_handshake(ws, codec, Welcome))
+                    auth = dialer.on_challenge(await recv_handshake(ws, codec, Challenge))
                     await send_handshake(ws, codec, auth)
-                    await recv_handshake(ws, codec, Accepted)
+                    dialer.on_welcome(await recv_handshake(ws, codec, Welcome))
                     seq = b.statistics().messages_delivered + 1
                     await ws.send_bytes(b"garbage that is long enough to look like a frame header..")
                     await ws.send_str("text is not allowed")

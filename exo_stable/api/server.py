@@ -19,9 +19,11 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from exo_stable.api import fields, tools
 from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError, error_json
-from exo_stable.engine import ContextOverflow
+from exo_stable.api.guards import RUNNER_STATS_KEY, GuardCollector, LoopLag, Tokenizing, read_body
+from exo_stable.api.logprobs import LogprobCursor
 from exo_stable.logs import REQUEST_ID
 from exo_stable.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from exo_stable.metrics import Metrics, RequestObserver, ServiceCollector
@@ -33,19 +35,18 @@ from exo_stable.service import (
     GenerationResult,
     Service,
     ServiceBusy,
+    ServiceOverloaded,
     ServiceUnavailable,
-    default_seed,
 )
 from exo_stable.textstream import Delta
 from exo_stable.tokenizer import ChatMessage
 from exo_stable.trace import TraceRing
+from exo_stable.web import add_routes as add_web_routes
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +55,17 @@ class ApiConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens_cap: int = 4096
     trace_ring: int = 128  # traces of this many recent requests are kept for GET /v1/traces/{id}
+    header_timeout_s: float = 10.0  # a connection's request headers must arrive within this (api/guards.py)
+    body_timeout_s: float = 30.0  # ... and its body within this
+    tokenize_timeout_s: float = 10.0  # tokenizing or rendering one prompt (off the event loop) takes at most this
 
 
 SERVICE_KEY = web.AppKey("service", Service)
 CONFIG_KEY = web.AppKey("config", ApiConfig)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 TRACES_KEY = web.AppKey("traces", TraceRing)
+TOKENIZING_KEY = web.AppKey("tokenizing", Tokenizing)
+LAG_KEY = web.AppKey("loop_lag", LoopLag)
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -67,7 +73,8 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 def error_response(error: ApiError) -> web.Response:
-    return web.Response(body=error_json(error), status=error.status, content_type="application/json")
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    return web.Response(body=error_json(error), status=error.status, content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -84,11 +91,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     config = request.app[CONFIG_KEY]
     try:
-        if config.api_key and request.path.startswith("/v1/"):
+        if config.api_key and request.path.startswith(("/v1/", "/api/")):
             _check_key(request, config.api_key)
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc)
+        response = error_response(exc)
+        if exc.status == 408:
+            response.force_close()  # the rest of a late body would be read as the next request
+        return response
     except web.HTTPRequestEntityTooLarge:
         return error_response(
             ApiError(413, f"Request body exceeds {config.max_body_bytes} bytes", code="request_too_large")
@@ -119,38 +129,28 @@ def _check_key(request: web.Request, api_key: str) -> None:
 
 
 async def _decode(request: web.Request, kind: type[T]) -> T:
-    body = await request.read()
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.DecodeError as exc:
-        raise ApiError.from_decode_error(exc) from exc
+    """The body as ``kind``: within the body deadline, depth-checked, large ones decoded off the loop."""
+    body = await read_body(request, request.app[CONFIG_KEY].body_timeout_s)
+    return await request.app[TOKENIZING_KEY].decode(body, kind)
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 def _sampling(
-    req: s._Sampling, max_tokens: int | None, config: ApiConfig, service: Service, prompt_len: int
+    req: s._Sampling,
+    max_tokens: int | None,
+    config: ApiConfig,
+    service: Service,
+    prompt: list[int],
+    *,
+    logprobs: int | None = None,
+    grammar: str = "",
 ) -> tuple[SamplingParams, int]:
-    if req.n not in (None, 1):
-        raise ApiError(400, "Only n=1 is supported", param="n", code="unsupported_value")
-    try:
-        service.check_fits(prompt_len)
-    except ContextOverflow as exc:
-        raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
-    if max_tokens is not None and max_tokens > config.max_tokens_cap:
-        raise ApiError(
-            400,
-            f"max_tokens is capped at {config.max_tokens_cap} on this server",
-            param="max_tokens",
-            code="invalid_value",
-        )
-    room = service.context_length - prompt_len
-    limit = min(max_tokens or config.max_tokens_cap, room)
-    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-    params = SamplingParams(
-        temperature=temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        seed=default_seed() if req.seed is None else req.seed % 2**64,
-    )
+    limit = fields.token_limit(service, config.max_tokens_cap, len(prompt), max_tokens)
+    vocab = service.tokenizer.vocab_size
+    params = fields.sampling_params(req, prompt=prompt, vocab_size=vocab, logprobs=logprobs, grammar=grammar)
     return params, limit
 
 
@@ -224,46 +224,76 @@ class _Run:
             )
 
 
-async def _admitted(service: Service) -> None:
+async def _admitted(service: Service, request: web.Request) -> None:
     if (reason := service.unavailable()) is not None:
         raise ApiError(503, reason, type="server_error", code="unavailable")
     try:
         await service.admit()
+    except ServiceOverloaded as exc:
+        raise ApiError(
+            429, str(exc), type="rate_limit_error", code="queue_full", retry_after_s=exc.retry_after_s
+        ) from exc
     except ServiceBusy as exc:
         raise ApiError(503, str(exc), type="server_error", code="server_busy") from exc
+    if _client_gone(request):  # it left while queued: nothing is run for it
+        service.release()
+        log.info("%s %s: the client left while queued", request.method, request.path)
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
     req = await _decode(request, s.ChatCompletionRequest)
-    messages = _chat_messages(req.messages)
+    fields.resolve_model(req.model, service)
+    fields.check_chat(req)
+    tooling = tools.plan(req, service.tokenizer.chat_template)
+    messages = _chat_messages(req.messages) if tooling is None else tooling.messages
+    tokenizing = request.app[TOKENIZING_KEY]
+    tokenizing.check_length((m.content for m in _chat_messages(req.messages)), "messages")
     try:
-        prompt = service.tokenizer.encode_chat(messages)
+        template_tools = None if tooling is None else tooling.template_tools
+        prompt = await tokenizing.run(service.tokenizer.encode_chat, messages, tools=template_tools)
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
-    params, limit = _sampling(req, req.max_completion_tokens or req.max_tokens, config, service, len(prompt))
+    want = (req.top_logprobs or 0) if req.logprobs else None
+    forced = "" if tooling is None else tooling.grammar
+    grammar = await fields.checked_grammar(
+        forced or fields.response_grammar(req.response_format), service.tokenizer, "response_format"
+    )
+    calls = tools.ToolStream(frozenset() if tooling is None else tooling.names)
+    limit_asked = req.max_completion_tokens or req.max_tokens
+    params, limit = _sampling(req, limit_asked, config, service, prompt, logprobs=want, grammar=grammar)
     job = GenerationJob(prompt, params, limit, req.stop_list(), _replay(req), validation=_validation(req))
     run = _Run(request, job, "chatcmpl", trace=req.exo_trace)
     model = service.model_name
-    await _admitted(service)
+    cursor = LogprobCursor(service.tokenizer, run.result)
+
+    def logprobs(final: bool) -> s.ChatLogprobs | None:
+        return None if want is None else s.ChatLogprobs(cursor.chat(cursor.take(final)))
+
+    await _admitted(service, request)
     try:
         if not req.stream:
             text = "".join([d.text async for d in _collect(run, request)])
-            choice = s.ChatChoice(0, s.ChatMessageOut("assistant", text), run.result.finish_reason)
+            content, found = tools.parse(text, calls.names) if calls.names else (text, [])
+            message = s.ChatMessageOut("assistant", content, tool_calls=tools.calls_out(found) if found else None)
+            finish = "tool_calls" if found else run.result.finish_reason
+            choice = s.ChatChoice(0, message, finish, logprobs(True))
             body = s.ChatCompletion(f"chatcmpl-{run.id}", run.created, model, [choice], run.usage())
             return json_response(run.traced(body))
 
-        def chunk(delta: s.ChatDelta, finish: str | None = None) -> s.ChatCompletionChunk:
-            return s.ChatCompletionChunk(
-                f"chatcmpl-{run.id}", run.created, model, [s.ChatChunkChoice(0, delta, finish)]
-            )
+        def chunk(delta: s.ChatDelta, finish: str | None = None, lp: bool = False) -> s.ChatCompletionChunk:
+            choice = s.ChatChunkChoice(0, delta, finish, logprobs(finish is not None) if lp else None)
+            return s.ChatCompletionChunk(f"chatcmpl-{run.id}", run.created, model, [choice])
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _sse(
             request,
             run,
             first=chunk(s.ChatDelta(role="assistant", content="")),
-            make=lambda d: chunk(s.ChatDelta(content=d.text) if d.text else s.ChatDelta(), d.finish_reason),
+            make=(lambda d: chunk(s.ChatDelta(content=d.text) if d.text else s.ChatDelta(), d.finish_reason, lp=True))
+            if not calls.names
+            else lambda d: _tool_chunk(calls, d, chunk),
             usage=(
                 lambda: s.ChatCompletionChunk(
                     f"chatcmpl-{run.id}", run.created, model, [], usage=run.usage() if include_usage else None
@@ -279,42 +309,62 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
     req = await _decode(request, s.CompletionRequest)
+    tokenizing = request.app[TOKENIZING_KEY]
+    fields.resolve_model(req.model, service)
+    fields.check_completion(req)
     if isinstance(req.prompt, str):
-        prompt = service.tokenizer.encode(req.prompt)
+        tokenizing.check_length([req.prompt], "prompt")
+        prompt = await tokenizing.run(service.tokenizer.encode, req.prompt)
         prompt_text = req.prompt
     elif req.prompt and all(isinstance(x, int) for x in req.prompt):
         prompt = [int(x) for x in req.prompt]
         if any(not 0 <= t < service.tokenizer.vocab_size for t in prompt):
             raise ApiError(400, "prompt token id out of the vocabulary", param="prompt", code="invalid_value")
-        prompt_text = service.tokenizer.decode(prompt)
+        if len(prompt) > service.context_length:
+            raise ApiError(400, "The prompt is longer than the context", param="prompt", code="context_length_exceeded")
+        prompt_text = await tokenizing.run(service.tokenizer.decode, prompt)
     elif len(req.prompt) == 1:
         prompt_text = str(req.prompt[0])
-        prompt = service.tokenizer.encode(prompt_text)
+        tokenizing.check_length([prompt_text], "prompt")
+        prompt = await tokenizing.run(service.tokenizer.encode, prompt_text)
     else:
         raise ApiError(400, "Only one prompt per request is supported", param="prompt", code="unsupported_value")
-    params, limit = _sampling(req, req.max_tokens, config, service, len(prompt))
+    if req.echo and req.logprobs is not None:
+        raise fields.refused("logprobs", "the prompt's log-probabilities (echo with logprobs) are not computed")
+    params, limit = _sampling(req, req.max_tokens, config, service, prompt, logprobs=req.logprobs)
     job = GenerationJob(prompt, params, limit, req.stop_list(), _replay(req), validation=_validation(req))
     run = _Run(request, job, "cmpl", trace=req.exo_trace)
     model = service.model_name
     prefix = prompt_text if req.echo else ""
-    await _admitted(service)
+    cursor = LogprobCursor(service.tokenizer, run.result)
+    offset = len(prefix)
+
+    def logprobs(final: bool) -> s.CompletionLogprobs | None:
+        nonlocal offset
+        if req.logprobs is None:
+            return None
+        out, offset = cursor.completion(cursor.take(final), offset)
+        return out
+
+    await _admitted(service, request)
     try:
         if not req.stream:
             text = prefix + "".join([d.text async for d in _collect(run, request)])
-            choice = s.CompletionChoice(0, text, run.result.finish_reason)
+            choice = s.CompletionChoice(0, text, run.result.finish_reason, logprobs(True))
             return json_response(
                 run.traced(s.Completion(f"cmpl-{run.id}", run.created, model, [choice], usage=run.usage()))
             )
 
-        def chunk(text: str, finish: str | None = None) -> s.Completion:
-            return s.Completion(f"cmpl-{run.id}", run.created, model, [s.CompletionChoice(0, text, finish)])
+        def chunk(text: str, finish: str | None = None, lp: bool = False) -> s.Completion:
+            choice = s.CompletionChoice(0, text, finish, logprobs(finish is not None) if lp else None)
+            return s.Completion(f"cmpl-{run.id}", run.created, model, [choice])
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _sse(
             request,
             run,
             first=chunk(prefix) if prefix else None,
-            make=lambda d: chunk(d.text, d.finish_reason),
+            make=lambda d: chunk(d.text, d.finish_reason, lp=True),
             usage=(
                 lambda: s.Completion(
                     f"cmpl-{run.id}", run.created, model, [], usage=run.usage() if include_usage else None
@@ -383,6 +433,19 @@ async def _sse(
     return response
 
 
+def _tool_chunk(
+    calls: tools.ToolStream, delta: Delta, chunk: Callable[..., s.ChatCompletionChunk]
+) -> s.ChatCompletionChunk:
+    """A chunk of a reply that may call tools: its text up to a possible call; the calls with the finish."""
+    text = calls.push(delta.text)
+    if delta.finish_reason is None:
+        return chunk(s.ChatDelta(content=text) if text else s.ChatDelta(), None, lp=True)
+    tail, found = calls.finish()
+    text += tail
+    out = s.ChatDelta(content=text or None, tool_calls=tools.calls_delta(found) if found else None)
+    return chunk(out, "tool_calls" if found else delta.finish_reason, lp=True)
+
+
 def _chat_messages(messages: list[s.ChatMessageIn]) -> list[ChatMessage]:
     """OpenAI messages as the tokenizer's (the "developer" role is a system message to the template)."""
     return [ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in messages]
@@ -398,19 +461,46 @@ async def tokenize(request: web.Request) -> web.Response:
     req = await _decode(request, s.TokenizeRequest)
     if (req.text is None) == (req.messages is None):
         raise ApiError(400, 'Give exactly one of "text" or "messages"', param="text")
+    tokenizing = request.app[TOKENIZING_KEY]
     if req.text is not None:
-        return json_response(s.TokenizeResponse(service.tokenizer.encode(req.text)))
+        tokenizing.check_length([req.text], "text")
+        return json_response(s.TokenizeResponse(await tokenizing.run(service.tokenizer.encode, req.text)))
     assert req.messages is not None
     messages = _chat_messages(req.messages)
+    tokenizing.check_length((m.content for m in messages), "messages")
     try:
-        ids = service.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
+        ids = await tokenizing.run(
+            service.tokenizer.encode_chat, messages, add_generation_prompt=req.add_generation_prompt
+        )
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
     return json_response(s.TokenizeResponse(ids))
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    raise ApiError(
+        501,
+        f"Embeddings are not served: {service.model_name} is a generative model and this server computes no embeddings",
+        type="invalid_request_error",
+        code="not_implemented",
+    )
+
+
 async def health(request: web.Request) -> web.Response:
-    return json_response(request.app[SERVICE_KEY].health())
+    """Readiness, as a load balancer reads it: 200 when this node can serve a request now, else 503 with the
+    reason (the same body otherwise)."""
+    service = request.app[SERVICE_KEY]
+    body = service.health()
+    reason = service.unavailable()
+    if reason is None:
+        return json_response(body)
+    return json_response(body | {"status": "unavailable", "reason": reason}, status=503)
+
+
+async def liveness(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process answers at all (restart it when this fails, not when /health does)."""
+    return json_response({"status": "alive"})
 
 
 async def trace(request: web.Request) -> web.Response:
@@ -424,22 +514,52 @@ async def trace(request: web.Request) -> web.Response:
     return json_response(found.as_dict())
 
 
+async def trace_live(request: web.Request) -> web.Response:
+    """A trace's summary and events without its step records: what the web page polls during an answer."""
+    request_id = request.match_info["id"]
+    found = request.app[TRACES_KEY].get(request_id)
+    if found is None:
+        raise ApiError(404, f"No trace for {request_id!r}", param="id", code="trace_not_found")
+    return json_response(found.live())
+
+
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS_KEY].render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def create_app(service: Service, config: ApiConfig) -> web.Application:
-    app = web.Application(middlewares=[request_context, errors_and_auth], client_max_size=config.max_body_bytes)
+    from exo_stable.api import dialects  # the other dialects build on this module's handlers
+
+    app = web.Application(
+        middlewares=[request_context, dialects.dialect_errors, errors_and_auth], client_max_size=config.max_body_bytes
+    )
     app[SERVICE_KEY] = service
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics()
     app[METRICS_KEY].register(ServiceCollector(service))
     app[TRACES_KEY] = TraceRing(config.trace_ring)
+    tokenizing = app[TOKENIZING_KEY] = Tokenizing(
+        service.tokenizer, service.context_length, timeout_s=config.tokenize_timeout_s
+    )
+    lag = app[LAG_KEY] = LoopLag()
+    app[RUNNER_STATS_KEY] = {}
+    app[METRICS_KEY].register(GuardCollector(lag, tokenizing, app[RUNNER_STATS_KEY]))
+    app.cleanup_ctx.append(lag.context)
+
+    async def close_pool(_: web.Application) -> None:
+        tokenizing.close()
+
+    app.on_cleanup.append(close_pool)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/tokenize", tokenize)
+    app.router.add_post("/v1/embeddings", embeddings)
+    dialects.add_routes(app)
     app.router.add_get("/health", health)
+    app.router.add_get("/health/live", liveness)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/traces/{id}", trace)
+    app.router.add_get("/v1/traces/{id}/live", trace_live)
+    add_web_routes(app)  # the chat and cluster page at / (exo_stable/web)
     return app

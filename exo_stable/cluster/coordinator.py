@@ -6,6 +6,12 @@ member with the smallest node id leads: whenever membership settles after a chan
 barrier until every stage reports its layers loaded (deadline and bounded retries; a timeout names the
 missing stages), then commits it. Every node serves requests on the last committed plan; a request keeps
 the plan it started with.
+
+A node takes a proposal only from the leader of its own membership, naming only members, with an epoch that
+follows the ones it agreed to (``roles.py``), and it takes a commit only for a proposal it acknowledged:
+a member that refused a proposal is proposed to again in the next round. A committed plan one of whose
+stages left is replaced by the next commit whatever its epoch, and the leader re-plans as soon as it sees
+one, so no node waits on a plan that no live member can serve.
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-from actors import ActorDead, ChildSpec, MailboxFull, Restart, Supervisor
+from exo_stable.cluster.planstate import Member, PlanState, Verdict
+from exo_stable.cluster.roles import Refusals
+from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.loader import ModelSource
-from exo_stable.modelspec import Dtype
+from exo_stable.logs import safe
 from exo_stable.pipeline.barrier import BarrierError, Barriers, DistributedBarrier
 from exo_stable.pipeline.placement import (
     NodeResources,
@@ -28,7 +37,6 @@ from exo_stable.pipeline.placement import (
     footprint_from_spec,
     plan_placement,
 )
-from exo_stable.pipeline.stage import Send, StageActor, StageConfig
 from exo_stable.wire.handshake import PeerInfo
 from exo_stable.wire.messages import (
     PROTOCOL_VERSION,
@@ -36,9 +44,6 @@ from exo_stable.wire.messages import (
     Message,
     PlanCommit,
     PlanProposal,
-    RequestClose,
-    ResendTokens,
-    StageFailure,
     StageRange,
     StageStatus,
     SuspectNode,
@@ -47,27 +52,7 @@ from exo_stable.wire.messages import (
 log = logging.getLogger(__name__)
 
 _POLL_S = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterOptions:
-    split: tuple[int, ...] | None = None
-    max_stages: int | None = None
-    settle_s: float = 0.3
-    load_timeout_s: float = 600.0
-    plan_retries: int = 1
-    max_requests: int = 16
-    bytes_per_param: float = 4.0
-    suspect_ttl_s: float = 60.0
-    decode_ahead: bool = True  # a stage holding the whole model queues greedy steps ahead (StageConfig)
-    build_ahead: bool = True  # stages build each decode step's graph while the others compute (StageConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    node_id: str
-    memory_bytes: int
-    model_fingerprint: str
+_KEEP_REFUSED = 64  # peers remembered as refused (for /health); older ones are forgotten
 
 
 @dataclass
@@ -83,212 +68,9 @@ class PlanHistory:
             del self.plans[epoch]
 
 
-class StageHost:
-    """Keeps this node's StageActor (under a supervisor) in line with the plans it is asked to load."""
-
-    def __init__(
-        self,
-        source: ModelSource,
-        *,
-        dtype: Dtype,
-        node_id: str,
-        send: Send,
-        supervisor: Supervisor,
-        options: ClusterOptions,
-    ) -> None:
-        self.source = source
-        self.dtype = dtype
-        self.node_id = node_id
-        self.send = send
-        self.supervisor = supervisor
-        self.options = options
-        self.current: tuple[int, tuple[StageRange, ...]] | None = None
-        self.actor: StageActor | None = None
-        self.restarts_before = 0
-        self._child: str | None = None  # the child holding this node's stage of the current plan
-        self._actors: dict[str, StageActor] = {}  # child name: its current incarnation
-        self._routes: dict[int, str] = {}  # plan epoch: the child that serves it
-        self._draining: set[str] = set()  # children of replaced plans that still serve running requests
-        self._lock = asyncio.Lock()
-
-    @property
-    def child_name(self) -> str | None:
-        return self._child
-
-    @property
-    def draining(self) -> int:
-        """Stages of replaced plans still serving the requests that started on them."""
-        return len(self._draining)
-
-    async def apply(self, epoch: int, stages: tuple[StageRange, ...]) -> float:
-        """Hold this node's stage of ``stages`` (or none); returns the seconds loading took.
-
-        Proposals and commits may overlap (two nodes proposing at once while membership forms): one at a
-        time, so that the stage child is never started twice. The stage of the replaced plan is stopped at
-        once when it holds no request; otherwise it drains: running requests keep their plan (their steps
-        carry its epoch) until they close, while new requests use the new stage.
-        """
-        async with self._lock:
-            return await self._apply(epoch, stages)
-
-    async def _apply(self, epoch: int, stages: tuple[StageRange, ...]) -> float:
-        index = next((i for i, s in enumerate(stages) if s.node_id == self.node_id), None)
-        if self.current is not None and self.current[1] == stages and index is not None and self._child:
-            self.current = (epoch, stages)
-            self._routes[epoch] = self._child
-            return 0.0
-        old = self._child
-        self.actor, self.current, self._child = None, None, None
-        if old is not None:
-            await self._retire(old, epoch)
-        if index is None:
-            return 0.0
-        config = StageConfig(
-            node_id=self.node_id,
-            plan_epoch=epoch,
-            stages=stages,
-            index=index,
-            dtype=self.dtype,
-            max_requests=self.options.max_requests,
-            load_timeout_s=self.options.load_timeout_s,
-            decode_ahead=self.options.decode_ahead,
-            build_ahead=self.options.build_ahead,
-        )
-        started = time.perf_counter()
-        name = f"stage-{epoch}"
-
-        def factory() -> StageActor:
-            actor = StageActor(self.source, config, self.send)
-            self._actors[name] = actor
-            if self._child == name:
-                self.actor = actor
-            return actor
-
-        self._child = name
-        try:
-            await self.supervisor.start_child(
-                ChildSpec(name, factory, restart=Restart.PERMANENT, shutdown_timeout=30.0),
-                timeout=self.options.load_timeout_s,
-            )
-        except BaseException:
-            self._child, self.actor = None, None
-            self._actors.pop(name, None)
-            raise
-        self.current = (epoch, stages)
-        self._routes[epoch] = name
-        return time.perf_counter() - started
-
-    async def _retire(self, name: str, epoch: int) -> None:
-        """The stage ``name`` belongs to a replaced plan: drain it if it holds requests, else stop it."""
-        actor = self._actors.get(name)
-        if actor is not None and actor.open_requests > 0:
-            for older in list(self._draining):  # one replaced plan drains at a time: older ones fail over
-                await self._stop(older, failing=f"plan {epoch} replaced it")
-            self._draining.add(name)
-            log.info("%s: %s drains %d running requests", self.node_id, name, actor.open_requests)
-            return
-        await self._stop(name)
-
-    async def _stop(self, name: str, failing: str | None = None) -> None:
-        """Stop child ``name``; with ``failing``, first tell the owners of its requests why they fail here."""
-        self._draining.discard(name)
-        actor = self._actors.pop(name, None)
-        for epoch in [e for e, n in self._routes.items() if n == name]:
-            del self._routes[epoch]
-        if failing is not None and actor is not None:
-            for rid, owner, epoch in actor.request_owners():
-                failure = StageFailure(request_id=rid, node_id=self.node_id, detail=failing, plan_epoch=epoch)
-                try:
-                    await self.send(owner, failure)
-                except (ConnectionError, TimeoutError) as exc:
-                    log.warning("%s: could not tell %s that %s fails: %r", self.node_id, owner, rid, exc)
-        with contextlib.suppress(KeyError):  # never started, or the supervisor gave up on it
-            await self.supervisor.terminate_child(name, timeout=30.0)
-
-    def replace_supervisor(self, supervisor: Supervisor) -> None:
-        """The old supervisor gave up (its stages are gone with it): hold stages under ``supervisor`` from now on."""
-        self.restarts_before += self.supervisor.statistics().child_restarts
-        self.supervisor = supervisor
-        self.actor, self.current, self._child = None, None, None
-        self._actors.clear()
-        self._routes.clear()
-        self._draining.clear()
-
-    @property
-    def restarts(self) -> int:
-        """Restarts of this node's stage over every supervisor it had."""
-        return self.restarts_before + self.supervisor.statistics().child_restarts
-
-    def owner_gone(self, owner: str) -> int:
-        """``owner``'s node is gone: close every request it owned on this node's stages (no orphaned caches).
-        Returns how many were closed."""
-        closed = 0
-        for name, actor in list(self._actors.items()):
-            ref = self.supervisor.child_ref(name)
-            if ref is None:
-                continue
-            for rid, request_owner, _ in actor.request_owners():
-                if request_owner == owner:
-                    try:
-                        ref.tell_nowait(RequestClose(request_id=rid, reason=f"owner {owner} is gone"))
-                        closed += 1
-                    except MailboxFull:
-                        log.error("%s: cannot close %s of the gone owner %s: mailbox full", self.node_id, rid, owner)
-        return closed
-
-    async def deliver(self, message: Any) -> bool:
-        if isinstance(message, RequestClose | ResendTokens):
-            # No epoch on these: the current stage and every draining one get them (unknown ids are ignored).
-            delivered = await self._deliver_current(message)
-            for name in list(self._draining):
-                actor, ref = self._actors.get(name), self.supervisor.child_ref(name)
-                if actor is None or ref is None:
-                    continue
-                await ref.ask(message, timeout=30.0)
-                delivered = True
-                if actor.open_requests == 0 and name in self._draining:
-                    log.info("%s: %s drained", self.node_id, name)
-                    await self._stop(name)
-            return delivered
-        route = self._routes.get(message.plan_epoch)
-        if route is not None and route != self._child:
-            ref = self.supervisor.child_ref(route)
-            if ref is None:
-                return False
-            await ref.tell(message, timeout=30.0)
-            return True
-        return await self._deliver_current(message)
-
-    async def _deliver_current(self, message: Any) -> bool:
-        name = self._child
-        if name is None:
-            return False
-        ref = self.supervisor.child_ref(name)
-        if ref is None and self.current is not None:
-            # This node holds a stage of the plan and its supervisor is restarting it: wait for the restart
-            # (or for the supervisor to give up) rather than refuse the message.
-            try:
-                await self.supervisor.wait_idle(timeout=self.options.load_timeout_s)
-            except (ActorDead, TimeoutError) as exc:
-                log.warning("%s: the stage is not coming back: %r", self.node_id, exc)
-                return False
-            ref = self.supervisor.child_ref(name)
-        if ref is None:
-            return False
-        await ref.tell(message, timeout=30.0)
-        return True
-
-    def snapshot(self) -> dict[str, Any] | None:
-        if self.actor is None:
-            return None
-        return self.actor.snapshot() | {
-            "epoch": None if self.current is None else self.current[0],
-            "draining": sorted(self._draining),
-        }
-
-
-class Coordinator:
-    """Membership → placement → proposal → barrier → commit, for the node it runs on."""
+class Coordinator(PlanState):
+    """Membership → placement → proposal → barrier → commit, for the node it runs on (the state and the
+    rules of what it takes are :class:`PlanState`'s; this class adds the IO)."""
 
     def __init__(
         self,
@@ -301,21 +83,21 @@ class Coordinator:
         barriers: Barriers,
         options: ClusterOptions,
         wait_links: Callable[[set[str], float], Awaitable[None]] | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
-        self.node_id = node_id
+        super().__init__(
+            node_id, memory_bytes=memory_bytes, fingerprint=source.fingerprint, n_layers=source.spec.num_hidden_layers
+        )
+        self.refusals = refusals or Refusals(node_id)
         self.wait_links = wait_links
         self.on_commit: Callable[[PlanCommit], None] | None = None
         self.barriers = barriers
         self.source = source
-        self.fingerprint = source.fingerprint
         self.send = send
         self.stage_host = stage_host
         self.options = options
-        self.members: dict[str, Member] = {node_id: Member(node_id, memory_bytes, source.fingerprint)}
-        self.refused: dict[str, str] = {}
+        self.refused: OrderedDict[str, str] = OrderedDict()  # recent non-members and why (bounded)
         self.membership_epoch = 0
-        self.highest_epoch = 0
-        self.active: PlanCommit | None = None
         self.history = PlanHistory()
         self.last_error = ""
         self._changed = asyncio.Event()
@@ -323,8 +105,8 @@ class Coordinator:
         self._committed = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._committed_to: set[str] = set()
+        self._refusers: set[str] = set()  # members that refused the current round's proposal
         self._failed_rounds = 0
-        self._proposer: dict[int, str] = {}
         self.suspects: dict[str, tuple[float, str]] = {}  # node id: (until, on monotonic time; why)
         self._round_barrier: DistributedBarrier | None = None
         self._loads: set[asyncio.Task[None]] = set()  # plan loads in progress (owned by run's TaskGroup)
@@ -332,23 +114,24 @@ class Coordinator:
 
     # -- membership ------------------------------------------------------------------------------------
 
-    @property
-    def leader(self) -> str:
-        return min(self.members)
-
     def on_membership(self, peer: PeerInfo | str, up: bool) -> None:
         if isinstance(peer, PeerInfo):
             if peer.model_fingerprint != self.fingerprint or peer.protocol_version != PROTOCOL_VERSION:
-                reason = f"model {peer.model_fingerprint or '?'} / protocol {peer.protocol_version}"
+                reason = f"model {safe(peer.model_fingerprint or '?', 80)} / protocol {peer.protocol_version}"
                 self.refused[peer.node_id] = reason
+                self.refused.move_to_end(peer.node_id)
+                while len(self.refused) > _KEEP_REFUSED:
+                    self.refused.popitem(last=False)
                 log.warning(
-                    "%s: %s holds a different model or protocol (%s); not a member", self.node_id, peer.node_id, reason
+                    "%s: %s holds a different model or protocol (%s); not a member",
+                    self.node_id,
+                    safe(peer.node_id),
+                    reason,
                 )
                 return
-            self.members[peer.node_id] = Member(peer.node_id, peer.memory_bytes, peer.model_fingerprint)
-        elif peer in self.members and peer != self.node_id:
-            del self.members[peer]
-        else:
+            self.member_up(peer.node_id, peer.memory_bytes)
+        elif not self.member_down(peer):
+            self.refused.pop(peer, None)  # a non-member left: nothing of it stays
             return
         self.membership_epoch += 1
         self._changed.set()
@@ -442,9 +225,11 @@ class Coordinator:
                     async with asyncio.timeout(_POLL_S):
                         await self._changed.wait()
                 except TimeoutError:
-                    if not self._expire_suspects():
+                    expired = self._expire_suspects()
+                    if expired:
+                        self._notify()
+                    elif self.active is None or self.healthy(self.active) or self.leader != self.node_id:
                         continue
-                    self._notify()
                 if stop.is_set():
                     break
                 await self._settle()
@@ -480,10 +265,9 @@ class Coordinator:
                 if seen == self.membership_epoch:
                     return
 
-    def healthy(self, plan: PlanCommit) -> bool:
+    def healthy(self, plan: PlanCommit, suspects: frozenset[str] | None = None) -> bool:
         """Every stage of ``plan`` is a live member, and none is suspect."""
-        suspects = self.active_suspects()
-        return all(s.node_id in self.members and s.node_id not in suspects for s in plan.stages)
+        return super().healthy(plan, self.active_suspects() if suspects is None else suspects)
 
     def _plannable(self) -> list[Member]:
         """Members a plan may use: all but the suspects."""
@@ -517,6 +301,9 @@ class Coordinator:
             log.info("%s: split %s waits for %d nodes (%d so far)", self.node_id, split, len(split), len(usable))
             return None
         footprint = footprint_from_spec(self.source.spec, self.options.bytes_per_param)
+        if split is None:
+            # A member that cannot hold one layer (or says so) serves no stage; it does not stop the others'.
+            usable = [m for m in usable if m.memory_bytes >= footprint.per_layer or m.node_id == self.node_id]
         nodes = [NodeResources(m.node_id, m.memory_bytes) for m in usable]
         plan = plan_placement(
             nodes,
@@ -529,13 +316,22 @@ class Coordinator:
         return tuple(StageRange(s.node_id, s.start, s.end) for s in plan.stages)
 
     async def _plan_round(self) -> None:
-        epoch = self.highest_epoch + 1
+        epoch = self.next_epoch()
         stages = self.compute_plan(epoch)
         if stages is None:
             return
-        if self.active is not None and self.active.stages == stages and set(self.members) == set(self._committed_to):
+        active = self.active
+        if (
+            active is not None
+            and active.stages == stages
+            and set(self.members) == set(self._committed_to)
+            and self.healthy(active)
+        ):
             return
         members = set(self.members)
+        # The round waits for the stages. Every member gets the proposal before the commit (links keep order),
+        # so an honest one acknowledged it; one that refused it says so and the next round includes it again.
+        self._refusers = set()
         stage_nodes = frozenset(s.node_id for s in stages)
         proposal = PlanProposal(
             epoch=epoch,
@@ -568,54 +364,83 @@ class Coordinator:
         )
         for node in sorted(members):
             await self.send(node, commit)
-        self._committed_to = members
+        self._committed_to = members - self._refusers
+        if self._refusers:
+            self._changed.set()  # propose again (past the epochs they agreed to) once this round is done
         log.info("%s: plan %d committed after %.2fs", self.node_id, epoch, result.elapsed_s)
 
     # -- messages from peers ---------------------------------------------------------------------------
 
     async def handle(self, sender: str, message: PlanProposal | StageStatus | PlanCommit | SuspectNode) -> None:
+        """Act on a member's message about membership or plans, if the sender holds the role it needs."""
         match message:
             case SuspectNode():
-                self.record_suspect(message.node_id, f"{message.reason} (from {message.reporter})", message.ttl_s)
+                if message.reporter != sender:
+                    self.refusals.refuse(sender, "suspect_reporter_mismatch", message)
+                    return
+                if not math.isfinite(message.ttl_s) or message.node_id not in self.members:
+                    self.refusals.refuse(sender, "suspect_invalid", message)
+                    return
+                active = self.active
+                stages = set() if active is None else {s.node_id for s in active.stages}
+                if sender != message.node_id and sender not in stages:
+                    # Only a node itself, or a stage of the plan it serves in, may have it left out of plans.
+                    self.refusals.refuse(sender, "suspect_not_from_stage", message)
+                    return
+                ttl = min(max(message.ttl_s, 0.0), self.options.suspect_ttl_s)
+                self.record_suspect(message.node_id, f"{safe(message.reason)} (from {sender})", ttl)
             case PlanProposal():
-                if message.model_fingerprint != self.fingerprint:
-                    detail = (
-                        f"{self.node_id} holds model {self.fingerprint}, the plan is for {message.model_fingerprint}"
-                    )
-                    await self.send(
-                        sender, StageStatus(epoch=message.epoch, node_id=self.node_id, ready=False, detail=detail)
-                    )
-                    return
-                # Two nodes may propose the same epoch while membership forms: the smaller id wins.
-                earlier = self._proposer.get(message.epoch)
-                if message.epoch < self.highest_epoch or (earlier is not None and earlier <= sender):
-                    return
-                self._proposer[message.epoch] = sender
-                for old_epoch in [e for e in self._proposer if e < message.epoch - 8]:
-                    del self._proposer[old_epoch]
-                self.highest_epoch = message.epoch
-                assert self._tg is not None
-                load = self._tg.create_task(self._load(sender, message), name=f"load plan {message.epoch}")
-                self._loads.add(load)
-                load.add_done_callback(self._loads.discard)
+                await self._on_proposal(sender, message)
             case StageStatus():
+                if message.node_id != sender:
+                    self.refusals.refuse(sender, "status_for_another_node", message)
+                    return
+                if not message.ready:
+                    self.learn_agreed(message.agreed_epoch)  # a member agreed to later plans: propose past them
+                    self._refusers.add(message.node_id)  # it will not take this round's commit
                 arrival = BarrierArrive(
                     name=plan_barrier(message.epoch), member=message.node_id, ok=message.ready, detail=message.detail
                 )
                 await self.barriers.arrive(arrival)
             case PlanCommit():
-                active = self.active
-                if active is not None and (message.epoch, active.leader) <= (active.epoch, message.leader):
-                    return  # older, or the same epoch from a leader with a larger id
-                self.highest_epoch = max(self.highest_epoch, message.epoch)
-                if self.stage_host.current is None or self.stage_host.current[1] != message.stages:
-                    await self.stage_host.apply(message.epoch, message.stages)
-                self.active = message
-                self.history.add(message)
-                self._committed.set()
-                self._notify()
-                if self.on_commit is not None:
-                    self.on_commit(message)
+                await self._on_commit(sender, message)
+
+    async def _on_proposal(self, sender: str, message: PlanProposal) -> None:
+        refusal = self.take_proposal(sender, message)
+        if refusal is not None:
+            self.refusals.refuse(sender, refusal, message)
+            if sender in self.members and sender != self.node_id:
+                # The would-be leader's round fails now (and it re-plans), not at its load deadline.
+                detail = f"{self.node_id} refused plan {message.epoch} ({refusal}); it sees {self.leader} leading"
+                status = StageStatus(
+                    epoch=message.epoch,
+                    node_id=self.node_id,
+                    ready=False,
+                    detail=detail,
+                    agreed_epoch=self.highest_epoch,
+                )
+                await self.send(sender, status)
+            return
+        assert self._tg is not None
+        load = self._tg.create_task(self._load(sender, message), name=f"load plan {message.epoch}")
+        self._loads.add(load)
+        load.add_done_callback(self._loads.discard)
+
+    async def _on_commit(self, sender: str, message: PlanCommit) -> None:
+        verdict = self.judge_commit(sender, message, self.active_suspects())
+        if isinstance(verdict, str):
+            self.refusals.refuse(sender, verdict, message)
+            return
+        if verdict is Verdict.STALE:
+            return
+        if self.stage_host.current is None or self.stage_host.current[1] != message.stages:
+            await self.stage_host.apply(message.epoch, message.stages)
+        self.adopt(message)
+        self.history.add(message)
+        self._committed.set()
+        self._notify()
+        if self.on_commit is not None:
+            self.on_commit(message)
 
     async def _load(self, leader: str, proposal: PlanProposal) -> None:
         try:

@@ -383,7 +383,9 @@ class Discovery:
     """Advertise this node over mDNS and keep a view of the other nodes advertising the same service.
 
     ``interfaces``: the addresses zeroconf binds and advertises (e.g. ``["127.0.0.1"]`` in tests); None means
-    all interfaces, IPv4, advertising this host's IPv4 addresses. ``on_change``: if given, every event is
+    all interfaces (IPv4, and IPv6 too with ``ipv6``), advertising this host's IPv4 addresses.
+    ``addresses``: advertise these instead (e.g. a node's ``--advertise`` address).
+    ``on_change``: if given, every event is
     passed to it (synchronously, on the event loop; an exception it raises is logged) and
     :meth:`next_event` is unavailable; otherwise events queue up (at most ``max_events``) for
     :meth:`next_event`.
@@ -399,6 +401,8 @@ class Discovery:
         capabilities: Iterable[str] = (),
         memory_bytes: int = 0,
         interfaces: list[str] | None = None,
+        addresses: list[str] | None = None,
+        ipv6: bool = False,
         on_change: Callable[[PeerEvent], None] | None = None,
         max_events: int = 256,
         resolve_timeout_s: float = 3.0,
@@ -428,6 +432,10 @@ class Discovery:
                 except ValueError:
                     raise ValueError(f"interface {address!r} is not an IP address") from None
         self._interfaces = list(interfaces) if interfaces is not None else None
+        for address in addresses or ():
+            ipaddress.ip_address(address)  # ValueError for a name: records carry addresses
+        self._addresses = list(addresses) if addresses else None
+        self._ipv6 = ipv6
         self._on_change = on_change
         self._events: asyncio.Queue[PeerEvent] = asyncio.Queue(maxsize=max_events)
         self._resolve_timeout_s = resolve_timeout_s
@@ -488,12 +496,13 @@ class Discovery:
 
     async def _start(self) -> None:
         if self._interfaces is None:
-            self._aiozc = AsyncZeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
+            version = IPVersion.All if self._ipv6 else IPVersion.V4Only
+            self._aiozc = AsyncZeroconf(interfaces=InterfaceChoice.All, ip_version=version)
             addresses = _local_ipv4_addresses()
         else:
             self._aiozc = AsyncZeroconf(interfaces=self._interfaces)
             addresses = [a for a in self._interfaces if not ipaddress.ip_address(a).is_unspecified]
-        self._advertised_addresses = addresses
+        self._advertised_addresses = self._addresses or addresses
         # Browse before registering so peers that answer our probes are not missed.
         self._browser = AsyncServiceBrowser(
             self._aiozc.zeroconf, self._service_type, handlers=[self._on_service_state_change]

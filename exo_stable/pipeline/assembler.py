@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from exo_stable.pipeline.validators import SequenceIntegrityChecker, TokenValidator
+from exo_stable.sampling import Pick
 from exo_stable.textstream import Delta, FinishReason, TextStream
 from exo_stable.tokenizer import Tokenizer
 from exo_stable.wire.messages import RecoveryAction, TokenChunk, ValidationError, ValidationResult
@@ -116,6 +117,8 @@ class StreamAssembler:
         self._max_buffered = 0
         self._gaps_requested = 0
         self._ignored = 0
+        self.picks: list[Pick] = []
+        """The delivered tokens' log-probabilities, in order (when the request asked for them)."""
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -214,7 +217,7 @@ class StreamAssembler:
             self._reordered += 1
             self._max_buffered = max(self._max_buffered, len(self._buffer))
             return AssemblyStep(missing=self._new_missing())
-        deltas = self._deliver(chunk.token_id, pos)
+        deltas = self._deliver(chunk, pos)
         return AssemblyStep(deltas=deltas, missing=self._new_missing())
 
     def finish_length(self) -> Delta:
@@ -225,18 +228,20 @@ class StreamAssembler:
 
     # ------------------------------------------------------------------------------------------ inside
 
-    def _deliver(self, token_id: int, pos: int) -> tuple[Delta, ...]:
-        """Push ``token_id`` and every buffered successor through the text stream, in order."""
+    def _deliver(self, chunk: TokenChunk, pos: int) -> tuple[Delta, ...]:
+        """Push ``chunk``'s token and every buffered successor through the text stream, in order."""
         deltas: list[Delta] = []
         nxt = self._checker.next_position
         while True:
-            delta = self._stream.push(token_id)
+            if chunk.logprob is not None:
+                self.picks.append(Pick(chunk.token_id, chunk.logprob, chunk.top_logprobs))
+            delta = self._stream.push(chunk.token_id)
             if delta.text or delta.finish_reason:
                 deltas.append(delta)
             pos += 1
             if self._stream.finished or pos >= nxt:
                 break
-            token_id = self._buffer.pop(pos).token_id
+            chunk = self._buffer.pop(pos)
         if self._stream.finished:
             self._release()
         return tuple(deltas)

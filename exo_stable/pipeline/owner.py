@@ -19,6 +19,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from exo_stable.fallback import FallbackCoordinator, FallbackUnavailable
 from exo_stable.mlx_thread import WorkerClosed, WorkerTimeout
 from exo_stable.pipeline.assembler import AssemblyStep, StreamAssembler
@@ -118,6 +120,7 @@ class OwnerStats:
     requests: int = 0
     finished: int = 0
     failed: int = 0
+    cancelled: int = 0
     late_messages: int = 0
     resend_requests: int = 0
     recoveries: int = 0
@@ -202,6 +205,8 @@ class PipelineOwner:
             verify_checksum=level is not ValidationLevel.OFF,
         )
         mode = job.replay or self.config.replay
+        if result.trace is not None:
+            result.trace.validation, result.trace.replay = level.value, mode.value
         owned = _Owned(
             assembler,
             plan,
@@ -277,6 +282,9 @@ class PipelineOwner:
                     _drain(owned.inbox)
                     self.stats.recoveries += 1
             self.stats.finished += 1
+        except (GeneratorExit, asyncio.CancelledError):
+            self.stats.cancelled += 1  # the client went away: not a failure of the pipeline
+            raise
         except BaseException:
             self.stats.failed += 1
             raise
@@ -298,7 +306,7 @@ class PipelineOwner:
         # len(history).
         fast = owned.mode is ReplayMode.FAST and bool(history)
         if fast:
-            await self._open(rid, job, plan, job.max_tokens, first_position=len(history))
+            await self._open(rid, job, plan, job.max_tokens, history, first_position=len(history))
             chunks = prompt_chunks([*job.prompt_ids, *history])
         else:
             await self._open(rid, job, plan, job.max_tokens, history)
@@ -360,6 +368,7 @@ class PipelineOwner:
             result.first_token_s = time.perf_counter() - started
         result.token_ids = list(assembler.token_ids)
         result.completion_tokens = len(result.token_ids)
+        result.picks = assembler.picks
         if owned.failed_at is not None and assembler.next_position > replayed:
             how = "fallback" if owned.on_fallback else "resumed"
             self.recovery.outcome(how, time.perf_counter() - owned.failed_at, mode=owned.mode.value)
@@ -385,9 +394,11 @@ class PipelineOwner:
                         TokenChunk(
                             request_id=rid,
                             sequence_position=position,
-                            token_id=token,
+                            token_id=token.token,
                             source_device_rank=0,
                             plan_epoch=owned.plan.epoch,
+                            logprob=token.logprob,
+                            top_logprobs=token.top,
                         )
                     )
                     step = self._accept(owned, chunk, result, started, len(history))
@@ -496,7 +507,7 @@ class PipelineOwner:
             request_id=rid,
             owner=self.node_id,
             plan_epoch=plan.epoch,
-            sampling=SamplingSpec(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed),
+            sampling=SamplingSpec(**msgspec.structs.asdict(p)),
             max_tokens=budget,
             prompt_tokens=len(job.prompt_ids),
             barrier=name,
@@ -538,6 +549,7 @@ class PipelineOwner:
             "requests": self.stats.requests,
             "finished": self.stats.finished,
             "failed": self.stats.failed,
+            "cancelled": self.stats.cancelled,
             "late_messages": self.stats.late_messages,
             "resend_requests": self.stats.resend_requests,
             "recoveries": self.stats.recoveries,

@@ -24,13 +24,14 @@ import mlx.core as mx
 import msgspec
 
 from actors import Actor
+from exo_stable.grammar import GrammarError
 from exo_stable.loader import ModelSource
 from exo_stable.mlx_thread import MlxThread
 from exo_stable.model import LayerRange
 from exo_stable.modelspec import Dtype
 from exo_stable.pipeline.levels import ValidationLevel, spot_check_chosen
 from exo_stable.pipeline.stagefaults import StageFaultConfig, StageFaults
-from exo_stable.sampling import SamplingParams
+from exo_stable.sampling import Pick, SamplingParams
 from exo_stable.stagecompute import StageBusy, StageCompute, UnknownRequest, input_array, tensor_to_bytes
 from exo_stable.wire.messages import (
     ActivationChunk,
@@ -106,6 +107,7 @@ class StageStats:
     source_checksum_failures: int = 0  # strict: activations whose sender's checksum did not match (also bad)
     spot_checks: int = 0  # strict: steps computed twice
     spot_check_mismatches: int = 0  # ... whose two results differed
+    refused_per_owner: int = 0  # request opens past the per-owner share of the slots
     build_ahead_busy: int = 0  # next steps not built ahead because the stage served other requests too
 
 
@@ -117,6 +119,7 @@ class StageConfig:
     index: int
     dtype: Dtype
     max_requests: int = 16
+    max_requests_per_owner: int = 12  # one owner node may hold this many of the slots (the others keep some)
     load_timeout_s: float = 600.0
     step_timeout_s: float = 120.0
     send_timeout_s: float = 30.0
@@ -162,6 +165,10 @@ class StageActor(Actor[StageMessage]):
     @property
     def open_requests(self) -> int:
         return len(self._requests)
+
+    def owner_of(self, request_id: str) -> str | None:
+        request = self._requests.get(request_id)
+        return None if request is None else request.owner
 
     def request_owners(self) -> list[tuple[str, str, int]]:
         """(request id, owner node, plan epoch) of every request this stage holds."""
@@ -225,8 +232,7 @@ class StageActor(Actor[StageMessage]):
 
     async def _open(self, msg: RequestOpen) -> None:
         ok, detail = True, ""
-        s = msg.sampling
-        params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+        params = SamplingParams(**msgspec.structs.asdict(msg.sampling))
         known = self._requests.get(msg.request_id)
         if known is not None and known.plan_epoch != msg.plan_epoch:
             # The owner moved the request to another plan (recovery): start its caches afresh.
@@ -234,7 +240,11 @@ class StageActor(Actor[StageMessage]):
             self._assembler.discard(msg.request_id)
             await self._run(self._compute.close, msg.request_id)
         try:
-            await self._run(self._compute.open, msg.request_id, params)
+            held = sum(1 for r in self._requests.values() if r.owner == msg.owner)
+            if msg.request_id not in self._requests and held >= self.config.max_requests_per_owner:
+                self.stats.refused_per_owner += 1
+                raise StageBusy(f"{msg.owner} already holds {held} of this stage's requests")
+            await self._run(self._compute.open, msg.request_id, params, msg.history)
             self._requests[msg.request_id] = _Request(
                 msg.owner,
                 msg.plan_epoch,
@@ -244,10 +254,10 @@ class StageActor(Actor[StageMessage]):
                 level=_wire_level(msg.validation),
                 spot_fraction=msg.spot_check_fraction,
                 spot_seed=msg.spot_check_seed,
-                greedy=params.greedy,
+                greedy=params.plain_greedy,
             )
             self._idle.clear()
-        except StageBusy as exc:
+        except (StageBusy, GrammarError) as exc:
             ok, detail = False, str(exc)
         try:
             await self._send(
@@ -336,8 +346,9 @@ class StageActor(Actor[StageMessage]):
         )
         try:
             queue_next = position + 1 < request.max_tokens
+            forced = request.history[position] if final and position < len(request.history) else None
             step_fn = functools.partial(
-                self._compute_step, checks=(request.level, spot), ahead=queue_next if ahead else None
+                self._compute_step, checks=(request.level, spot), ahead=queue_next if ahead else None, forced=forced
             )
             out, compute_s = await self._run(_timed, step_fn, rid, tokens, tensor, position, final)
         except UnknownRequest:
@@ -390,9 +401,11 @@ class StageActor(Actor[StageMessage]):
             # not exact, which is counted and logged but cannot change what the client already has.
             known = request.history[position]
             self.stats.replayed += 1
-            if int(out) != known:
+            if out.token != known:
                 self.stats.replay_divergences += 1
-                log.warning("request %s: replay picked %d at position %d, history has %d", rid, out, position, known)
+                log.warning(
+                    "request %s: replay picked %d at position %d, history has %d", rid, out.token, position, known
+                )
             try:
                 await self._continue(rid, request, step, position, known)
             except (ConnectionError, TimeoutError) as exc:
@@ -404,9 +417,11 @@ class StageActor(Actor[StageMessage]):
         token = TokenChunk(
             request_id=rid,
             sequence_position=position,
-            token_id=int(out),
+            token_id=out.token,
             source_device_rank=self.config.index,
             plan_epoch=request.plan_epoch,
+            logprob=out.logprob,
+            top_logprobs=out.top,
         )
         if request.level is not ValidationLevel.OFF:
             token = self._validator.seal(token)
@@ -494,6 +509,7 @@ class StageActor(Actor[StageMessage]):
         *,
         checks: tuple[ValidationLevel, bool] = (ValidationLevel.LIGHT, False),
         ahead: bool | None = None,
+        forced: int | None = None,
     ) -> Any:
         """On the MLX thread: one forward call; ``(dtype, shape, bytes, source checksum)`` of the hidden states
         out (the checksum only for strict requests, else -1), or the picked token on the last stage.
@@ -501,9 +517,9 @@ class StageActor(Actor[StageMessage]):
         ``checks``: the request's level, and whether to spot-check this step: run it a second time on the same
         cache state and compare the results bit for bit (raises :class:`SpotCheckMismatch`). ``ahead``: a
         greedy step of a one-stage plan, through :meth:`StageCompute.pick_ahead` (queueing the next step when
-        true)."""
+        true). ``forced``: a replay's known token at ``position``, which the penalties of later positions see."""
         if ahead is not None:
-            return self._compute.pick_ahead(rid, tokens, queue_next=ahead)
+            return Pick(self._compute.pick_ahead(rid, tokens, queue_next=ahead))
         level, spot = checks
         wire = None if tensor is None else (tensor.dtype, tensor.shape, tensor.data)
         out = self._compute.forward_input(rid, tokens, wire)
@@ -516,7 +532,7 @@ class StageActor(Actor[StageMessage]):
             return dtype, shape, data, source
         if spot:
             self._spot_check(rid, input_array(tokens, wire), tensor_to_bytes(out)[2])
-        return self._compute.pick(rid, out, position) if final else None
+        return self._compute.choose(rid, out, position, forced) if final else None
 
     def _spot_check(self, rid: str, x: mx.array, first: bytes) -> None:
         """On the MLX thread: rewind the request's caches by this step and compute it again; the two outputs

@@ -3,17 +3,21 @@
 ::
 
     dialer                                    acceptor
-      Hello(node id, version, caps, memory,
-            fingerprint, session, nonce_d)  ─▶  version ok? else Rejected
-                                            ◀─  Welcome(…, nonce_a, proof_a = HMAC(secret, "acceptor" ‖ T))
+      Hello(node id, version, session, nonce_d,
+            caps, memory, fingerprint, link)  ─▶  version ok, not rate-limited? else Rejected
+                                            ◀─  Challenge(node id, version, session, nonce_a)
+      Auth(proof_d = HMAC(secret, "dialer" ‖ T)) ─▶  proof_d ok? else Rejected (a failure counts)
+                                            ◀─  Welcome(…, proof_a = HMAC(secret, "acceptor" ‖ T))
       proof_a ok? else Rejected
-      Auth(proof_d = HMAC(secret, "dialer" ‖ T)) ─▶  proof_d ok? else Rejected
-                                            ◀─  Accepted
 
 ``T`` is the transcript: both node ids, both nonces, both session ids and the version, so a proof cannot be
-replayed on another connection. Each side proves the secret only after the other's fresh nonce is known.
-Without a configured secret proofs are empty; a side that has a secret refuses a peer without one.
-The secret comes from ``--cluster-secret`` or the environment variable ``EXO_STABLE_CLUSTER_SECRET``.
+replayed on another connection (each side's nonce is fresh per attempt). The dialer proves the secret
+first: an acceptor reveals nothing derived from the secret to a peer that has not proved it, so one
+reply to a hello gives nothing to guess the secret from offline, and online guesses are rate-limited per
+remote address (:class:`FailureLimiter`). Without a configured secret proofs are empty; a side that has a
+secret refuses a peer without one. The secret comes from ``--cluster-secret`` or the environment variable
+``EXO_STABLE_CLUSTER_SECRET``; it should be long and random (a dialer that reaches an impostor still hands
+it a proof to guess against, so only a secret too long to guess keeps that safe).
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
-from exo_stable.wire.messages import PROTOCOL_VERSION, Accepted, Auth, Hello, Rejected, Welcome
+from exo_stable.wire.messages import PROTOCOL_VERSION, Auth, Challenge, Hello, Rejected, Welcome
 
 SECRET_ENV: Final = "EXO_STABLE_CLUSTER_SECRET"
 NONCE_BYTES: Final = 16
@@ -77,6 +84,7 @@ class PeerInfo:
     memory_bytes: int
     model_fingerprint: str
     tx_base: int
+    link_id: str = ""
 
 
 class HandshakeError(Exception):
@@ -87,14 +95,25 @@ class HandshakeError(Exception):
         self.reason = reason
 
 
-def _proof(secret: bytes | None, role: bytes, hello: Hello, welcome_fields: tuple[str, bytes, str]) -> bytes:
+def _transcript(role: bytes, hello: Hello, challenge: Challenge) -> bytes:
+    return msgspec.msgpack.encode(
+        (
+            role,
+            hello.node_id,
+            hello.nonce,
+            hello.session_id,
+            challenge.node_id,
+            challenge.nonce,
+            challenge.session_id,
+            hello.protocol_version,
+        )
+    )
+
+
+def _proof(secret: bytes | None, role: bytes, hello: Hello, challenge: Challenge) -> bytes:
     if secret is None:
         return b""
-    a_id, a_nonce, a_session = welcome_fields
-    transcript = msgspec.msgpack.encode(
-        (role, hello.node_id, hello.nonce, hello.session_id, a_id, a_nonce, a_session, hello.protocol_version)
-    )
-    return hmac.new(secret, transcript, hashlib.sha256).digest()
+    return hmac.new(secret, _transcript(role, hello, challenge), hashlib.sha256).digest()
 
 
 def _check_proof(secret: bytes | None, expected: bytes, got: bytes, who: str) -> None:
@@ -114,11 +133,15 @@ def _check_version(version: int, local: int) -> None:
 class Dialer:
     """The connecting side's handshake state."""
 
-    def __init__(self, identity: Identity, secret: bytes | None, *, expected_peer: str | None = None) -> None:
+    def __init__(
+        self, identity: Identity, secret: bytes | None, *, expected_peer: str | None = None, link_id: str = ""
+    ) -> None:
         self.identity = identity
         self._secret = secret
         self._expected_peer = expected_peer
+        self._link_id = link_id
         self._hello: Hello | None = None
+        self._challenge: Challenge | None = None
 
     def hello(self, tx_base: int) -> Hello:
         me = self.identity
@@ -131,21 +154,37 @@ class Dialer:
             memory_bytes=me.memory_bytes,
             model_fingerprint=me.model_fingerprint,
             tx_base=tx_base,
+            link_id=self._link_id,
         )
         return self._hello
 
-    def on_welcome(self, welcome: Welcome) -> tuple[Auth, PeerInfo]:
-        """Verify the acceptor; raises :class:`HandshakeError`."""
+    def on_challenge(self, challenge: Challenge) -> Auth:
+        """Prove the secret over this attempt's transcript; raises :class:`HandshakeError`."""
         hello = self._hello
         if hello is None:
             raise RuntimeError("hello() first")
-        _check_version(welcome.protocol_version, hello.protocol_version)
-        if self._expected_peer is not None and welcome.node_id != self._expected_peer:
-            raise HandshakeError(f"expected node {self._expected_peer!r}, reached {welcome.node_id!r}")
-        fields = (welcome.node_id, welcome.nonce, welcome.session_id)
-        _check_proof(self._secret, _proof(self._secret, b"acceptor", hello, fields), welcome.proof, "acceptor")
-        auth = Auth(proof=_proof(self._secret, b"dialer", hello, fields))
-        info = PeerInfo(
+        _check_version(challenge.protocol_version, hello.protocol_version)
+        if self._expected_peer is not None and challenge.node_id != self._expected_peer:
+            raise HandshakeError(f"expected node {self._expected_peer!r}, reached {challenge.node_id!r}")
+        if len(challenge.nonce) != NONCE_BYTES:
+            raise HandshakeError(f"the acceptor's nonce has {len(challenge.nonce)} bytes, not {NONCE_BYTES}")
+        self._challenge = challenge
+        return Auth(proof=_proof(self._secret, b"dialer", hello, challenge))
+
+    def on_welcome(self, welcome: Welcome) -> PeerInfo:
+        """Verify the acceptor's proof; raises :class:`HandshakeError`."""
+        hello, challenge = self._hello, self._challenge
+        if hello is None or challenge is None:
+            raise RuntimeError("on_challenge() first")
+        if (welcome.node_id, welcome.session_id, welcome.nonce) != (
+            challenge.node_id,
+            challenge.session_id,
+            challenge.nonce,
+        ):
+            raise HandshakeError("the acceptor's welcome does not match its challenge")
+        expected = _proof(self._secret, b"acceptor", hello, challenge)
+        _check_proof(self._secret, expected, welcome.proof, "acceptor")
+        return PeerInfo(
             node_id=welcome.node_id,
             session_id=welcome.session_id,
             protocol_version=welcome.protocol_version,
@@ -153,8 +192,8 @@ class Dialer:
             memory_bytes=welcome.memory_bytes,
             model_fingerprint=welcome.model_fingerprint,
             tx_base=welcome.tx_base,
+            link_id=welcome.link_id,
         )
-        return auth, info
 
 
 class Acceptor:
@@ -164,34 +203,29 @@ class Acceptor:
         self.identity = identity
         self._secret = secret
         self._hello: Hello | None = None
-        self._fields: tuple[str, bytes, str] | None = None
+        self._challenge: Challenge | None = None
 
-    def on_hello(self, hello: Hello, tx_base: int) -> Welcome:
-        """Answer a Hello; raises :class:`HandshakeError`."""
+    def on_hello(self, hello: Hello) -> Challenge:
+        """Answer a Hello with a fresh nonce (nothing derived from the secret); raises :class:`HandshakeError`."""
         me = self.identity
         _check_version(hello.protocol_version, me.protocol_version)
         if hello.node_id == me.node_id:
             raise HandshakeError(f"peer claims this node's own id {me.node_id!r}")
+        if len(hello.nonce) != NONCE_BYTES:
+            raise HandshakeError(f"the dialer's nonce has {len(hello.nonce)} bytes, not {NONCE_BYTES}")
         self._hello = hello
-        self._fields = (me.node_id, new_nonce(), me.session_id)
-        return Welcome(
-            node_id=me.node_id,
-            protocol_version=me.protocol_version,
-            session_id=me.session_id,
-            nonce=self._fields[1],
-            proof=_proof(self._secret, b"acceptor", hello, self._fields),
-            capabilities=me.capabilities,
-            memory_bytes=me.memory_bytes,
-            model_fingerprint=me.model_fingerprint,
-            tx_base=tx_base,
+        self._challenge = Challenge(
+            node_id=me.node_id, protocol_version=me.protocol_version, session_id=me.session_id, nonce=new_nonce()
         )
+        return self._challenge
 
-    def on_auth(self, auth: Auth) -> tuple[Accepted, PeerInfo]:
-        hello, fields = self._hello, self._fields
-        if hello is None or fields is None:
+    def on_auth(self, auth: Auth) -> PeerInfo:
+        """Verify the dialer's proof; raises :class:`HandshakeError`. Then :meth:`welcome` answers it."""
+        hello, challenge = self._hello, self._challenge
+        if hello is None or challenge is None:
             raise RuntimeError("on_hello() first")
-        _check_proof(self._secret, _proof(self._secret, b"dialer", hello, fields), auth.proof, "dialer")
-        info = PeerInfo(
+        _check_proof(self._secret, _proof(self._secret, b"dialer", hello, challenge), auth.proof, "dialer")
+        return PeerInfo(
             node_id=hello.node_id,
             session_id=hello.session_id,
             protocol_version=hello.protocol_version,
@@ -199,8 +233,66 @@ class Acceptor:
             memory_bytes=hello.memory_bytes,
             model_fingerprint=hello.model_fingerprint,
             tx_base=hello.tx_base,
+            link_id=hello.link_id,
         )
-        return Accepted(), info
+
+    def welcome(self, tx_base: int, link_id: str = "") -> Welcome:
+        """The acceptor's proof and identity, only for a dialer whose proof :meth:`on_auth` verified."""
+        hello, challenge = self._hello, self._challenge
+        if hello is None or challenge is None:
+            raise RuntimeError("on_auth() first")
+        me = self.identity
+        return Welcome(
+            node_id=me.node_id,
+            protocol_version=me.protocol_version,
+            session_id=me.session_id,
+            nonce=challenge.nonce,
+            proof=_proof(self._secret, b"acceptor", hello, challenge),
+            capabilities=me.capabilities,
+            memory_bytes=me.memory_bytes,
+            model_fingerprint=me.model_fingerprint,
+            tx_base=tx_base,
+            link_id=link_id,
+        )
+
+
+class FailureLimiter:
+    """Failed handshakes per remote address, as a token bucket: ``burst`` failures at once, then one per
+    ``refill_s``; an address out of tokens is refused before any work. Remembers ``max_addresses`` (LRU)."""
+
+    def __init__(
+        self,
+        *,
+        burst: int = 10,
+        refill_s: float = 1.0,
+        max_addresses: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.refill_s = refill_s
+        self.max_addresses = max_addresses
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address: (tokens, at)
+        self.limited = 0
+
+    def _tokens(self, address: str) -> float:
+        tokens, at = self._buckets.get(address, (float(self.burst), self._clock()))
+        return min(float(self.burst), tokens + (self._clock() - at) / self.refill_s)
+
+    def allowed(self, address: str) -> bool:
+        ok = self._tokens(address) >= 1.0
+        if not ok:
+            self.limited += 1
+        return ok
+
+    def failed(self, address: str) -> None:
+        self._buckets[address] = (max(0.0, self._tokens(address) - 1.0), self._clock())
+        self._buckets.move_to_end(address)
+        while len(self._buckets) > self.max_addresses:
+            self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 def rejected(reason: str) -> Rejected:

@@ -23,7 +23,8 @@ from typing import Final
 
 import msgspec
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+"""2: the dialer proves the cluster secret first (Hello, Challenge, Auth, Welcome; see handshake.py)."""
 """Wire protocol version; the handshake refuses a peer with a different one."""
 
 
@@ -100,10 +101,21 @@ class Hello(WireMessage, frozen=True, tag="hello"):
     model_fingerprint: str = ""
     tx_base: int = 1
     """Lowest sequence number this side may still (re)send: a fresh receiver starts there."""
+    link_id: str = ""
+    """Random per PeerLink object: a new one (same session) also tells the peer to reset its receive state."""
+
+
+class Challenge(WireMessage, frozen=True, tag="challenge"):
+    """The accepting side's answer to :class:`Hello`: its fresh nonce, and nothing derived from the secret."""
+
+    node_id: str
+    protocol_version: int
+    session_id: str
+    nonce: bytes
 
 
 class Welcome(WireMessage, frozen=True, tag="welcome"):
-    """The accepting side's answer to :class:`Hello`, with its proof of the cluster secret."""
+    """The accepting side admits the link after the dialer's :class:`Auth`, with its own proof of the secret."""
 
     node_id: str
     protocol_version: int
@@ -114,6 +126,7 @@ class Welcome(WireMessage, frozen=True, tag="welcome"):
     memory_bytes: int = 0
     model_fingerprint: str = ""
     tx_base: int = 1
+    link_id: str = ""
 
 
 class Auth(WireMessage, frozen=True, tag="auth"):
@@ -123,7 +136,7 @@ class Auth(WireMessage, frozen=True, tag="auth"):
 
 
 class Accepted(WireMessage, frozen=True, tag="accepted"):
-    """The accepting side admits the link."""
+    """Protocol 1's last handshake message (kept so that its tag is never reused)."""
 
 
 class Rejected(WireMessage, frozen=True, tag="rejected"):
@@ -177,6 +190,10 @@ class TokenChunk(WireMessage, frozen=True, tag="token"):
     """The forward steps behind this token (and any earlier steps that yielded no token), for tracing."""
     hops_lost: int = 0
     """Hops the last stage could not keep for this token (its bound was reached)."""
+    logprob: float | None = None
+    """The token's log-probability, when the request asked for them (``SamplingSpec.logprobs``)."""
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    """The most likely tokens at this position and their log-probabilities, best first."""
 
 
 class ValidationResult(WireMessage, frozen=True, tag="validation"):
@@ -313,6 +330,17 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_tail: tuple[int, ...] = ()
+    """The prompt's last tokens, which the penalties count as seen (only when a penalty is on)."""
+    logprobs: int | None = None
+    """Send each token's log-probability and this many of the most likely ones (None: none)."""
+    grammar: str = ""
+    """A grammar the completion must follow (llguidance's JSON form), or empty."""
 
 
 class PeerAddress(msgspec.Struct, frozen=True):
@@ -345,6 +373,7 @@ class StageStatus(WireMessage, frozen=True, tag="stage_status"):
     ready: bool
     detail: str = ""
     load_s: float = 0.0
+    agreed_epoch: int = 0  # on a refusal: the highest epoch the member agreed to (the leader proposes past it)
 
 
 class PlanCommit(WireMessage, frozen=True, tag="plan_commit"):
@@ -463,6 +492,7 @@ class Echo(WireMessage, frozen=True, tag="echo"):
 
 Message = (
     Hello
+    | Challenge
     | Welcome
     | Auth
     | Accepted

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from exo_stable.wire.frame import (
 )
 from exo_stable.wire.handshake import Dialer, HandshakeError, Identity, PeerInfo
 from exo_stable.wire.health import NetworkHealthMonitor
-from exo_stable.wire.messages import CODEC, Accepted, Message, Rejected, Welcome
+from exo_stable.wire.messages import CODEC, Challenge, Message, Rejected, Welcome
 from exo_stable.wire.reliable import ReceiveWindow, RttEstimator, SendWindow
 
 log = logging.getLogger("exo_stable.wire")
@@ -179,7 +180,8 @@ class PeerLink:
         self._active: _Connection | None = None
         self._root: asyncio.Task[None] | None = None
         self._closing = False
-        self._peer_session: str | None = None
+        self._peer_session: tuple[str, str] | None = None  # the peer's (session, link) of the last connection
+        self.link_id = secrets.token_hex(8)
         self.peer: PeerInfo | None = None
         self._ack_pending = 0
         self._ack_urgent = False
@@ -400,18 +402,23 @@ class PeerLink:
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=cfg.close_timeout_s),
             )
         try:
-            dialer = Dialer(self.identity, self._secret, expected_peer=self.peer_id)
+            dialer = Dialer(self.identity, self._secret, expected_peer=self.peer_id, link_id=self.link_id)
             try:
                 async with asyncio.timeout(cfg.handshake_timeout_s):
                     await send_handshake(ws, self._codec, dialer.hello(self._tx.base))
-                    welcome = await recv_handshake(ws, self._codec, Welcome)
+                    challenge = await recv_handshake(ws, self._codec, Challenge)
                     try:
-                        auth, info = dialer.on_welcome(welcome)
+                        auth = dialer.on_challenge(challenge)
                     except HandshakeError as exc:
                         await send_handshake(ws, self._codec, Rejected(reason=exc.reason))
                         raise
                     await send_handshake(ws, self._codec, auth)
-                    await recv_handshake(ws, self._codec, Accepted)
+                    welcome = await recv_handshake(ws, self._codec, Welcome)
+                    try:
+                        info = dialer.on_welcome(welcome)
+                    except HandshakeError as exc:
+                        await send_handshake(ws, self._codec, Rejected(reason=exc.reason))
+                        raise
             except TimeoutError as exc:
                 raise HandshakeError("handshake timed out") from exc
             if self.peer_id is None:
@@ -459,7 +466,7 @@ class PeerLink:
         info = conn.peer
         if self.peer_id is None:
             self.peer_id = info.node_id
-        forget = info.session_id != self._peer_session
+        forget = (info.session_id, info.link_id) != self._peer_session
         if forget:
             if self._peer_session is not None:
                 self._peer_restarts += 1
@@ -469,7 +476,7 @@ class PeerLink:
                     info.session_id,
                 )
             self._rx.reset(info.tx_base)
-            self._peer_session = info.session_id
+            self._peer_session = (info.session_id, info.link_id)
         self._tx.requeue_all(forget_sacks=forget)
         if self._injector is None and self.config.faults is not None and self.config.faults.active:
             self._injector = FaultInjector(self.config.faults, stream=f"{info.node_id}->{self.identity.node_id}")
@@ -586,8 +593,8 @@ class PeerLink:
             self._ack_urgent = True  # a gap or a duplicate: tell the sender now
         if self._ack_pending == 1:
             self._ack_due = self._clock() + self.config.ack_delay_s
-        if self._ack_urgent or self._ack_pending >= self.config.ack_every:
-            self._wake.set()
+        if self._ack_urgent or self._ack_pending == 1 or self._ack_pending >= self.config.ack_every:
+            self._wake.set()  # the first pending ack sets the writer's deadline (else it sleeps to the next ping)
         for payload in delivered:
             try:
                 message = CODEC.decode(payload)

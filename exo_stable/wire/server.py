@@ -2,7 +2,8 @@
 
 A refused connection (wrong cluster secret, wrong protocol version, unknown peer, garbage or oversized
 frame, timeout) is logged with its reason, counted, answered with :class:`Rejected` where the socket still
-works, and closed; the node carries on.
+works, and closed; the node carries on. Nothing is created for a peer before it proved the cluster secret
+(no link, no peer entry), and an address with too many failed handshakes is refused for a while.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from exo_stable.logs import safe
 from exo_stable.wire.frame import FrameCodec
-from exo_stable.wire.handshake import Acceptor, HandshakeError, Identity
+from exo_stable.wire.handshake import Acceptor, FailureLimiter, HandshakeError, Identity
 from exo_stable.wire.messages import Auth, Hello, Rejected
 from exo_stable.wire.peerlink import WIRE_PATH, LinkConfig, PeerLink, close_ws, recv_handshake, send_handshake
 
@@ -47,6 +49,7 @@ class WireServer:
         self._on_new_peer = on_new_peer
         self._runner: web.AppRunner | None = None
         self.rejections: Counter[str] = Counter()
+        self.limiter = FailureLimiter()
         self._recent_rejections: deque[str] = deque(maxlen=64)
         self._rejected_event = asyncio.Event()
 
@@ -104,11 +107,13 @@ class WireServer:
         return self._recent_rejections.popleft()
 
     def _reject(self, peer: str, reason: str) -> None:
-        label = reason.split(":", 1)[0]
+        label = reason.split(":", 1)[0].split("(", 1)[0].strip()
+        if label.startswith("unknown peer"):
+            label = "unknown peer"  # the label set stays small whatever ids strangers send
         self.rejections[label] += 1
         self._recent_rejections.append(reason)
         self._rejected_event.set()
-        log.warning("wire server %s refused a connection from %s: %s", self.identity.node_id, peer, reason)
+        log.warning("wire server %s refused a connection from %s: %s", self.identity.node_id, peer, safe(reason))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         cfg = self.config
@@ -120,27 +125,32 @@ class WireServer:
             timeout=cfg.close_timeout_s,
         )
         await ws.prepare(request)
-        remote = request.remote or "?"
+        address = request.remote or "?"
+        remote = address
         try:
             try:
+                if not self.limiter.allowed(address):
+                    raise HandshakeError("too many failed handshakes from this address; try again later")
                 async with asyncio.timeout(cfg.handshake_timeout_s):
                     hello = await recv_handshake(ws, self._codec, Hello)
-                    remote = f"{hello.node_id}@{remote}"
+                    remote = f"{safe(hello.node_id)}@{address}"
+                    acceptor = Acceptor(self.identity, self._secret)
+                    await send_handshake(ws, self._codec, acceptor.on_hello(hello))
+                    info = acceptor.on_auth(await recv_handshake(ws, self._codec, Auth))
+                    # Only now, the dialer having proved the secret, does the peer get a link (and state).
                     link = self._links.get(hello.node_id)
-                    if link is None and self._on_new_peer is not None:
+                    if (link is None or link.closed) and self._on_new_peer is not None:
                         link = self._on_new_peer(hello)
                         if link is not None:
                             self.register(link)
                     if link is None or link.closed:
-                        raise HandshakeError(f"unknown peer {hello.node_id!r}")
-                    acceptor = Acceptor(self.identity, self._secret)
-                    await send_handshake(ws, self._codec, acceptor.on_hello(hello, tx_base=link.tx_base))
-                    auth = await recv_handshake(ws, self._codec, Auth)
-                    accepted, info = acceptor.on_auth(auth)
-                    await send_handshake(ws, self._codec, accepted)
+                        raise HandshakeError(f"unknown peer {safe(hello.node_id)}")
+                    await send_handshake(ws, self._codec, acceptor.welcome(tx_base=link.tx_base, link_id=link.link_id))
             except TimeoutError as exc:
                 raise HandshakeError("handshake timed out") from exc
         except HandshakeError as exc:
+            if "too many failed handshakes" not in exc.reason:
+                self.limiter.failed(address)
             self._reject(remote, exc.reason)
             if not ws.closed:
                 try:
