@@ -20,7 +20,7 @@ import mlx.core as mx
 from exo_stable import random_model
 from exo_stable.family import check_supported
 from exo_stable.gguf import quant_specs, read_gguf
-from exo_stable.model import LayerRange, ShardModel, build_shard, shard_weight_names
+from exo_stable.model import LayerRange, ShardModel, build_shard, refuse_half_experts_on_cpu, shard_weight_names
 from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
 from exo_stable.tokenizer import Tokenizer
 
@@ -57,6 +57,11 @@ class ModelSource:
             weights, quant = random_model.generate(self.random, names, dtype=draw, quantize=dtype is Dtype.QUANTIZED)
             return build_shard(self.spec, layers, weights, quant, dtype)
         return build_shard(self.spec, layers, self.weights(), self.quant, dtype)
+
+    def check_dtype(self, dtype: Dtype, device: str) -> None:
+        """Refuse at start a dtype this model cannot run in on ``device`` ("cpu" or "gpu")."""
+        if device == "cpu":
+            refuse_half_experts_on_cpu(self.spec, dtype)
 
     def release_weights(self) -> None:
         """Drop the whole-model tensors once the shard holds what it needs."""

@@ -5,11 +5,12 @@ draws from its own generator seeded with ``(seed, position)``, and the penalties
 the tokens before the position. Any node, and any replay after a failure, therefore picks the same token
 for the same logits, with no generator or penalty state to carry around.
 
-The order is llama.cpp's sampler chain (and mlx-lm's): logit bias, then the penalties (repetition, then
-frequency and presence) over the last :data:`PENALTY_WINDOW` tokens of prompt and completion, then top-k,
-top-p and min-p on the (unscaled) distribution, then the temperature, then the seeded draw. Greedy is the
-argmax after bias and penalties. Log-probabilities are the model's own (log-softmax of the raw logits),
-as vLLM reports them by default: what the model thought, whatever the sampler then did.
+The order is llama.cpp's sampler chain (and mlx-lm's): a grammar's mask, logit bias, then the penalties
+(repetition, then frequency and presence) over the last :data:`PENALTY_WINDOW` tokens of prompt and
+completion, then top-k, top-p and min-p on the (unscaled) distribution, then the temperature, then the
+seeded draw. Greedy is the argmax after mask, bias and penalties. Log-probabilities are the model's own
+(log-softmax of the raw logits), as vLLM reports them by default: what the model thought, whatever the
+sampler then did.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """The prompt's last :data:`PENALTY_WINDOW` tokens (only when a penalty is on): they count as seen."""
     logprobs: int | None = None
     """Report the picked token's log-probability and this many of the most likely ones (None: report none)."""
+    grammar: str = ""
+    """A grammar the completion must follow (llguidance's form; see ``grammar.py``), or empty."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 10.0:
@@ -71,7 +74,12 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def plain_greedy(self) -> bool:
         """Greedy on the raw logits with nothing to report: the argmax can run on the device, ahead."""
-        return self.greedy and not self.penalized and not self.logit_bias and self.logprobs is None
+        return self.greedy and not self.penalized and not self.logit_bias and self.logprobs is None and not self.grammar
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether picking a token depends on the completion's tokens before it (penalties, a grammar)."""
+        return self.penalized or bool(self.grammar)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +91,19 @@ class Pick:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def process(logits: npt.NDArray[np.floating], params: SamplingParams, previous: Sequence[int]) -> np.ndarray:
-    """Logit bias then penalties (float64 copy); ``previous``: the completion's tokens before this position."""
+def process(
+    logits: npt.NDArray[np.floating],
+    params: SamplingParams,
+    previous: Sequence[int],
+    allowed: npt.NDArray[np.bool_] | None = None,
+) -> np.ndarray:
+    """The grammar's mask, logit bias, then penalties (float64 copy); ``previous``: the completion's tokens
+    before this position; ``allowed``: the tokens the grammar allows there (None: no grammar)."""
     out = logits.astype(np.float64)
+    if allowed is not None:
+        if not allowed.any():
+            raise ValueError("the grammar allows no token here")
+        out[~allowed] = -np.inf
     for token, bias in params.logit_bias:
         if 0 <= token < out.shape[0]:
             out[token] += bias
@@ -104,10 +122,15 @@ def process(logits: npt.NDArray[np.floating], params: SamplingParams, previous: 
 
 
 def sample(
-    logits: npt.NDArray[np.floating], params: SamplingParams, position: int, previous: Sequence[int] = ()
+    logits: npt.NDArray[np.floating],
+    params: SamplingParams,
+    position: int,
+    previous: Sequence[int] = (),
+    allowed: npt.NDArray[np.bool_] | None = None,
 ) -> int:
     """Pick the token at ``position`` from one row of logits."""
-    values = process(logits, params, previous) if params.logit_bias or params.penalized else None
+    processed = params.logit_bias or params.penalized or allowed is not None
+    values = process(logits, params, previous, allowed) if processed else None
     if params.greedy:
         return int(np.argmax(logits if values is None else values))
     scaled = logits.astype(np.float64) if values is None else values
@@ -142,9 +165,15 @@ def log_softmax(logits: npt.NDArray[np.floating]) -> np.ndarray:
     return x - top - float(np.log(np.sum(np.exp(x - top))))
 
 
-def pick(logits: npt.NDArray[np.floating], params: SamplingParams, position: int, previous: Sequence[int] = ()) -> Pick:
+def pick(
+    logits: npt.NDArray[np.floating],
+    params: SamplingParams,
+    position: int,
+    previous: Sequence[int] = (),
+    allowed: npt.NDArray[np.bool_] | None = None,
+) -> Pick:
     """:func:`sample`, with the log-probabilities the request asked for."""
-    token = sample(logits, params, position, previous)
+    token = sample(logits, params, position, previous, allowed)
     if params.logprobs is None:
         return Pick(token)
     logprobs = log_softmax(logits)

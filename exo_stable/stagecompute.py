@@ -20,6 +20,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from exo_stable.device import activate, chosen
+from exo_stable.grammar import Constraint
 from exo_stable.loader import ModelSource
 from exo_stable.model import LayerRange, ShardModel, compute_dtype
 from exo_stable.modelspec import Dtype
@@ -99,6 +100,7 @@ class RequestCache:
     queued: QueuedStep | None = None
     prepared: PreparedStep | None = None
     generated: list[int] = field(default_factory=list)  # the completion's tokens so far (penalties look back)
+    constraint: Constraint | None = None  # the request's grammar, when it has one
 
 
 @dataclass
@@ -147,7 +149,10 @@ class StageCompute:
             return
         if len(self.requests) >= self.max_requests:
             raise StageBusy(f"stage {self.layers} already holds {self.max_requests} requests")
-        self.requests[rid] = RequestCache(self._model().make_cache(), params, generated=list(history))
+        constraint = Constraint(params.grammar, self.source.tokenizer) if params.grammar else None
+        self.requests[rid] = RequestCache(
+            self._model().make_cache(), params, generated=list(history), constraint=constraint
+        )
         self.stats.requests_opened += 1
 
     def close(self, rid: str) -> bool:
@@ -322,13 +327,15 @@ class StageCompute:
             chosen = Pick(int(mx.argmax(logits).item()))  # type: ignore[arg-type]
         else:
             row = np.array(logits.astype(mx.float32), copy=False)
-            chosen = sample_pick(row, params, position, request.generated[:position])
+            previous = request.generated[:position]
+            allowed = None if request.constraint is None else request.constraint.allowed(previous, row.shape[0])
+            chosen = sample_pick(row, params, position, previous, allowed)
         self._record(request, position, chosen.token if forced is None else forced)
         return chosen
 
     @staticmethod
     def _record(request: RequestCache, position: int, token: int) -> None:
-        if request.params.penalized:
+        if request.params.needs_history:
             del request.generated[position:]
             if len(request.generated) == position:
                 request.generated.append(token)

@@ -3,7 +3,8 @@
 Pure logic: no asyncio, no MLX. The request owner feeds every token it accepts; this object returns the
 text that is safe to send now (never half a UTF-8 character, never the start of what may become a stop
 string) and a finish reason once the request is over: ``stop`` (end-of-sequence token or stop string)
-or ``length`` (max tokens or the context is full).
+or ``length`` (max tokens or the context is full). For a SentencePiece model the space that starts the first
+piece is the tokenizer's prefix space, not text, and is dropped (as mlx-lm and ``transformers`` do).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class TextStream:
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         self._detok = StreamingDetokenizer(tokenizer)
+        self._drop_space = tokenizer.space_prefix  # the first piece's leading space is SentencePiece's prefix
         self._stops = tuple(s for s in stop if s)
         self._eos = frozenset(tokenizer.eos_ids if eos_ids is None else eos_ids)
         self._max_tokens = max_tokens
@@ -63,7 +65,10 @@ class TextStream:
         self.completion_ids.append(token_id)
         if token_id in self._eos:
             return self._finish("stop", self._held + self._detok.finalize())
-        new_text = self._held + self._detok.add_token(token_id)
+        piece = self._detok.add_token(token_id)
+        if self._drop_space and piece:
+            piece, self._drop_space = piece.removeprefix(" "), False
+        new_text = self._held + piece
         cut = self._find_stop(new_text)
         if cut is not None:
             return self._finish("stop", new_text[:cut])

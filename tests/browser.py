@@ -2,7 +2,8 @@
 selenium, and helpers that read the page's state.
 
 :func:`chrome` skips the calling test, saying why, only where no browser is installed (``.ci/run`` installs
-``chromium`` and ``chromium-driver``). Screenshots go to ``docs/screenshots/`` (README shows them).
+``chromium`` and ``chromium-driver``). Screenshots go to ``$EXO_STABLE_SCREENSHOTS`` (README's, in
+``docs/screenshots/``, are made with ``EXO_STABLE_SCREENSHOTS=docs/screenshots``).
 Opts out of assert rewriting (PYTEST_DONT_REWRITE): test modules import it.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +20,9 @@ from typing import Any
 
 import pytest
 
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+# README's screenshots are refreshed with EXO_STABLE_SCREENSHOTS=docs/screenshots; otherwise they go to a
+# temporary directory, so that running the tests leaves the checkout as it was.
+SCREENSHOTS = Path(os.environ.get("EXO_STABLE_SCREENSHOTS") or Path(tempfile.gettempdir()) / "exo-stable-screenshots")
 DESKTOP = (1280, 860)
 PHONE = (390, 844)
 CONVERSATIONS = "exo-stable.conversations.v1"

@@ -7,6 +7,7 @@ its own error shape.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -94,9 +95,16 @@ async def test_anthropic_errors_come_in_anthropics_shape(claude: anthropic.Async
         await claude.messages.create(model="claude-opus-4", max_tokens=4, messages=hi)  # type: ignore[arg-type]
     assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
     tool = {"name": "f", "input_schema": {"type": "object"}}
-    with pytest.raises(anthropic.BadRequestError) as tools:
-        await claude.messages.create(model="default", max_tokens=4, messages=hi, tools=[tool])  # type: ignore[arg-type,list-item]
-    assert "tools" in tools.value.body["error"]["message"]  # type: ignore[index]
+    tool = {"name": "f", "input_schema": {"type": "object"}}
+    with pytest.raises(anthropic.BadRequestError) as choice:
+        await claude.messages.create(
+            model="default",
+            max_tokens=4,
+            messages=hi,  # type: ignore[arg-type]
+            tools=[tool],  # type: ignore[list-item]
+            tool_choice={"type": "tool", "name": "g"},
+        )
+    assert "tool_choice" in choice.value.body["error"]["message"]  # type: ignore[index]
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
     with pytest.raises(anthropic.BadRequestError) as picture:
         await claude.messages.create(
@@ -167,3 +175,85 @@ async def test_every_dialect_needs_the_key_when_one_is_set(limited_server: Serve
         assert (await keyed.list()).models
     async with aiohttp.ClientSession() as http, http.post(f"{limited_server.root}/api/chat", data=b"{") as resp:
         assert resp.status == 401 and set(await resp.json()) == {"error"}
+
+
+async def test_ollama_format_and_anthropic_output_config_give_json_of_the_schema(
+    llama: ollama.AsyncClient, claude: anthropic.AsyncAnthropic
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20}},
+        "required": ["capital", "country"],
+        "additionalProperties": False,
+    }
+    options = {"temperature": 0, "num_predict": 60}
+    reply = await llama.chat(
+        model="default", messages=[{"role": "user", "content": ASK}], format=schema, options=options
+    )
+    assert set(json.loads(reply.message.content or "")) == {"capital", "country"}
+    message = await claude.messages.create(
+        model="default",
+        max_tokens=60,
+        messages=[{"role": "user", "content": ASK}],
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+        extra_body={"temperature": 0},
+    )
+    assert set(json.loads(message.content[0].text)) == {"capital", "country"}  # type: ignore[union-attr]
+
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 30}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+
+
+async def test_anthropic_tool_use_forced_streamed_and_round_tripped(claude: anthropic.AsyncAnthropic) -> None:
+    tools: Any = [{"name": "get_weather", "description": "The weather in a city", "input_schema": WEATHER_SCHEMA}]
+    ask: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    body: dict[str, Any] = {
+        "model": "default",
+        "max_tokens": 60,
+        "messages": ask,
+        "tools": tools,
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "extra_body": {"temperature": 0},
+    }
+    message = await claude.messages.create(**body)
+    assert message.stop_reason == "tool_use"
+    (use,) = [b for b in message.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and set(use.input) == {"city"}  # type: ignore[union-attr,arg-type]
+    async with claude.messages.stream(**body) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [b.input for b in final.content if b.type == "tool_use"] == [use.input]  # type: ignore[union-attr]
+
+    history: Any = [
+        *ask,
+        {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}]},  # type: ignore[union-attr]
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C, sunny"}]},  # type: ignore[union-attr]
+    ]
+    answer = await claude.messages.create(
+        model="default", max_tokens=12, messages=history, tools=tools, tool_choice={"type": "none"}
+    )
+    assert answer.content[0].type == "text" and answer.stop_reason in ("end_turn", "max_tokens")
+
+
+async def test_ollama_takes_tools_and_their_results(llama: ollama.AsyncClient) -> None:
+    tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}]
+    messages: Any = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "18 C, sunny", "tool_name": "get_weather"},
+    ]
+    reply = await llama.chat(
+        model="default", messages=messages, tools=tools, options={"temperature": 0, "num_predict": 16}
+    )
+    assert reply.done and (reply.message.content or reply.message.tool_calls)
+    for call in reply.message.tool_calls or []:
+        assert call.function.name == "get_weather"

@@ -1,11 +1,11 @@
 """Sampling controls and log-probabilities are exact across splits and replays (in-process nodes, tiny model).
 
 The single device's picks (token, log-probability, top alternatives) for a request with every control on
-(penalties, logit bias, min-p, a seed) are the reference. A three-stage cluster gives them exactly; so does
-the same request when its last stage's node leaves mid-answer (exact replay on two stages: the last stage
-rebuilds the penalties from the tokens it feeds forward), and when one more node leaves (fast replay on
-one stage, which re-prefills the tokens in one batch: not bit-exact by design, so only what the client had
-before the fault is compared there).
+(penalties, logit bias, min-p, a JSON grammar, a seed) are the reference. A three-stage cluster gives them
+exactly; so does the same request when its last stage's node leaves mid-answer (exact replay on two
+stages: the last stage rebuilds the penalties and the grammar's state from the tokens it feeds forward),
+and when one more node leaves (fast replay on one stage, which re-prefills the tokens in one batch: not
+bit-exact by design, so only what the client had before the fault is compared there).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from inproc_cluster import in_process_cluster
 
 from exo_stable.engine import SingleDeviceEngine
+from exo_stable.grammar import json_grammar
 from exo_stable.loader import open_model
 from exo_stable.modelspec import Dtype
 from exo_stable.node import Node
@@ -41,6 +42,14 @@ CONTROLS = {
     "seed": 1234,
     "logprobs": 3,
     "prompt_tail": tuple(PROMPT[-PENALTY_WINDOW:]),
+    "grammar": json_grammar(
+        {
+            "type": "object",
+            "properties": {"a": {"type": "array", "items": {"type": "integer"}}},
+            "required": ["a"],
+            "additionalProperties": False,
+        }
+    ),
 }
 PARAMS = SamplingParams(**CONTROLS)  # type: ignore[arg-type]
 GREEDY_PENALIZED = SamplingParams(repetition_penalty=1.5, frequency_penalty=1.0, logprobs=2, prompt_tail=tuple(PROMPT))
@@ -84,6 +93,8 @@ async def test_penalties_bias_and_logprobs_equal_the_single_device_across_splits
     assert [p.token for p in greedy] != [p.token for p in plain], "the penalties should change a greedy answer"
     assert all(p.logprob is not None and len(p.top) == 3 for p in expected)
     assert all(p.logprob <= max(lp for _, lp in p.top) for p in expected if p.logprob is not None)
+    text = open_model(tiny_model).tokenizer.decode([p.token for p in expected])
+    assert text.startswith('{"a":['), f"the grammar held even for random weights: {text!r}"
 
     async with in_process_cluster(tiny_model, 3, "sp") as (nodes, stops):
         owner = nodes[0]

@@ -13,7 +13,7 @@ from typing import Any
 
 import jinja2
 import pytest
-from vocab_vectors import vocab_dir_fixture  # noqa: F401  (the vocab_dir fixture)
+from vocab_vectors import load, vocab_dir_fixture  # noqa: F401  (the vocab_dir fixture)
 
 from exo_stable.textstream import TextStream
 from exo_stable.tokenizer import Tokenizer
@@ -48,9 +48,7 @@ TOOL_CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def templates(vocab_dir: Path) -> dict[str, Tokenizer]:
-    return {
-        v: Tokenizer.from_gguf(vocab_dir / f"ggml-vocab-{v}.gguf") for v in ("gemma-4", "qwen2", "phi-3", "command-r")
-    }
+    return {v: load(vocab_dir, v) for v in ("gemma-4", "qwen2", "phi-3", "command-r")}
 
 
 def _reference(tok: Tokenizer, messages: list[dict[str, Any]], **kwargs: Any) -> str:
@@ -140,13 +138,13 @@ def test_non_text_content_part_is_refused(templates: dict[str, Tokenizer]) -> No
     ],
 )
 def test_gguf_end_of_generation_tokens(vocab_dir: Path, vocab: str, stops: set[str]) -> None:
-    tok = Tokenizer.from_gguf(vocab_dir / f"ggml-vocab-{vocab}.gguf")
+    tok = load(vocab_dir, vocab)
     assert {tok.id_to_token(i) for i in tok.eos_ids} == stops
     assert all(tok.is_special(i) for i in tok.eos_ids)
 
 
 def test_hf_dir_stop_tokens_from_config_lists(vocab_dir: Path, tmp_path: Path) -> None:
-    gguf = Tokenizer.from_gguf(vocab_dir / "ggml-vocab-qwen2.gguf")
+    gguf = load(vocab_dir, "qwen2")
     gguf.save_hf_dir(tmp_path)
     (tmp_path / "generation_config.json").unlink()
     im_end, endoftext = gguf.token_to_id("<|im_end|>"), gguf.token_to_id("<|endoftext|>")
@@ -162,3 +160,28 @@ def test_hf_dir_stop_tokens_from_config_lists(vocab_dir: Path, tmp_path: Path) -
         assert stream.push(tok.encode("Hi")[0]).finish_reason is None
         delta = stream.push(stop)
         assert delta.finish_reason == "stop" and stream.text == "Hi"
+
+
+@pytest.mark.parametrize(("vocab", "dropped"), [("llama-spm", True), ("phi-3", True), ("qwen2", False)])
+def test_completion_drops_only_sentencepieces_prefix_space(vocab_dir: Path, vocab: str, dropped: bool) -> None:
+    tok = load(vocab_dir, vocab)
+    assert tok.space_prefix is dropped
+    ids = tok.encode(("" if dropped else " ") + "Paris, of course. 日本")  # SentencePiece writes the space itself
+    stream = TextStream(tok, max_tokens=len(ids))
+    text = "".join(stream.push(i).text for i in ids)
+    decoded = tok.decode(ids)
+    assert text == stream.text == (decoded.removeprefix(" ") if dropped else decoded)
+    assert text.startswith("Paris" if dropped else " Paris")
+
+
+def test_phi3_special_tokens_swallow_the_whitespace_after_them(templates: dict[str, Tokenizer]) -> None:
+    # llama.cpp gives Phi-3's special tokens (not <s>, <unk>, <|endoftext|>) the RSTRIP attribute.
+    tok = templates["phi-3"]
+    user, end, assistant, eot = (tok.token_to_id(t) for t in ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>"))
+    assert None not in (user, end, assistant, eot)
+    ids = tok.encode("<|user|>\n Hi <|end|>\n<|assistant|>\n", parse_special=True)
+    assert ids == [user, *tok.encode("Hi "), end, assistant]
+    assert tok.encode("<|endoftext|>\nHi", parse_special=True) == [eot, *tok.encode("\nHi")]
+    rendered = tok.render_chat([{"role": "user", "content": "Hi"}])
+    assert tok.encode_chat([{"role": "user", "content": "Hi"}]) == [tok.bos_id, user, *tok.encode("Hi"), end, assistant]
+    assert rendered.endswith("<|user|>\nHi<|end|>\n<|assistant|>\n")

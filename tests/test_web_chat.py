@@ -104,7 +104,6 @@ def test_chat_in_a_browser(server: ServerProcess) -> None:
         # A streamed answer equals the API's; its figures and its trace are shown.
         set_settings(driver, temperature=0, max_tokens=MAX_TOKENS)
         send(driver, PROMPT)
-        wait(driver, generating, 10, "the answer to start")
         answer = wait_answer(driver, 120)
         assert answer["content"] == reference
         meta = answer["meta"]
@@ -117,6 +116,16 @@ def test_chat_in_a_browser(server: ServerProcess) -> None:
         assert f"tokens 0–{meta['tokens'] - 1}" in trace and "full trace" in trace
         first_id = meta["request_id"]
         screenshot(driver, "chat")
+
+        # The full trace needs the key: the page fetches it with the key and opens it in a new tab.
+        page = driver.current_window_handle
+        driver.find_element("css selector", "article.assistant a.trace-link").click()
+        wait(driver, lambda d: len(d.window_handles) == 2, 10, "the trace's tab")
+        driver.switch_to.window(next(h for h in driver.window_handles if h != page))
+        full = json.loads(wait(driver, lambda d: d.find_element("tag name", "body").text, 10, "the trace"))
+        assert full["object"] == "exo.trace" and full["id"] == first_id and full["step_records"]
+        driver.close()
+        driver.switch_to.window(page)
 
         # Regenerate: a new request (greedy: the same text).
         driver.find_element("css selector", "article.assistant button.regenerate").click()
@@ -149,7 +158,6 @@ def test_chat_in_a_browser(server: ServerProcess) -> None:
         box.clear()
         box.send_keys("What is the capital of Italy?")
         driver.find_element("css selector", "button.save").click()
-        wait(driver, generating, 10, "the edited prompt's answer to start")
         edited = wait_answer(driver, 120)
         messages = active_messages(driver)
         assert [m["role"] for m in messages] == ["user", "assistant"]
@@ -182,3 +190,35 @@ def test_chat_in_a_browser(server: ServerProcess) -> None:
         screenshot(driver, "chat-phone", PHONE)
         driver.set_window_size(*DESKTOP)
         assert console_errors(driver) == []
+
+        # The model's text is untrusted: markdown's HTML is sanitized, code is highlighted.
+        hostile = (
+            "Run this:\n\n```python\ndef f(x):\n    return x + 1\n```\n\n"
+            '<img src="data:," onerror="window.pwned = 1"><script>window.pwned = 2</script>'
+            '<a href="javascript:window.pwned = 3">link</a> **bold**'
+        )
+        driver.execute_script(
+            """
+            const list = JSON.parse(localStorage.getItem('exo-stable.conversations.v1'));
+            const messages = [{role: 'user', content: 'hi'}, {role: 'assistant', content: arguments[0], meta: {}}];
+            list.unshift({id: 'hostile', title: 'Hostile', titled: true, created: 1, updated: Date.now(), settings: {},
+                          messages});
+            localStorage.setItem('exo-stable.conversations.v1', JSON.stringify(list));
+            localStorage.setItem('exo-stable.active', 'hostile');
+            """,
+            hostile,
+        )
+        driver.refresh()
+        wait(driver, lambda d: d.execute_script("return document.body.dataset.ready"), 20, "the reloaded page")
+        body = driver.find_element("css selector", "article.assistant .body")
+        assert body.find_elements("css selector", "pre code.hljs span.hljs-keyword"), body.get_attribute("innerHTML")
+        assert body.find_element("css selector", "strong").text == "bold"
+        assert not body.find_elements("css selector", "script")
+        for link in body.find_elements("css selector", "a"):
+            assert not (link.get_attribute("href") or "").startswith("javascript:")
+            link.click()
+        assert driver.execute_script("return window.pwned") is None
+        driver.set_window_size(*DESKTOP)
+        # The only complaint left is the page's Content-Security-Policy refusing the handler (DOMPurify parses the
+        # text in an inert document, where Chrome still checks the policy): a second wall, not a failure.
+        assert all("has been blocked" in e for e in console_errors(driver))

@@ -8,6 +8,7 @@ downloads it once with pip, checks its sha256, and keeps only those files in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -17,8 +18,12 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from exo_stable.tokenizer import Tokenizer
 
 VERSION = "0.3.36"  # the llama-cpp-python release the default model's oracle was produced with
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -53,9 +58,10 @@ def fetch() -> Path:
         raise Unreachable("pypi.org:443 is unreachable")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps"]
+        # Only this package as source: `--no-binary :all:` would also build its build tools from source.
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", "llama-cpp-python", "--no-deps"]
         cmd += [f"llama-cpp-python=={VERSION}", "-d", tmp]
-        subprocess.run(cmd, check=True, timeout=600)
+        subprocess.run(cmd, check=True, timeout=300)
         sdist = Path(tmp) / f"llama_cpp_python-{VERSION}.tar.gz"
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != SHA256:
@@ -84,6 +90,14 @@ def vocab_dir_fixture() -> Path:
         return fetch()
     except Unreachable as exc:
         pytest.skip(f"llama.cpp vocabulary vectors not cached and PyPI is unreachable ({exc})")
+
+
+@functools.cache
+def load(directory: Path, vocab: str) -> Tokenizer:
+    """One vocabulary's tokenizer, built once per test session (tokenizers are immutable)."""
+    from exo_stable.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(directory / f"ggml-vocab-{vocab}.gguf")
 
 
 def read_cases(directory: Path, vocab: str) -> list[tuple[str, list[int]]]:

@@ -8,6 +8,7 @@ Errors (raised anywhere, the auth middleware's included) leave as ``{"type": "er
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from contextlib import aclosing
@@ -17,11 +18,11 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta, Struct
 
-from exo_stable.api import fields
+from exo_stable import grammar
+from exo_stable.api import fields, tools
 from exo_stable.api import server as core
 from exo_stable.api.errors import ApiError
 from exo_stable.service import GenerationJob, ServiceUnavailable
-from exo_stable.tokenizer import ChatMessage
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,20 @@ class Message(Struct, kw_only=True, forbid_unknown_fields=True):
     content: str | list[Block]
 
 
+class ToolDef(Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9_-]+$")]
+    input_schema: dict[str, Any]
+    description: str | None = None
+    type: Literal["custom"] | None = None
+    cache_control: Any = None
+
+
+class ToolChoice(Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
 class Metadata(Struct, kw_only=True, forbid_unknown_fields=True):
     user_id: str | None = None
 
@@ -60,8 +75,8 @@ class MessagesRequest(Struct, kw_only=True, forbid_unknown_fields=True):
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Meta(ge=0)] | None = None
     metadata: Metadata | None = None
-    tools: Any = None
-    tool_choice: Any = None
+    tools: Annotated[list[ToolDef], Meta(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
     thinking: Any = None
     service_tier: str | None = None
     container: Any = None
@@ -98,12 +113,9 @@ def _text(content: str | list[Block], where: str) -> str:
 
 def _check(req: MessagesRequest) -> None:
     for name, value, why in (
-        ("tools", req.tools, "tool use is not implemented yet"),
-        ("tool_choice", req.tool_choice, "tool use is not implemented yet"),
         ("container", req.container, "no code execution here"),
         ("mcp_servers", req.mcp_servers, "no MCP connector here"),
         ("context_management", req.context_management, "not implemented"),
-        ("output_config", req.output_config, "structured output is not implemented yet"),
         ("speed", req.speed, "this server has one speed"),
         ("inference_geo", req.inference_geo, "inference runs where this node is"),
         ("diagnostics", req.diagnostics, "not implemented"),
@@ -114,17 +126,94 @@ def _check(req: MessagesRequest) -> None:
             raise fields.refused(name, why)
     if req.thinking is not None and not (isinstance(req.thinking, dict) and req.thinking.get("type") == "disabled"):
         raise fields.refused("thinking", "the served model does not think")
+    choice = req.tool_choice
+    if choice is not None and choice.type == "tool" and choice.name not in {t.name for t in req.tools or []}:
+        raise ApiError(400, "tool_choice must name one of the tools", param="tool_choice")
+    if choice is not None and choice.type in ("any", "tool") and not req.tools:
+        raise ApiError(400, f"tool_choice {choice.type!r} needs tools", param="tool_choice")
     if req.service_tier not in (None, "auto", "standard_only"):
         raise fields.refused("service_tier", "this server has one tier")
 
 
-def _messages(req: MessagesRequest) -> list[ChatMessage]:
-    out = []
+def _output_grammar(config: Any) -> str:
+    """``output_config.format`` ``{"type": "json_schema", "schema": ...}``: the reply is JSON valid against it."""
+    if config is None:
+        return ""
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or set(config) - {"format"}:
+        raise fields.refused("output_config", "only output_config.format is served")
+    if fmt is None:
+        return ""
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise ApiError(
+            400, 'output_config.format must be {"type": "json_schema", "schema": {...}}', param="output_config"
+        )
+    try:
+        return grammar.json_grammar(fmt["schema"])
+    except grammar.GrammarError as exc:
+        raise ApiError(400, str(exc), param="output_config.format.schema") from exc
+
+
+def _messages(req: MessagesRequest) -> list[dict[str, Any]]:
+    """The conversation, OpenAI-shaped: ``tool_use`` blocks become an assistant's ``tool_calls``, and
+    ``tool_result`` blocks ``tool`` messages; every other block must be text."""
+    out: list[dict[str, Any]] = []
     if req.system is not None:
-        out.append(ChatMessage("system", _text(req.system, "system")))
+        out.append({"role": "system", "content": _text(req.system, "system")})
     for i, message in enumerate(req.messages):
-        out.append(ChatMessage(message.role, _text(message.content, f"messages[{i}].content")))
+        where = f"messages[{i}].content"
+        if isinstance(message.content, str):
+            out.append({"role": message.role, "content": message.content})
+            continue
+        texts: list[Block] = []
+        calls: list[dict[str, Any]] = []
+        for j, block in enumerate(message.content):
+            if block.type == "tool_use" and message.role == "assistant" and block.name:
+                arguments = json.dumps(block.input if block.input is not None else {}, ensure_ascii=False)
+                calls.append(
+                    {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}}
+                )
+            elif block.type == "tool_result" and message.role == "user" and block.tool_use_id:
+                result = (
+                    block.content
+                    if isinstance(block.content, str)
+                    else _text(msgspec.convert(block.content or [], list[Block]), f"{where}[{j}].content")
+                )
+                prefix = "Error: " if block.is_error else ""
+                out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": prefix + result})
+            else:
+                texts.append(block)
+        if texts or not calls:
+            out.append({"role": message.role, "content": _text(texts, where)})
+        if calls:
+            if out and out[-1]["role"] == "assistant" and "tool_calls" not in out[-1]:
+                out[-1]["tool_calls"] = calls
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": calls})
     return out
+
+
+def _plan(req: MessagesRequest, messages: list[dict[str, Any]], template: str | None) -> tools.ToolPlan | None:
+    defs = [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
+        }
+        for t in req.tools or []
+    ]
+    kind = "auto" if req.tool_choice is None else req.tool_choice.type
+    named = None if req.tool_choice is None else req.tool_choice.name
+    choice = {"auto": "auto", "any": "required", "none": "none"}.get(kind, named)
+    return tools.plan_from(messages, defs, choice, template)
+
+
+def _tool_use(call: tools.ToolCall) -> dict[str, Any]:
+    return {
+        "type": "tool_use",
+        "id": f"toolu_{call.id.removeprefix('call_')}",
+        "name": call.name,
+        "input": json.loads(call.arguments),
+    }
 
 
 def _stop_reason(reason: str | None, tokens: list[int], stops: list[str], tokenizer: Any) -> tuple[str, str | None]:
@@ -143,16 +232,27 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req = await core._decode(request, MessagesRequest)
     fields.resolve_model(req.model, service)
     _check(req)
-    chat = _messages(req)
-    tokenizing = request.app[core.TOKENIZING_KEY]  # off the event loop, bounded by size first (api/guards.py)
-    tokenizing.check_length((m.content for m in chat), "messages")
+    conversation = _messages(req)
+    plan = _plan(req, conversation, service.tokenizer.chat_template)
+    tokenizing = request.app[core.TOKENIZING_KEY]
+    tokenizing.check_length((str(m.get("content") or "") for m in conversation), "messages")
     try:
-        prompt = await tokenizing.run(service.tokenizer.encode_chat, chat)
+        prompt = await tokenizing.run(
+            service.tokenizer.encode_chat,
+            conversation if plan is None else plan.messages,
+            tools=None if plan is None else plan.template_tools,
+        )
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
+    if plan is not None and plan.grammar and req.output_config is not None:
+        raise fields.refused("output_config", "a forced tool call already constrains the output")
+    forced = "" if plan is None else plan.grammar
     limit = fields.token_limit(service, config.max_tokens_cap, len(prompt), req.max_tokens)
     params = fields.build_params(
         prompt,
+        grammar=await fields.checked_grammar(
+            forced or _output_grammar(req.output_config), service.tokenizer, "output_config"
+        ),
         seed=None,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -164,6 +264,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
     def usage() -> dict[str, int]:
         return {"input_tokens": run.result.prompt_tokens, "output_tokens": run.result.completion_tokens}
+
+    names = frozenset() if plan is None else plan.names
+    calls = tools.ToolStream(names)
 
     def stop() -> tuple[str, str | None]:
         r = run.result
@@ -185,8 +288,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
     try:
         if not req.stream:
             text = "".join([d.text async for d in core._collect(run, request)])
-            return core.json_response(message([{"type": "text", "text": text}], *stop()))
-        return await _events(request, run, message, stop, usage)
+            content, found = tools.parse(text, names) if names else (text, [])
+            blocks = ([{"type": "text", "text": content}] if content or not found else []) + [
+                _tool_use(c) for c in found
+            ]
+            return core.json_response(message(blocks, *(("tool_use", None) if found else stop())))
+        return await _events(request, run, message, stop, usage, calls=calls)
     finally:
         service.release()
 
@@ -197,6 +304,8 @@ async def _events(
     message: Callable[[list[dict[str, Any]], str | None, str | None], dict[str, Any]],
     stop: Callable[[], tuple[str, str | None]],
     usage: Callable[[], dict[str, int]],
+    *,
+    calls: tools.ToolStream,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -210,14 +319,25 @@ async def _events(
             "content_block_start",
             {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         )
+        found: list[tools.ToolCall] = []
         async with aclosing(run.deltas()) as deltas:
             async for delta in deltas:
-                if not delta.text:
-                    continue
-                block = {"type": "text_delta", "text": delta.text}
-                await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": block})
+                text = calls.push(delta.text) if calls.names else delta.text
+                if delta.finish_reason is not None and calls.names:
+                    tail, found = calls.finish()
+                    text += tail
+                if text:
+                    block = {"type": "text_delta", "text": text}
+                    await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": block})
         await send("content_block_stop", {"type": "content_block_stop", "index": 0})
-        reason, sequence = stop()
+        for index, call in enumerate(found, start=1):
+            use = _tool_use(call)
+            start = {**use, "input": {}}
+            await send("content_block_start", {"type": "content_block_start", "index": index, "content_block": start})
+            partial = {"type": "input_json_delta", "partial_json": json.dumps(use["input"], ensure_ascii=False)}
+            await send("content_block_delta", {"type": "content_block_delta", "index": index, "delta": partial})
+            await send("content_block_stop", {"type": "content_block_stop", "index": index})
+        reason, sequence = ("tool_use", None) if found else stop()
         await send(
             "message_delta",
             {

@@ -7,16 +7,19 @@ not there is refused at decoding). The same rules serve the other dialects, whic
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
+from exo_stable import grammar
 from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError
 from exo_stable.engine import ContextOverflow
 from exo_stable.sampling import PENALTY_WINDOW, SamplingParams
 from exo_stable.service import Service, default_seed
+from exo_stable.tokenizer import Tokenizer
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 
@@ -51,6 +54,31 @@ def resolve_model(requested: str | None, service: Service) -> None:
         param="model",
         code="model_not_found",
     )
+
+
+def response_grammar(fmt: s.ResponseFormat | None) -> str:
+    """The grammar a ``response_format`` asks for (empty for text): any JSON object, or JSON that validates
+    against the schema (strict or not, the output is constrained to it)."""
+    if fmt is None or fmt.type == "text":
+        return ""
+    if fmt.type == "json_object":
+        return grammar.json_grammar(None)
+    if fmt.json_schema is None:
+        raise ApiError(400, "response_format of type json_schema needs json_schema", param="response_format")
+    try:
+        return grammar.json_grammar(fmt.json_schema.schema or {"type": "object"})
+    except grammar.GrammarError as exc:
+        raise ApiError(400, str(exc), param="response_format.json_schema.schema", code="invalid_value") from exc
+
+
+async def checked_grammar(text: str, tokenizer: Tokenizer, param: str) -> str:
+    """``text`` once it compiles for this tokenizer (a 400 naming ``param`` if not); off the event loop."""
+    if text:
+        try:
+            await asyncio.to_thread(grammar.check, text, tokenizer)
+        except grammar.GrammarError as exc:
+            raise ApiError(400, f"The schema cannot be enforced: {exc}", param=param, code="invalid_value") from exc
+    return text
 
 
 def token_limit(service: Service, cap: int, prompt_len: int, max_tokens: int | None, param: str = "max_tokens") -> int:
@@ -101,24 +129,29 @@ def check_chat(req: s.ChatCompletionRequest) -> None:
         raise refused("modalities", 'this model produces text only (["text"])')
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    if req.tools:
-        raise refused("tools", "tool calls are not implemented yet")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise refused("tool_choice", "tool calls are not implemented yet")
-    if req.parallel_tool_calls is not None and req.tools:
-        raise refused("parallel_tool_calls", "tool calls are not implemented yet")
-    if req.response_format is not None and _format_type(req.response_format) != "text":
-        raise refused("response_format", "only {'type': 'text'} is served yet")
+    names = [t.function.name for t in req.tools or []]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "tool names must be unique", param="tools")
+    if req.tool_choice == "required" and not names:
+        raise ApiError(400, 'tool_choice "required" needs tools', param="tool_choice")
+    if isinstance(req.tool_choice, s.NamedToolChoice) and req.tool_choice.function.name not in names:
+        raise ApiError(400, f"tool_choice names {req.tool_choice.function.name!r}, not in tools", param="tool_choice")
+    if forced_tool(req) and req.response_format is not None and req.response_format.type != "text":
+        raise refused("response_format", "a forced tool call already constrains the output")
     for i, message in enumerate(req.messages):
         check_message(message, f"messages[{i}]")
 
 
-def _format_type(value: Any) -> Any:
-    return value.get("type") if isinstance(value, dict) else value
+def forced_tool(req: s.ChatCompletionRequest) -> bool:
+    return bool(req.tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, s.NamedToolChoice))
 
 
 def check_message(message: s.ChatMessageIn, where: str) -> None:
     """Only text reaches the model: any other content part is refused by its place in the request."""
+    if message.tool_calls is not None and message.role != "assistant":
+        raise ApiError(400, "only assistant messages carry tool_calls", param=f"{where}.tool_calls")
+    if message.role == "tool" and not message.tool_call_id:
+        raise ApiError(400, "a tool message needs tool_call_id", param=f"{where}.tool_call_id")
     if isinstance(message.content, list):
         for j, part in enumerate(message.content):
             if part.type != "text" or part.text is None:
@@ -133,8 +166,6 @@ def check_message(message: s.ChatMessageIn, where: str) -> None:
         ("refusal", message.refusal),
         ("function_call", message.function_call),
         ("audio", message.audio),
-        ("tool_calls", message.tool_calls),
-        ("tool_call_id", message.tool_call_id),
     ):
         if value is not None:
             why = "the chat template has no place for it" if name == "name" else "not implemented yet"
@@ -174,7 +205,7 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
 
 
 def sampling_params(
-    req: s._Sampling, *, prompt: Sequence[int], vocab_size: int, logprobs: int | None
+    req: s._Sampling, *, prompt: Sequence[int], vocab_size: int, logprobs: int | None, grammar: str = ""
 ) -> SamplingParams:
     """The request's sampler: OpenAI's defaults (temperature 1), a fresh seed unless one is given."""
     return build_params(
@@ -189,6 +220,7 @@ def sampling_params(
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias=logit_bias(req.logit_bias, vocab_size),
         logprobs=logprobs,
+        grammar=grammar,
     )
 
 

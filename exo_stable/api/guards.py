@@ -217,8 +217,15 @@ class _GuardedHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != before:
             self._disarm()
-        elif data and self._header_timer is None and not self._request_in_progress and not self._messages:
+        elif data and self._header_timer is None and self._idle():
             self._arm()  # the first bytes of a request's headers: they get a deadline
+
+    def _idle(self) -> bool:
+        """Waiting for a request's first bytes. Not while one is queued or handled, nor in the moment between
+        the two (the request taken off the queue, its handler not started yet): a body arriving then would
+        arm the header deadline, which would close the connection in the middle of a long streamed answer."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._request_in_progress and not self._messages
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()

@@ -8,6 +8,7 @@ and fields this server cannot honour are refused by name.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta, Struct
 
-from exo_stable.api import fields
+from exo_stable import grammar
+from exo_stable.api import fields, tools
+from exo_stable.api import schemas as s
 from exo_stable.api import server as core
 from exo_stable.api.errors import ApiError
 from exo_stable.sampling import PENALTY_WINDOW
@@ -85,6 +88,15 @@ class OllamaMessage(Struct, kw_only=True, forbid_unknown_fields=True):
     tool_name: str | None = None
 
 
+class OllamaFunction(Struct, kw_only=True):
+    name: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class OllamaCall(Struct, kw_only=True):
+    function: OllamaFunction
+
+
 class _Common(Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
     stream: bool = True
@@ -120,8 +132,6 @@ def _model(name: str, service: Service) -> None:
 
 
 def _check(req: _Common, options: Options) -> None:
-    if req.format is not None:
-        raise fields.refused("format", "structured output is not implemented yet")
     if req.think:
         raise fields.refused("think", "the served model does not think")
     for name in _UNSUPPORTED_OPTIONS:
@@ -131,16 +141,49 @@ def _check(req: _Common, options: Options) -> None:
         raise fields.refused("options.repeat_last_n", f"the penalties look back over {PENALTY_WINDOW} tokens")
 
 
-def _chat(req: ChatRequest) -> list[ChatMessage]:
-    if req.tools:
-        raise fields.refused("tools", "tool calls are not implemented yet")
-    out = []
+def _format_grammar(fmt: Any) -> str:
+    """Ollama's ``format``: ``"json"`` (any JSON object) or a JSON schema."""
+    if fmt is None or fmt == "":
+        return ""
+    if fmt == "json":
+        return grammar.json_grammar(None)
+    if isinstance(fmt, dict):
+        try:
+            return grammar.json_grammar(fmt)
+        except grammar.GrammarError as exc:
+            raise ApiError(400, str(exc), param="format") from exc
+    raise ApiError(400, 'format must be "json" or a JSON schema', param="format")
+
+
+def _chat(req: ChatRequest, template: str | None) -> tuple[list[dict[str, Any]], tools.ToolPlan | None]:
+    """The conversation, OpenAI-shaped (Ollama's calls carry arguments as objects, results a tool_name), and
+    how it uses the request's tools."""
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(req.messages):
-        for name, value in (("images", m.images), ("tool_calls", m.tool_calls), ("tool_name", m.tool_name)):
-            if value:
-                raise fields.refused(f"messages[{i}].{name}", "this server reads text messages only")
-        out.append(ChatMessage(m.role, m.content))
-    return out
+        if m.images:
+            raise fields.refused(f"messages[{i}].images", "this model reads text only")
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            try:
+                calls = msgspec.convert(m.tool_calls, list[OllamaCall])
+            except msgspec.ValidationError as exc:
+                raise ApiError(400, f"Invalid tool_calls: {exc}", param=f"messages[{i}].tool_calls") from exc
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{i}_{j}",
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": json.dumps(c.function.arguments)},
+                }
+                for j, c in enumerate(calls)
+            ]
+        if m.role == "tool":
+            message["tool_call_id"] = m.tool_name or ""
+        out.append(message)
+    try:
+        defs = msgspec.convert(req.tools or [], list[s.Tool])
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"Invalid tools: {exc}", param="tools") from exc
+    return out, tools.plan_from(out, [msgspec.to_builtins(t) for t in defs], "auto", template)
 
 
 def _generate_prompt(req: GenerateRequest, service: Service) -> list[int]:
@@ -164,16 +207,32 @@ async def chat(request: web.Request) -> web.StreamResponse:
     req = await core._decode(request, ChatRequest)
     service = request.app[core.SERVICE_KEY]
     _model(req.model, service)
-    messages = _chat(req)
-    tokenizing = request.app[core.TOKENIZING_KEY]  # off the event loop, bounded by size first (api/guards.py)
-    tokenizing.check_length((m.content for m in messages), "messages")
+    messages, plan = _chat(req, service.tokenizer.chat_template)
+    tokenizing = request.app[core.TOKENIZING_KEY]
+    tokenizing.check_length((str(m["content"]) for m in messages), "messages")
     try:
-        prompt = await tokenizing.run(service.tokenizer.encode_chat, messages)
+        prompt = await tokenizing.run(
+            service.tokenizer.encode_chat,
+            messages if plan is None else plan.messages,
+            tools=None if plan is None else plan.template_tools,
+        )
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
+    calls = tools.ToolStream(frozenset() if plan is None else plan.names)
 
-    def body(text: str) -> dict[str, Any]:
-        return {"message": {"role": "assistant", "content": text}}
+    def body(text: str, done: bool) -> dict[str, Any]:
+        if not calls.names:
+            return {"message": {"role": "assistant", "content": text}}
+        shown = calls.push(text)
+        if not done:
+            return {"message": {"role": "assistant", "content": shown}}
+        tail, found = calls.finish()
+        message: dict[str, Any] = {"role": "assistant", "content": shown + tail}
+        if found:
+            message["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in found
+            ]
+        return {"message": message}
 
     return await _run(request, req, prompt, body)
 
@@ -190,7 +249,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="prompt") from exc
     if not prompt:  # Ollama loads the model on an empty prompt: it is always loaded here
         return core.json_response({**_stamp(service), "response": "", "done": True, "done_reason": "load"})
-    return await _run(request, req, prompt, lambda text: {"response": text})
+    return await _run(request, req, prompt, lambda text, done: {"response": text})
 
 
 def _stamp(service: Service) -> dict[str, Any]:
@@ -198,7 +257,7 @@ def _stamp(service: Service) -> dict[str, Any]:
 
 
 async def _run(
-    request: web.Request, req: _Common, prompt: list[int], body: Callable[[str], dict[str, Any]]
+    request: web.Request, req: _Common, prompt: list[int], body: Callable[[str, bool], dict[str, Any]]
 ) -> web.StreamResponse:
     service, config = request.app[core.SERVICE_KEY], request.app[core.CONFIG_KEY]
     options = req.options or Options()
@@ -213,6 +272,7 @@ async def _run(
         limit = min(limit, options.num_ctx - len(prompt))
     params = fields.build_params(
         prompt,
+        grammar=await fields.checked_grammar(_format_grammar(req.format), service.tokenizer, "format"),
         seed=options.seed,
         temperature=options.temperature,
         top_p=options.top_p,
@@ -231,7 +291,7 @@ async def _run(
         first = int((r.first_token_s or 0.0) * 1e9)
         return {
             **_stamp(service),
-            **body(text),
+            **body(text, True),
             "done": True,
             "done_reason": r.finish_reason,
             "total_duration": elapsed,
@@ -246,7 +306,7 @@ async def _run(
     try:
         if not req.stream:
             return core.json_response(final("".join([d.text async for d in core._collect(run, request)])))
-        return await _ndjson(request, run, lambda text: {**_stamp(service), **body(text), "done": False}, final)
+        return await _ndjson(request, run, lambda text: {**_stamp(service), **body(text, False), "done": False}, final)
     finally:
         service.release()
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from exo_stable.api import fields
+from exo_stable.api import fields, tools
 from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError, error_json
 from exo_stable.api.guards import RUNNER_STATS_KEY, GuardCollector, LoopLag, Tokenizing, read_body
@@ -146,9 +146,11 @@ def _sampling(
     prompt: list[int],
     *,
     logprobs: int | None = None,
+    grammar: str = "",
 ) -> tuple[SamplingParams, int]:
     limit = fields.token_limit(service, config.max_tokens_cap, len(prompt), max_tokens)
-    params = fields.sampling_params(req, prompt=prompt, vocab_size=service.tokenizer.vocab_size, logprobs=logprobs)
+    vocab = service.tokenizer.vocab_size
+    params = fields.sampling_params(req, prompt=prompt, vocab_size=vocab, logprobs=logprobs, grammar=grammar)
     return params, limit
 
 
@@ -244,15 +246,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = await _decode(request, s.ChatCompletionRequest)
     fields.resolve_model(req.model, service)
     fields.check_chat(req)
-    messages = _chat_messages(req.messages)
+    tooling = tools.plan(req, service.tokenizer.chat_template)
+    messages = _chat_messages(req.messages) if tooling is None else tooling.messages
     tokenizing = request.app[TOKENIZING_KEY]
-    tokenizing.check_length((m.content for m in messages), "messages")
+    tokenizing.check_length((m.content for m in _chat_messages(req.messages)), "messages")
     try:
-        prompt = await tokenizing.run(service.tokenizer.encode_chat, messages)
+        template_tools = None if tooling is None else tooling.template_tools
+        prompt = await tokenizing.run(service.tokenizer.encode_chat, messages, tools=template_tools)
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
     want = (req.top_logprobs or 0) if req.logprobs else None
-    params, limit = _sampling(req, req.max_completion_tokens or req.max_tokens, config, service, prompt, logprobs=want)
+    forced = "" if tooling is None else tooling.grammar
+    grammar = await fields.checked_grammar(
+        forced or fields.response_grammar(req.response_format), service.tokenizer, "response_format"
+    )
+    single = req.parallel_tool_calls is False
+    calls = tools.ToolStream(frozenset() if tooling is None else tooling.names, single=single)
+    limit_asked = req.max_completion_tokens or req.max_tokens
+    params, limit = _sampling(req, limit_asked, config, service, prompt, logprobs=want, grammar=grammar)
     job = GenerationJob(prompt, params, limit, req.stop_list(), _replay(req), validation=_validation(req))
     run = _Run(request, job, "chatcmpl", trace=req.exo_trace)
     model = service.model_name
@@ -265,8 +276,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         if not req.stream:
             text = "".join([d.text async for d in _collect(run, request)])
-            message = s.ChatMessageOut("assistant", text)
-            choice = s.ChatChoice(0, message, run.result.finish_reason, logprobs(True))
+            content, found = tools.parse(text, calls.names) if calls.names else (text, [])
+            found = found[:1] if single else found
+            message = s.ChatMessageOut("assistant", content, tool_calls=tools.calls_out(found) if found else None)
+            finish = "tool_calls" if found else run.result.finish_reason
+            choice = s.ChatChoice(0, message, finish, logprobs(True))
             body = s.ChatCompletion(f"chatcmpl-{run.id}", run.created, model, [choice], run.usage())
             return json_response(run.traced(body))
 
@@ -279,7 +293,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             request,
             run,
             first=chunk(s.ChatDelta(role="assistant", content="")),
-            make=lambda d: chunk(s.ChatDelta(content=d.text) if d.text else s.ChatDelta(), d.finish_reason, lp=True),
+            make=(lambda d: chunk(s.ChatDelta(content=d.text) if d.text else s.ChatDelta(), d.finish_reason, lp=True))
+            if not calls.names
+            else lambda d: _tool_chunk(calls, d, chunk),
             usage=(
                 lambda: s.ChatCompletionChunk(
                     f"chatcmpl-{run.id}", run.created, model, [], usage=run.usage() if include_usage else None
@@ -417,6 +433,19 @@ async def _sse(
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+def _tool_chunk(
+    calls: tools.ToolStream, delta: Delta, chunk: Callable[..., s.ChatCompletionChunk]
+) -> s.ChatCompletionChunk:
+    """A chunk of a reply that may call tools: its text up to a possible call; the calls with the finish."""
+    text = calls.push(delta.text)
+    if delta.finish_reason is None:
+        return chunk(s.ChatDelta(content=text) if text else s.ChatDelta(), None, lp=True)
+    tail, found = calls.finish()
+    text += tail
+    out = s.ChatDelta(content=text or None, tool_calls=tools.calls_delta(found) if found else None)
+    return chunk(out, "tool_calls" if found else delta.finish_reason, lp=True)
 
 
 def _chat_messages(messages: list[s.ChatMessageIn]) -> list[ChatMessage]:

@@ -131,8 +131,11 @@ class PeerManager:
                             await stop.wait()
                     await self._sweep(time.monotonic())
                 self._stopping = True  # no new links from now on
-                for link in list(self._links):
-                    await link.close()
+                # A probe or a handshake that was under way may still add a link while others close: close
+                # until none is open, or the task group would wait on that link's pump forever.
+                while still_open := [link for link in self._links if not link.closed]:
+                    for link in still_open:
+                        await link.close()
         finally:
             self._tg = None
 
@@ -154,7 +157,7 @@ class PeerManager:
         url = _url(host, port)
         if keep:
             self._kept.add(url)
-        if url in self._dialed:
+        if url in self._dialed or self._stopping:
             return
         self._dialed_at[url] = time.monotonic()
         link = PeerLink(self.identity, url=url, secret=self._secret, config=self.config, monitor=self.monitor)
@@ -168,7 +171,9 @@ class PeerManager:
         """Link to ``node_id``, dialing the first of ``candidates`` that accepts a TCP connection (the first of
         them when none does yet: that link keeps retrying). Nothing happens when a link to it exists or is
         being set up."""
-        if not candidates or node_id == self.node_id or node_id in self._probing or self._is_up(node_id):
+        if self._stopping or not candidates or node_id == self.node_id or node_id in self._probing:
+            return
+        if self._is_up(node_id):
             return
         if any(_url(h, p) in self._dialed for h, p in candidates):
             return

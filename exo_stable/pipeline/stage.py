@@ -24,6 +24,7 @@ import mlx.core as mx
 import msgspec
 
 from actors import Actor
+from exo_stable.grammar import GrammarError
 from exo_stable.loader import ModelSource
 from exo_stable.mlx_thread import MlxThread
 from exo_stable.model import LayerRange
@@ -256,7 +257,7 @@ class StageActor(Actor[StageMessage]):
                 greedy=params.plain_greedy,
             )
             self._idle.clear()
-        except StageBusy as exc:
+        except (StageBusy, GrammarError) as exc:
             ok, detail = False, str(exc)
         try:
             await self._send(

@@ -173,6 +173,7 @@ class ByteLevelBPE:
     """The BPE of a byte-level vocabulary: ids of text that holds no special tokens."""
 
     kind = "byte-level-bpe"
+    space_prefix = False
 
     def __init__(self, hf: HFTokenizer, merges: Sequence[str]) -> None:
         self.hf = hf
@@ -187,7 +188,7 @@ class ByteLevelBPE:
     def token_bytes(self, token: str) -> bytes:
         return byte_level_bytes(token)
 
-    def encode(self, text: str, after_special: bool) -> list[int]:
+    def encode(self, text: str, after_special: bool, at_start: bool = True) -> list[int]:
         """BPE ids of ``text``; the fast path is the ``tokenizers`` pipeline (see the module docstring)."""
         del after_special  # byte-level BPE adds no prefix space
         if _UNASSIGNED.search(text) is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,13 +62,19 @@ EOG_TEXTS = frozenset(
 )
 
 
+_C_SPACE = " \t\n\v\f\r"  # C's isspace(), which llama.cpp's LSTRIP / RSTRIP use
+
+
 class TextModel(Protocol):
     """Tokenizes text that holds no special tokens."""
 
     kind: str
+    #: Whether text after a special token gets a space put before it (SentencePiece's prefix space).
+    space_prefix: bool
 
-    def encode(self, text: str, after_special: bool) -> list[int]:
-        """Ids of ``text``; ``after_special`` is true at the start of the text and after a special token."""
+    def encode(self, text: str, after_special: bool, at_start: bool) -> list[int]:
+        """Ids of ``text``; ``after_special`` is true at the start of the text and after a special token,
+        ``at_start`` only at the start of the text."""
         ...
 
     def state(self) -> dict[str, Any]:
@@ -110,7 +116,9 @@ class Tokenizer:
         add_bos: bool,
         chat_template: str | None,
         pre_tokenizer_name: str,
-        hf: HFTokenizer | None = None,
+        hf: HFTokenizer | Callable[[], HFTokenizer] | None = None,
+        lstrip_ids: Iterable[int] = (),
+        rstrip_ids: Iterable[int] = (),
     ) -> None:
         """Prefer the ``from_*`` constructors; this one takes already validated parts."""
         self.model = model
@@ -141,6 +149,9 @@ class Tokenizer:
             (t, i) for t, i in self._specials_all if i in self._user_defined
         )
         self._template = compile_template(chat_template) if chat_template is not None else None
+        # Special tokens that swallow the whitespace before / after them (llama.cpp's LSTRIP / RSTRIP).
+        self._lstrip: frozenset[int] = frozenset(lstrip_ids)
+        self._rstrip: frozenset[int] = frozenset(rstrip_ids)
 
     # ---------------------------------------------------------------------------------------- builders
 
@@ -168,12 +179,17 @@ class Tokenizer:
         return tokenizer_from_hf_dir(Path(path))
 
     def save_hf_dir(self, path: Path) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json``, from which :meth:`from_hf_dir` loads."""
+        """Write ``tokenizer.json`` and ``tokenizer_config.json``, from which :meth:`from_hf_dir` loads.
+
+        Byte-level BPE is written as it runs; SentencePiece as the BPE-with-byte-fallback form ``transformers``
+        uses for it (merges ordered by the merged piece's score), which gives the same ids.
+        """
         if self._hf is None:
             raise ValueError(f"a {self.model.kind} tokenizer cannot be written as tokenizer.json")
+        hf = self._hf if isinstance(self._hf, HFTokenizer) else self._hf()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self._hf.save(str(path / "tokenizer.json"))
+        hf.save(str(path / "tokenizer.json"))
         config: dict[str, Any] = {
             "add_bos_token": self.add_bos,
             "bos_token": self._tokens[self.bos_id] if self.bos_id is not None else None,
@@ -214,6 +230,15 @@ class Tokenizer:
         return self._control
 
     @property
+    def space_prefix(self) -> bool:
+        """Whether the model writes a space before text that follows a special token (SentencePiece).
+
+        A completion's first token then starts with that space, which is not part of the answer; the
+        text stream drops it, as mlx-lm and ``transformers`` do when decoding.
+        """
+        return self.model.space_prefix
+
+    @property
     def kind(self) -> str:
         """The text model: ``byte-level-bpe``, ``sentencepiece``, ``raw-bpe`` or ``tokenizer.json``."""
         return self.model.kind
@@ -228,6 +253,7 @@ class Tokenizer:
         Follows llama.cpp: tokens from longest to shortest each claim all their non-overlapping occurrences
         in the still-unclaimed text. Control-token occurrences overlapping a ``protected`` span (message
         content) are left as text; user-defined tokens are matched everywhere, as llama.cpp always does.
+        Tokens marked lstrip / rstrip also take the whitespace before / after them (Phi-3's specials).
         """
         pieces: list[int | tuple[int, int]] = [(0, len(text))] if text else []
         starts = [s for s, _ in protected]
@@ -246,9 +272,16 @@ class Tokenizer:
                     if protected and tok_id in self._control and _spans_overlap(protected, starts, hit, stop):
                         search = hit + 1
                         continue
-                    if hit > cursor:
-                        out.append((cursor, hit))
+                    left = hit
+                    if tok_id in self._lstrip:
+                        while left > cursor and text[left - 1] in _C_SPACE:
+                            left -= 1
+                    if left > cursor:
+                        out.append((cursor, left))
                     out.append(tok_id)
+                    if tok_id in self._rstrip:
+                        while stop < end and text[stop] in _C_SPACE:
+                            stop += 1
                     cursor = search = stop
                 if cursor < end:
                     out.append((cursor, end))
@@ -258,7 +291,7 @@ class Tokenizer:
     def _encode(self, text: str, parse_special: bool, protected: Sequence[tuple[int, int]] = ()) -> list[int]:
         specials = self._specials_all if parse_special else self._specials_always
         if not specials:
-            return self.model.encode(text, True) if text else []
+            return self.model.encode(text, True, True) if text else []
         ids: list[int] = []
         after_special = True
         for piece in self._partition(text, specials, protected):
@@ -266,7 +299,7 @@ class Tokenizer:
                 ids.append(piece)
                 after_special = True
             else:
-                ids.extend(self.model.encode(text[piece[0] : piece[1]], after_special))
+                ids.extend(self.model.encode(text[piece[0] : piece[1]], after_special, piece[0] == 0))
                 after_special = False
         return ids
 

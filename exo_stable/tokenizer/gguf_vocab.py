@@ -8,7 +8,8 @@ turn (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...), which llama.cpp a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from tokenizers import AddedToken, decoders, models
@@ -26,7 +27,7 @@ from exo_stable.tokenizer._meta import (
 from exo_stable.tokenizer.bytelevel import PRE_TOKENIZERS, ByteLevelBPE, byte_level_bytes
 from exo_stable.tokenizer.core import EOG_TEXTS, TextModel, Tokenizer
 from exo_stable.tokenizer.rawbpe import RawBPE
-from exo_stable.tokenizer.spm import SentencePiece, spm_token_bytes
+from exo_stable.tokenizer.spm import SentencePiece, spm_as_hf, spm_token_bytes
 
 __all__ = ["SUPPORTED_MODELS", "tokenizer_from_gguf_metadata"]
 
@@ -69,6 +70,16 @@ def _byte_level(
     return ByteLevelBPE(hf, merges), pre, spec.add_bos
 
 
+def _phi3_rstrip(metadata: Mapping[str, Any], tokens: list[str], specials: set[int]) -> set[int]:
+    """llama.cpp makes Phi-3's special tokens swallow the whitespace after them (as its tokenizer.json does)."""
+    name = (meta_str(metadata, "general.name") or "").lower()
+    if "phi-3" not in name and "phi3" not in name:
+        return set()
+    ids = {tok: i for i, tok in enumerate(tokens)}
+    rstrip = specials | {ids["</s>"]} if "</s>" in ids else set(specials)
+    return rstrip - {ids[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in ids}
+
+
 def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
     """The tokenizer llama.cpp would build from this GGUF metadata."""
     kind = meta_str(metadata, "tokenizer.ggml.model")
@@ -89,8 +100,9 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
     control = {i for i, t in enumerate(types) if t in (_TT_CONTROL, _TT_UNKNOWN)} | eog_by_text
     user_defined = {i for i, t in enumerate(types) if t == _TT_USER_DEFINED} - control
 
+    rstrip = _phi3_rstrip(metadata, tokens, control | user_defined)
     model: TextModel
-    hf: HFTokenizer | None = None
+    hf: HFTokenizer | Callable[[], HFTokenizer] | None = None
     if kind == "gpt2":
         bpe, pre, default_bos = _byte_level(metadata, tokens, control, user_defined)
         model, hf = bpe, bpe.hf
@@ -98,12 +110,22 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
     elif kind == "llama":
         scores = meta_float_list(metadata, "tokenizer.ggml.scores", n)
         add_prefix = meta_bool(metadata, "tokenizer.ggml.add_space_prefix")
-        model = SentencePiece(tokens, scores, add_space_prefix=True if add_prefix is None else add_prefix)
+        spm = SentencePiece(tokens, scores, add_space_prefix=True if add_prefix is None else add_prefix)
+        model = spm
+        hf = partial(
+            spm_as_hf,
+            tokens,
+            scores,
+            spm.add_space_prefix,
+            control=sorted(control),
+            user_defined=sorted(user_defined),
+            rstrip=frozenset(rstrip),
+        )
         pre, default_bos = "sentencepiece", True
         plain = [spm_token_bytes(tok, t == _TT_BYTE) for tok, t in zip(tokens, types, strict=True)]
     else:
         model = RawBPE(tokens, meta_str_list(metadata, "tokenizer.ggml.merges"))
-        pre, default_bos = "gemma4", False
+        pre, default_bos = "gemma4", True
         plain = [spm_token_bytes(tok, t == _TT_BYTE) for tok, t in zip(tokens, types, strict=True)]
     token_bytes = [tok.encode("utf-8") if i in control else plain[i] for i, tok in enumerate(tokens)]
 
@@ -123,8 +145,10 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
         bos_id=token_id("bos"),
         eos_id=eos,
         eos_ids=eog,
-        add_bos=default_bos if add_bos is None else add_bos,
+        # llama.cpp always adds BOS for Gemma 4 (its template writes <bos> itself, so encode_chat adds none).
+        add_bos=default_bos if add_bos is None or kind == "gemma4" else add_bos,
         chat_template=meta_str(metadata, "tokenizer.chat_template"),
         pre_tokenizer_name=pre,
         hf=hf,
+        rstrip_ids=rstrip,
     )

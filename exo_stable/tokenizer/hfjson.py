@@ -33,18 +33,38 @@ class HFPipeline:
 
     kind = "tokenizer.json"
 
-    def __init__(self, hf: HFTokenizer, source: str) -> None:
+    def __init__(self, hf: HFTokenizer, source: str, space_prefix: bool) -> None:
         self.hf = hf
+        self.space_prefix = space_prefix
         self.hf.encode_special_tokens = True  # special tokens are split by the caller
         self._digest = hashlib.sha256(source.encode()).hexdigest()
+        # Metaspace(prepend_scheme="first") puts its ▁ only before the text at the very start of the input;
+        # the text after a special token is tokenized by a copy that never prepends.
+        spec = json.loads(source)
+        self._rest = hf
+        if _never_prepend(spec.get("pre_tokenizer")):
+            self._rest = HFTokenizer.from_str(json.dumps(spec))
+            self._rest.encode_special_tokens = True
 
-    def encode(self, text: str, after_special: bool) -> list[int]:
+    def encode(self, text: str, after_special: bool, at_start: bool = True) -> list[int]:
         del after_special  # the normalizer / pre-tokenizer decide about a leading space
-        ids: list[int] = self.hf.encode(text, add_special_tokens=False).ids
+        ids: list[int] = (self.hf if at_start else self._rest).encode(text, add_special_tokens=False).ids
         return ids
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "tokenizer.json": self._digest}
+
+
+def _never_prepend(node: Any) -> bool:
+    """Turn Metaspace pre-tokenizers that prepend only at the start into ones that never do; say if any did."""
+    found = False
+    if isinstance(node, dict):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+            node["prepend_scheme"] = "never"
+            found = True
+        for child in node.get("pretokenizers") or []:
+            found = _never_prepend(child) or found
+    return found
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -76,6 +96,19 @@ def _post_processor_adds_bos(post: Any, bos_text: str | None) -> bool:
         single = post.get("single") or []
         first = single[0] if single else None
         return isinstance(first, Mapping) and (first.get("SpecialToken") or {}).get("id") == bos_text
+    return False
+
+
+def _decoder_strips_space(decoder: Any) -> bool:
+    """Whether the decoder drops the space SentencePiece puts before a text (Strip or Metaspace)."""
+    if not isinstance(decoder, Mapping):
+        return False
+    if decoder.get("type") == "Sequence":
+        return any(_decoder_strips_space(d) for d in decoder.get("decoders") or [])
+    if decoder.get("type") == "Strip":
+        return decoder.get("content") == " " and int(decoder.get("start", 0)) > 0
+    if decoder.get("type") == "Metaspace":
+        return decoder.get("prepend_scheme", "always") != "never" and decoder.get("add_prefix_space", True) is not False
     return False
 
 
@@ -114,8 +147,14 @@ def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
         tokens[tid] = tok
     control: set[int] = set()
     user_defined: set[int] = set()
+    lstrip: set[int] = set()
+    rstrip: set[int] = set()
     for added in spec.get("added_tokens") or []:
         (control if added.get("special") else user_defined).add(int(added["id"]))
+        if added.get("lstrip"):
+            lstrip.add(int(added["id"]))
+        if added.get("rstrip"):
+            rstrip.add(int(added["id"]))
     eog_by_text = {i for i in control | user_defined if tokens[i] in EOG_TEXTS}
     control |= eog_by_text
 
@@ -125,7 +164,7 @@ def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
         merges = [m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in raw_merges]
         model = ByteLevelBPE(hf, merges)
     else:
-        model = HFPipeline(hf, source)
+        model = HFPipeline(hf, source, _decoder_strips_space(spec.get("decoder")))
     if byte_level:
         plain = [byte_level_bytes(tok) for tok in tokens]
     else:
@@ -162,4 +201,6 @@ def tokenizer_from_hf_dir(path: Path) -> Tokenizer:
         chat_template=_chat_template(path, config),
         pre_tokenizer_name=pre_name if isinstance(pre_name, str) else "tokenizer.json",
         hf=hf,
+        lstrip_ids=lstrip,
+        rstrip_ids=rstrip,
     )

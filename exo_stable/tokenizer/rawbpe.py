@@ -25,6 +25,7 @@ class RawBPE:
     """Merges by rank on raw characters, with ``<0xAB>`` byte fallback."""
 
     kind = "raw-bpe"
+    space_prefix = False
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str]) -> None:
         vocab: dict[str, int] = {}
@@ -40,7 +41,7 @@ class RawBPE:
         self._merges = tuple(merges)
         self._model = models.BPE(vocab=vocab, merges=pairs, byte_fallback=True)
 
-    def encode(self, text: str, after_special: bool) -> list[int]:
+    def encode(self, text: str, after_special: bool, at_start: bool = True) -> list[int]:
         del after_special
         ids: list[int] = []
         for run in _RUNS.findall(text.replace(" ", SPACE)):

@@ -14,7 +14,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["SPACE", "SentencePiece", "spm_token_bytes"]
+from tokenizers import AddedToken, decoders, models, normalizers
+from tokenizers import Tokenizer as HFTokenizer
+
+__all__ = ["SPACE", "SentencePiece", "spm_as_hf", "spm_token_bytes"]
 
 SPACE = "\u2581"
 # Where a word starts: a ▁ after something else. No piece of most vocabularies crosses such a point.
@@ -40,6 +43,7 @@ class SentencePiece:
             self._ids[tok] = i  # llama.cpp's text-to-token map keeps the last of duplicate texts
         self._scores = tuple(scores)
         self.add_space_prefix = add_space_prefix
+        self.space_prefix = add_space_prefix
         # When no piece holds a ▁ that follows another character, no merge can cross a word start, so words
         # are tokenized (and cached) one by one: the same ids as the whole text, much faster.
         self._by_word = not any(_WORD_START.search(tok) for tok in tokens)
@@ -51,7 +55,7 @@ class SentencePiece:
                 found = self._ids.get(chr(b))
             self._byte_ids.append(found)
 
-    def encode(self, text: str, after_special: bool) -> list[int]:
+    def encode(self, text: str, after_special: bool, at_start: bool = True) -> list[int]:
         if self.add_space_prefix and after_special:
             text = " " + text
         text = text.replace(" ", SPACE)
@@ -118,3 +122,47 @@ class SentencePiece:
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "scores": self._scores, "add_space_prefix": self.add_space_prefix}
+
+
+def spm_as_hf(
+    tokens: Sequence[str],
+    scores: Sequence[float],
+    add_space_prefix: bool,
+    *,
+    control: Sequence[int],
+    user_defined: Sequence[int],
+    rstrip: frozenset[int] = frozenset(),
+) -> HFTokenizer:
+    """The same tokenizer as a ``tokenizers`` BPE: ``tokenizer.json`` for an MLX / Hugging Face directory.
+
+    Every split of a piece into two pieces is a merge, ranked by the merged piece's score (best first, then
+    by the parts' ids); a space prefix before each text, byte fallback for characters that are no piece.
+    """
+    skip = set(control) | set(user_defined)
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    ranked: list[tuple[float, int, int, str, str]] = []
+    for piece, pid in vocab.items():
+        if pid in skip:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            lid, rid = vocab.get(left), vocab.get(right)
+            if lid is not None and rid is not None and lid not in skip and rid not in skip:
+                ranked.append((-scores[pid], lid, rid, left, right))
+    ranked.sort()
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in ranked], byte_fallback=True, fuse_unk=True))
+    steps: list[normalizers.Normalizer] = [normalizers.Prepend(SPACE)] if add_space_prefix else []
+    hf.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
+    strip: list[decoders.Decoder] = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
+    hf.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    if control:
+        hf.add_special_tokens(
+            [AddedToken(tokens[i], special=True, normalized=False, rstrip=i in rstrip) for i in sorted(control)]
+        )
+    if user_defined:
+        hf.add_tokens(
+            [AddedToken(tokens[i], special=False, normalized=False, rstrip=i in rstrip) for i in sorted(user_defined)]
+        )
+    return hf

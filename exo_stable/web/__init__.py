@@ -8,19 +8,20 @@ the two routes that serve it:
   they are ``immutable`` for a year: a changed file changes the version, and the page names the new one.
   A request for another version is a 404 (its files are gone).
 
-Files are read once, when the routes are added; nothing is built. The page talks to the node's own API
+Files are read once per process, when routes are first added; nothing is built. The page talks to the node's own API
 (``/v1/*``, ``/health``), so its security headers allow only this origin.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
-__all__ = ["Assets", "add_routes"]
+__all__ = ["Assets", "add_routes", "packaged"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 INDEX = "index.html"
@@ -90,9 +91,15 @@ def _respond(request: web.Request, asset: Asset, cache: str, extra: dict[str, st
     return web.Response(body=asset.body, headers={**headers, "Content-Type": asset.content_type})
 
 
+@functools.cache
+def packaged() -> Assets:
+    """The files shipped with the package, read once per process (every app serves the same)."""
+    return Assets()
+
+
 def add_routes(app: web.Application, assets: Assets | None = None) -> Assets:
     """Serve the page at ``/`` and its files under ``/ui/{version}/`` (see the module docstring)."""
-    found = assets or Assets()
+    found = assets or packaged()
 
     async def page(request: web.Request) -> web.Response:
         return _respond(request, found.index, "no-cache", {"Content-Security-Policy": PAGE_POLICY})

@@ -339,6 +339,8 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     """The prompt's last tokens, which the penalties count as seen (only when a penalty is on)."""
     logprobs: int | None = None
     """Send each token's log-probability and this many of the most likely ones (None: none)."""
+    grammar: str = ""
+    """A grammar the completion must follow (llguidance's JSON form), or empty."""
 
 
 class PeerAddress(msgspec.Struct, frozen=True):

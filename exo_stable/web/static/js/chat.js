@@ -274,7 +274,9 @@ export class Chat {
     let stopped = false;
     const tick = async () => {
       try {
-        m.meta.trace = await getJSON(`/v1/traces/${encodeURIComponent(m.meta.request_id)}/live`);
+        const trace = await getJSON(`/v1/traces/${encodeURIComponent(m.meta.request_id)}/live`);
+        if (stopped) return;  // answered after the answer ended: the final fetch's trace is newer
+        m.meta.trace = trace;
         changed();
       } catch { /* the next poll, or the final fetch, tries again */ }
       if (!stopped) timer = setTimeout(tick, TRACE_POLL_MS);

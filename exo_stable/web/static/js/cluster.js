@@ -33,7 +33,7 @@ export class ClusterView {
     clearTimeout(this.timer);
     if (!this.active || document.hidden) return;
     try {
-      const health = await getJSON("/health");
+      const health = await getJSON("/health", { also: [503] });
       let cluster = null;
       try {
         cluster = await getJSON("/v1/cluster");
@@ -60,8 +60,11 @@ export class ClusterView {
       ? h("p", { class: "status offline", text: `Not answering: ${problem}` })
       : h("p", { class: "status live", text: `Live · updated ${this.updated ? this.updated.toLocaleTimeString() : "–"}` });
     parts.push(status);
+    if (health && health.status === "unavailable") {
+      parts.push(h("p", { class: "status offline", text: `This node cannot serve requests now: ${health.reason}` }));
+    }
     if (health) parts.push(...(cluster ? this.clusterParts(health, cluster) : this.singleParts(health)));
-    this.root.replaceChildren(...parts);
+    this.root.replaceChildren(...parts.filter(Boolean));
   }
 
   singleParts(health) {
@@ -84,7 +87,6 @@ export class ClusterView {
       total ? layerBar(stages.map((s) => ({ node: s.node_id, start: s.start, end: s.end })), total) : null,
       total ? h("div", { class: "axis" }, h("span", { text: "layer 0" }), h("span", { text: `layer ${total - 1}` })) : null);
     const nodes = cluster.nodes.map((n) => {
-      const link = n.id === cluster.node_id ? null : linkFacts(peers[n.id]);
       const card = h("article", { class: `card node health-${n.health}`, dataset: { node: n.id } },
         h("h3", {}, h("i", { class: "dot" }), n.id,
           n.id === (plan && plan.leader) ? h("span", { class: "badge", text: "leader" }) : null,
@@ -94,24 +96,32 @@ export class ClusterView {
           h("dt", { text: "health" }), h("dd", { class: `health ${n.health}`, text: n.health }),
           h("dt", { text: "memory" }), h("dd", { text: fmtBytes(n.memory_bytes) }),
           h("dt", { text: "layers" }), h("dd", { class: "layers", text: n.layers ? `${n.layers[0]}–${n.layers[1] - 1} (${n.layers[1] - n.layers[0]})` : "none" }),
-          h("dt", { text: "link" }), h("dd", { class: "link", text: link || (n.id === cluster.node_id ? "–" : "not connected") })),
+          n.id === cluster.node_id ? null : linkRows(peers[n.id])),
         n.layers && total ? layerBar([{ node: n.id, start: n.layers[0], end: n.layers[1] }], total, { labels: false }) : null);
       card.querySelector(".dot").style.background = nodeColor(n.id);
       return card;
     });
-    return [summary, h("div", { class: "nodes" }, nodes),
-      h("p", { class: "muted", text: "Links are as this node sees them: round-trip time and retransmitted frames, out / in." })];
+    const refused = Object.entries(cluster.refused || {});
+    const refusedCard = refused.length
+      ? h("section", { class: "card refused" }, h("h2", { text: "Refused peers" }),
+        h("dl", { class: "facts-grid" }, refused.flatMap(([who, why]) => [h("dt", { text: who }), h("dd", { text: why })])))
+      : null;
+    return [summary, h("div", { class: "nodes" }, nodes), refusedCard,
+      h("p", { class: "muted", text: `Links as ${cluster.node_id || "this node"} sees them: "out" it dialled, "in" the peer dialled.` })];
   }
 }
 
-function linkFacts(peer) {
-  if (!peer || !peer.links) return null;
-  const parts = [];
-  for (const dir of ["out", "in"]) {
-    const l = peer.links[dir];
-    if (!l) continue;
-    const rtt = l.rtt_ms === null || l.rtt_ms === undefined ? "–" : `${l.rtt_ms.toFixed(1)} ms`;
-    parts.push(`${dir}: RTT ${rtt}, ${l.retransmissions} retransmits${l.corrupt_frames ? `, ${l.corrupt_frames} corrupt` : ""}`);
-  }
-  return parts.join(" · ") || null;
+/** This node's two links to a peer (out: dialled by this node, in: dialled by the peer), as dt/dd rows. */
+function linkRows(peer) {
+  const links = peer && peer.links ? peer.links : {};
+  const both = (f) => ["out", "in"].map((dir) => (links[dir] ? `${f(links[dir])} ${dir}` : null)).filter(Boolean).join(" · ");
+  const rtt = both((l) => (l.rtt_ms === null || l.rtt_ms === undefined ? "–" : `${l.rtt_ms.toFixed(1)} ms`));
+  if (!rtt) return [h("dt", { text: "link" }), h("dd", { class: "link", text: "not connected" })];
+  const rows = [
+    h("dt", { text: "RTT" }), h("dd", { class: "link rtt", text: rtt }),
+    h("dt", { text: "retransmits" }), h("dd", { class: "link", text: both((l) => String(l.retransmissions)) }),
+  ];
+  const corrupt = ["out", "in"].reduce((n, dir) => n + ((links[dir] && links[dir].corrupt_frames) || 0), 0);
+  if (corrupt) rows.push(h("dt", { text: "corrupt frames" }), h("dd", { class: "link caught", text: String(corrupt) }));
+  return rows;
 }

@@ -22,7 +22,7 @@ export function h(tag, attrs = {}, ...children) {
 export function nodeColor(id) {
   let hash = 0;
   for (const ch of String(id)) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
-  return `hsl(${(hash * 137) % 360} 62% 52%)`;
+  return `hsl(${(hash * 137) % 360} 60% 44%)`;
 }
 
 export function fmtBytes(n) {
