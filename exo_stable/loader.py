@@ -19,7 +19,8 @@ import mlx.core as mx
 
 from exo_stable import random_model
 from exo_stable.family import check_supported
-from exo_stable.gguf import quant_specs, read_gguf
+from exo_stable.gguf import spec_from_metadata
+from exo_stable.gguf_file import GGUFIndex, open_gguf, read_tensors
 from exo_stable.model import LayerRange, ShardModel, build_shard, shard_weight_names
 from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
 from exo_stable.tokenizer import Tokenizer
@@ -39,12 +40,39 @@ class ModelSource:
     fingerprint: str
     quant: dict[str, QuantSpec]
     random: random_model.RandomModel | None = None
-    _weights: dict[str, mx.array] | None = field(default=None, repr=False)
+    gguf: GGUFIndex | None = field(default=None, repr=False)
+    files: dict[str, Path] = field(default_factory=dict, repr=False)
+    """Safetensors models: the file holding each tensor (from the headers)."""
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor name of the model (mlx-lm naming), from headers alone."""
+        if self.random is not None:
+            return list(random_model.tensor_shapes(self.spec))
+        if self.gguf is not None:
+            return self.gguf.names()
+        return list(self.files)
+
+    def read_tensors(self, names: list[str]) -> dict[str, mx.array]:
+        """Only the tensors ``names``: GGUF tensors are read and converted one at a time, safetensors files
+        holding none of them are not opened, and the others are loaded lazily (MLX reads a tensor when it is
+        evaluated). Call on the MLX thread."""
+        if self.gguf is not None:
+            return read_tensors(self.gguf, names)
+        if self.random is not None:
+            return random_model.generate(self.random, names)[0]
+        out: dict[str, mx.array] = {}
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        for file, wanted in by_file.items():
+            loaded = mx.load(str(file))
+            assert isinstance(loaded, dict)
+            out.update({n: loaded[n] for n in wanted})
+        return out
 
     def weights(self) -> dict[str, mx.array]:
-        if self._weights is None:
-            self._weights = _read_weights(self)
-        return self._weights
+        """The whole model's tensors (for tools and tests; a stage reads only its own)."""
+        return self.read_tensors(self.tensor_names())
 
     def load_shard(self, layers: LayerRange, dtype: Dtype) -> ShardModel:
         """Build layers ``layers`` (embedding/head included where they belong). Call on the MLX thread."""
@@ -56,11 +84,13 @@ class ModelSource:
             draw = mx.float32 if dtype is Dtype.FLOAT32 else mx.float16 if dtype is Dtype.FLOAT16 else mx.bfloat16
             weights, quant = random_model.generate(self.random, names, dtype=draw, quantize=dtype is Dtype.QUANTIZED)
             return build_shard(self.spec, layers, weights, quant, dtype)
-        return build_shard(self.spec, layers, self.weights(), self.quant, dtype)
+        names = shard_weight_names(self.spec, layers, self.tensor_names())
+        shard = build_shard(self.spec, layers, self.read_tensors(names), self.quant, dtype)
+        mx.clear_cache()  # the buffers of raw tensors that were converted go back to the system
+        return shard
 
     def release_weights(self) -> None:
-        """Drop the whole-model tensors once the shard holds what it needs."""
-        self._weights = None
+        """Nothing is kept between loads any more: each shard reads its own tensors."""
 
 
 def open_model(path: Path | str) -> ModelSource:
@@ -84,12 +114,10 @@ def open_model(path: Path | str) -> ModelSource:
 
 
 def _open_gguf(path: Path) -> ModelSource:
-    spec, weights, metadata = read_gguf(path)
-    tokenizer = Tokenizer.from_gguf_metadata(metadata)
-    digest = hashlib.sha256()
-    digest.update(str(path.stat().st_size).encode())
-    for key in sorted(weights):
-        digest.update(f"{key}:{tuple(weights[key].shape)}:{weights[key].dtype};".encode())
+    index = open_gguf(path)  # metadata and tensor headers; no weight is read
+    spec = spec_from_metadata(index.metadata, tied="lm_head.weight" not in index.tensors)
+    tokenizer = Tokenizer.from_gguf_metadata(index.metadata)
+    digest = hashlib.sha256(index.header_digest().encode())
     digest.update(tokenizer.fingerprint().encode())
     return ModelSource(
         path=path,
@@ -98,9 +126,8 @@ def _open_gguf(path: Path) -> ModelSource:
         spec=spec,
         tokenizer=tokenizer,
         fingerprint=digest.hexdigest()[:32],
-        quant=quant_specs(weights),
-        # Tensors are read again on the MLX thread that uses them (MLX streams are thread-bound).
-        _weights=None,
+        quant=index.quant(),
+        gguf=index,
     )
 
 
@@ -214,7 +241,8 @@ def _open_mlx_dir(path: Path) -> ModelSource:
     files = weight_files(path)
     if not files:
         raise UnsupportedModelError(f"{path} has config.json but no *.safetensors weights")
-    names = [n for f in files for n in safetensors_names(f)]
+    holder = {n: f for f in files for n in safetensors_names(f) if "rotary_emb.inv_freq" not in n}
+    names = list(holder)
     tokenizer = Tokenizer.from_hf_dir(path)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for f in files:
@@ -228,18 +256,5 @@ def _open_mlx_dir(path: Path) -> ModelSource:
         tokenizer=tokenizer,
         fingerprint=digest.hexdigest()[:32],
         quant=quant_from_config(config, names),
+        files=holder,
     )
-
-
-def _read_weights(source: ModelSource) -> dict[str, mx.array]:
-    if source.random is not None:
-        return random_model.generate(source.random, random_model.tensor_shapes(source.spec))[0]
-    if source.format == "gguf":
-        _, weights, _ = read_gguf(source.path)
-        return weights
-    merged: dict[str, mx.array] = {}
-    for file in weight_files(source.path):
-        loaded = mx.load(str(file))
-        assert isinstance(loaded, dict)
-        merged.update(loaded)
-    return {k: v for k, v in merged.items() if "rotary_emb.inv_freq" not in k}
