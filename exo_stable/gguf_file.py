@@ -62,6 +62,19 @@ class GGUFTensor:
         module = self.name.removesuffix(".weight")
         return [self.name, f"{module}.scales", f"{module}.biases"]
 
+    def mlx_table(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The arrays this tensor becomes: name: (shape, MLX dtype name)."""
+        if not self.quantized:
+            return {self.name: (self.shape, {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[self.kind])}
+        rows, cols = self.shape[:-1], self.shape[-1]
+        module = self.name.removesuffix(".weight")
+        groups = (*rows, cols // _GROUP)
+        return {
+            self.name: ((*rows, cols * self.bits // 32), "uint32"),
+            f"{module}.scales": (groups, "float16"),
+            f"{module}.biases": (groups, "float16"),
+        }
+
     def mlx_bytes(self, float_bytes: int | None = None) -> int:
         """Bytes in memory once converted: packed weights and float16 scales/biases, or ``float_bytes`` per
         element when the tensor is dequantized / cast (None: the file's float width)."""
@@ -86,6 +99,10 @@ class GGUFIndex:
     def names(self) -> list[str]:
         """Every MLX array name the file yields (quantized weights with their scales and biases)."""
         return [n for t in self.tensors.values() for n in t.mlx_names()]
+
+    def table(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every MLX array the file yields: name: (shape, dtype name), from headers."""
+        return {k: v for t in self.tensors.values() for k, v in t.mlx_table().items()}
 
     def quant(self) -> dict[str, QuantSpec]:
         return {

@@ -23,6 +23,7 @@ from exo_stable.gguf import spec_from_metadata
 from exo_stable.gguf_file import GGUFIndex, open_gguf, read_tensors
 from exo_stable.model import LayerRange, ShardModel, build_shard, shard_weight_names
 from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
+from exo_stable.pipeline.placement import ModelFootprint
 from exo_stable.tokenizer import Tokenizer
 
 __all__ = ["ModelSource", "UnsupportedModelError", "open_model"]
@@ -43,6 +44,27 @@ class ModelSource:
     gguf: GGUFIndex | None = field(default=None, repr=False)
     files: dict[str, Path] = field(default_factory=dict, repr=False)
     """Safetensors models: the file holding each tensor (from the headers)."""
+
+    def tensor_table(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every tensor's shape and dtype name, from headers alone (a random model's as drawn in bfloat16)."""
+        if self.gguf is not None:
+            return self.gguf.table()
+        if self.random is not None:
+            return {n: (s, "bfloat16") for n, s in random_model.tensor_shapes(self.spec).items()}
+        table: dict[str, tuple[tuple[int, ...], str]] = {}
+        for file in sorted(set(self.files.values())):
+            table.update(safetensors_table(file))
+        return {n: v for n, v in table.items() if n in self.files}
+
+    def footprint(self, dtype: Dtype, *, kv_tokens: int) -> ModelFootprint:
+        """What the model costs served in ``dtype`` with a KV reserve of ``kv_tokens`` tokens per layer."""
+        from exo_stable.footprint import footprint_from_tensors
+        from exo_stable.model import compute_dtype
+
+        act = compute_dtype(dtype).size
+        return footprint_from_tensors(
+            self.spec, self.tensor_table(), self.quant, dtype, act_bytes=act, kv_tokens=kv_tokens
+        )
 
     def tensor_names(self) -> list[str]:
         """Every tensor name of the model (mlx-lm naming), from headers alone."""
@@ -194,14 +216,32 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def safetensors_names(file: Path) -> list[str]:
-    """Tensor names from a safetensors header alone (no tensor is read)."""
+def _safetensors_header(file: Path) -> dict[str, Any]:
     with file.open("rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
         if not 0 < size <= 100 << 20:
             raise UnsupportedModelError(f"{file} is not a safetensors file")
         header = json.loads(fh.read(size))
-    return [name for name in header if name != "__metadata__"]
+    if not isinstance(header, dict):
+        raise UnsupportedModelError(f"{file} has no safetensors header")
+    header.pop("__metadata__", None)
+    return header
+
+
+def safetensors_names(file: Path) -> list[str]:
+    """Tensor names from a safetensors header alone (no tensor is read)."""
+    return list(_safetensors_header(file))
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "I32": "int32", "U8": "uint8"}
+
+
+def safetensors_table(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and MLX dtype name from a safetensors header."""
+    return {
+        name: (tuple(int(d) for d in info["shape"]), _ST_DTYPES.get(info["dtype"], info["dtype"].lower()))
+        for name, info in _safetensors_header(file).items()
+    }
 
 
 def quant_from_config(config: dict[str, Any], names: list[str]) -> dict[str, QuantSpec]:

@@ -10,6 +10,7 @@ is a real GGUF's (the default model's in the benchmark), as :mod:`exo_stable.syn
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,8 +64,8 @@ def check_disk(directory: Path, needed: int) -> None:
 def _scale(spec: ModelSpec, name: str, shape: tuple[int, ...]) -> float:
     """Standard deviation of a matrix: 1/sqrt(fan-in), 1 for the embedding, logits of deviation ~3."""
     if name == "lm_head.weight":
-        return 3.0 / spec.hidden_size**0.5
-    return 1.0 if "embed" in name else float(shape[-1] ** -0.5)
+        return 3.0 / math.sqrt(spec.hidden_size)
+    return 1.0 if "embed" in name else 1.0 / math.sqrt(shape[-1])
 
 
 def _float_tensors(spec: ModelSpec, seed: int) -> Iterator[tuple[str, np.ndarray]]:
