@@ -43,13 +43,19 @@ class ModelSource:
     random: random_model.RandomModel | None = None
     gguf: GGUFIndex | None = field(default=None, repr=False)
     files: dict[str, Path] = field(default_factory=dict, repr=False)
-    """Safetensors models: the file holding each tensor (from the headers)."""
+    """Safetensors models: the file holding each tensor (from the headers, or a hub model's index)."""
+    hub: str | None = None
+    """A Hugging Face repo id: weight files are downloaded when a shard needs them (see :mod:`exo_stable.hub`)."""
+
+    def _absent(self) -> list[Path]:
+        return sorted({f for f in self.files.values() if not f.is_file()})
 
     def tensor_table(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Every tensor's shape and dtype name, from headers alone (a random model's as drawn in bfloat16)."""
         if self.gguf is not None:
             return self.gguf.table()
-        if self.random is not None:
+        if self.random is not None or self._absent():
+            # Not every header is on this node yet (a hub model's other files): the published llama shapes.
             return {n: (s, "bfloat16") for n, s in random_model.tensor_shapes(self.spec).items()}
         table: dict[str, tuple[tuple[int, ...], str]] = {}
         for file in sorted(set(self.files.values())):
@@ -80,6 +86,11 @@ class ModelSource:
         evaluated). Call on the MLX thread."""
         if self.gguf is not None:
             return read_tensors(self.gguf, names)
+        if self.hub is not None:
+            from exo_stable.hub import fetch_files
+
+            needed = sorted({self.files[n].name for n in names})
+            fetch_files(self.hub, needed, revision=self.path.name)
         if self.random is not None:
             return random_model.generate(self.random, names)[0]
         out: dict[str, mx.array] = {}
@@ -106,7 +117,7 @@ class ModelSource:
             draw = mx.float32 if dtype is Dtype.FLOAT32 else mx.float16 if dtype is Dtype.FLOAT16 else mx.bfloat16
             weights, quant = random_model.generate(self.random, names, dtype=draw, quantize=dtype is Dtype.QUANTIZED)
             return build_shard(self.spec, layers, weights, quant, dtype)
-        names = shard_weight_names(self.spec, layers, self.tensor_names())
+        names = _untied(shard_weight_names(self.spec, layers, self.tensor_names()), layers)
         shard = build_shard(self.spec, layers, self.read_tensors(names), self.quant, dtype)
         mx.clear_cache()  # the buffers of raw tensors that were converted go back to the system
         return shard
@@ -119,6 +130,10 @@ def open_model(path: Path | str) -> ModelSource:
     """Identify the model at ``path``; a clear error names what was found when it is not usable."""
     if random_model.is_random(str(path)):
         return _open_random(str(path))
+    from exo_stable import hub
+
+    if hub.is_repo_id(str(path)):
+        return _open_hub(str(path))
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
@@ -298,3 +313,43 @@ def _open_mlx_dir(path: Path) -> ModelSource:
         quant=quant_from_config(config, names),
         files=holder,
     )
+
+
+def _open_hub(repo_id: str) -> ModelSource:
+    """A hub model: its small files now, each shard's weight files when the shard is loaded."""
+    from exo_stable import hub
+
+    snapshot = hub.snapshot_meta(repo_id)
+    mapping = hub.weight_map(snapshot)
+    if not mapping:
+        hub.fetch_files(repo_id, ["model.safetensors"], revision=snapshot.name)
+        source = _open_mlx_dir(snapshot)
+        source.name = repo_id
+        return source
+    config = json.loads((snapshot / "config.json").read_text())
+    if not isinstance(config, dict):
+        raise UnsupportedModelError(f"{repo_id}: config.json is not a JSON object")
+    spec = spec_from_config(config)
+    tokenizer = Tokenizer.from_hf_dir(snapshot)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest.update(json.dumps(mapping, sort_keys=True).encode())
+    digest.update(tokenizer.fingerprint().encode())
+    names = [n for n in mapping if "rotary_emb.inv_freq" not in n]
+    return ModelSource(
+        path=snapshot,
+        format="mlx",
+        name=repo_id,
+        spec=spec,
+        tokenizer=tokenizer,
+        fingerprint=digest.hexdigest()[:32],
+        quant=quant_from_config(config, names),
+        files={n: snapshot / mapping[n] for n in names},
+        hub=repo_id,
+    )
+
+
+def _untied(names: list[str], layers: LayerRange) -> list[str]:
+    """A stage after the first needs no embedding when the model has its own head."""
+    if layers.is_first or "lm_head.weight" not in names:
+        return names
+    return [n for n in names if not n.startswith("model.embed_tokens.")]
