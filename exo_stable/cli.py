@@ -179,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--stage-restart-period", type=_positive_float, default=30.0, metavar="SECONDS")
     serve.add_argument(
+        "--peer-timeout",
+        type=_positive_float,
+        default=1.5,
+        metavar="SECONDS",
+        help="a peer silent this long (no data, no heartbeat) is taken as gone and planned around (default 1.5;"
+        " a node frozen for less, e.g. a long GC pause or SIGSTOP, stays in its plan)",
+    )
+    serve.add_argument(
         "--suspect-seconds",
         type=_positive_float,
         default=60.0,
@@ -317,6 +325,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         stage_max_restarts=args.stage_max_restarts,
         stage_restart_period_s=args.stage_restart_period,
         suspect_ttl_s=args.suspect_seconds,
+        peer_timeout_s=args.peer_timeout,
     )
 
 

@@ -21,7 +21,7 @@ from exo_stable import random_model
 from exo_stable.family import check_supported
 from exo_stable.gguf import spec_from_metadata
 from exo_stable.gguf_file import GGUFIndex, open_gguf, read_tensors
-from exo_stable.model import LayerRange, ShardModel, build_shard, shard_weight_names
+from exo_stable.model import LayerRange, ShardModel, build_shard, refuse_half_experts_on_cpu, shard_weight_names
 from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
 from exo_stable.pipeline.placement import ModelFootprint
 from exo_stable.tokenizer import Tokenizer
@@ -121,6 +121,11 @@ class ModelSource:
         shard = build_shard(self.spec, layers, self.read_tensors(names), self.quant, dtype)
         mx.clear_cache()  # the buffers of raw tensors that were converted go back to the system
         return shard
+
+    def check_dtype(self, dtype: Dtype, device: str) -> None:
+        """Refuse at start a dtype this model cannot run in on ``device`` ("cpu" or "gpu")."""
+        if device == "cpu":
+            refuse_half_experts_on_cpu(self.spec, dtype)
 
     def release_weights(self) -> None:
         """Nothing is kept between loads any more: each shard reads its own tensors."""

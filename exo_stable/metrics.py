@@ -185,6 +185,12 @@ class ServiceCollector(Collector):
         s = self.service
         yield _gauge("active_requests", "Requests admitted and generating now", s.active)
         yield _gauge("max_active_requests", "Requests that may generate at once", s.max_active)
+        yield _gauge("queued_requests", "Requests waiting for a slot (at most --max-queue)", s.queued)
+        yield CounterMetricFamily(
+            f"{PREFIX}_overloaded_requests",
+            "Requests refused with 429 because the queue was full",
+            s.refused_overloaded,
+        )
         kv = s.kv_cache_bytes()
         if kv is not None:
             yield _gauge("kv_cache_bytes", "Bytes held by the KV caches of open requests on this node", kv)

@@ -18,10 +18,11 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from exo_stable.family import CacheKind, cache_kinds, cast_keeps, is_float, new_model
 from exo_stable.kvcache import GhostCache, RewindableRotatingKVCache
-from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec
+from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
 
 _FLOAT_DTYPES = {Dtype.FLOAT32: mx.float32, Dtype.BFLOAT16: mx.bfloat16, Dtype.FLOAT16: mx.float16}
 
@@ -312,6 +313,8 @@ def build_shard(
         params = {k: (v.astype(act) if is_float(v) and not cast_keeps(net, k) else v) for k, v in local.items()}
     else:
         params = _dequantized(local, local_quant, _FLOAT_DTYPES[dtype], net)
+        if mx.default_device() == mx.cpu:
+            refuse_half_experts_on_cpu(spec, dtype, net)
     expected = {str(item[0]) for item in tree_flatten(net.parameters())}
     missing = expected - set(params)
     if missing:
@@ -319,6 +322,19 @@ def build_shard(
     net.load_weights([(k, v) for k, v in params.items() if k in expected], strict=True)
     mx.eval(net.parameters())
     return model
+
+
+def refuse_half_experts_on_cpu(spec: ModelSpec, dtype: Dtype, net: nn.Module | None = None) -> None:
+    """MLX's CPU backend multiplies gathered expert matrices (MoE layers) in float32 only: refuse before serving
+    what would fail at the first forward call (call only for a CPU)."""
+    if dtype not in (Dtype.BFLOAT16, Dtype.FLOAT16):
+        return
+    net = net if net is not None else new_model(spec)
+    if any(isinstance(m, SwitchLinear) for m in net.modules()):
+        raise UnsupportedModelError(
+            f"model_type {spec.model_type!r}: MLX's CPU backend runs MoE expert layers in float32 only; "
+            "use --dtype float32 or quantized on a CPU"
+        )
 
 
 def _dequantized(

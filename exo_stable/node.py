@@ -14,7 +14,6 @@ pipeline over the same code path; more nodes split the layers between them.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import secrets
@@ -34,6 +33,7 @@ from exo_stable.api.guards import ApiRunner
 from exo_stable.api.server import METRICS_KEY, ApiConfig, create_app, json_response
 from exo_stable.cluster import addresses as addr
 from exo_stable.cluster.coordinator import Coordinator
+from exo_stable.cluster.exposure import interface_ips, is_ip, peer_addresses, say_who_may_join
 from exo_stable.cluster.peers import PeerManager
 from exo_stable.cluster.roles import (
     MAX_DIRECTORY,
@@ -44,7 +44,7 @@ from exo_stable.cluster.roles import (
     step_refusal,
     token_refusal,
 )
-from exo_stable.cluster.security import SecretSource, is_loopback_only, join_command
+from exo_stable.cluster.security import SecretSource
 from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.fallback import FallbackCoordinator
 from exo_stable.loader import ModelSource, open_model
@@ -76,7 +76,7 @@ from exo_stable.wire.messages import (
     SuspectNode,
     TokenChunk,
 )
-from exo_stable.wire.peerlink import WIRE_PATH
+from exo_stable.wire.peerlink import WIRE_PATH, LinkConfig
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class NodeConfig:
     split: tuple[int, ...] | None = None
     max_stages: int | None = None
     shutdown_timeout_s: float = 10.0
+    peer_timeout_s: float = 1.5
+    """A peer link silent this long (no data, no heartbeat) is down; heartbeats go every quarter of it."""
     replay: ReplayMode = ReplayMode.EXACT
     stage_max_restarts: int = 2
     stage_restart_period_s: float = 30.0
@@ -401,17 +403,7 @@ class Node:
         )
 
     def peer_addresses(self, node_id: str, info: PeerInfo) -> list[addr.Address]:
-        """Where ``node_id`` can be dialed, best first: the address this node reached it on, the address its
-        own connection came from (with its advertised port), then what it advertises."""
-        advertised = addr.addresses_from_capabilities(info.capabilities)
-        seen: list[addr.Address] = []
-        reached = self.peers.reached_at(node_id)
-        if reached is not None:
-            seen.append(reached)
-        remote = self.peers.remote_host(node_id)
-        if remote is not None and advertised:
-            seen.append((remote, advertised[0][1]))
-        return addr.dial_candidates(seen, advertised)
+        return peer_addresses(self.peers, node_id, info)
 
     def directory(self) -> PeerDirectory:
         """This node and every peer it knows, with the addresses each one can be dialed on."""
@@ -576,7 +568,7 @@ class Node:
             await site.start()
             port = int(runner.addresses[0][1]) if runner.addresses else config.port
             self.port = port
-            self._interface_ips = _interface_ips() if addr.is_wildcard(config.host) else []
+            self._interface_ips = interface_ips() if addr.is_wildcard(config.host) else []
             advertised = addr.advertised_addresses(
                 config.host,
                 port,
@@ -595,10 +587,21 @@ class Node:
                 dispatch=self.dispatch,
                 on_membership=self._on_membership,
                 secret=config.cluster_secret,
+                config=LinkConfig.from_env(
+                    heartbeat_interval_s=config.peer_timeout_s / 4, heartbeat_timeout_s=config.peer_timeout_s
+                ),
                 forget_after_s=config.peer_forget_s,
             )
             self.coordinator.wait_links = self.peers.wait_connected_to
-            self._say_who_may_join()
+            say_who_may_join(
+                config.host,
+                port,
+                api_key=config.api.api_key,
+                auth=config.cluster_auth,
+                secret=config.cluster_secret,
+                secret_path=config.cluster_secret_path,
+                seed=self.addresses()[0],
+            )
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.peers.run(stop), name="peers")
                 tg.create_task(self.coordinator.run(stop), name="coordinator")
@@ -620,34 +623,6 @@ class Node:
         finally:
             await runner.cleanup()
 
-    def _say_who_may_join(self) -> None:
-        """Log how peers authenticate (and the API's exposure) once the node listens on its address."""
-        config = self.config
-        if is_loopback_only(config.host):
-            return
-        where = addr.format_host_port(config.host, self.port)
-        if config.api.api_key is None:
-            log.warning(
-                "the API on %s is reachable from other machines without an API key: anyone who can reach it can"
-                " use the model; set --api-key (or EXO_STABLE_API_KEY) to require one",
-                where,
-            )
-        if config.cluster_auth == "insecure":
-            log.warning(
-                "--insecure: %s accepts any peer without a cluster secret; anyone on the network can join this"
-                " cluster and see its requests",
-                where,
-            )
-            return
-        if config.cluster_auth in ("created", "file") and config.cluster_secret is not None:
-            seed = addr.format_host_port(*self.addresses()[0])
-            made = "created" if config.cluster_auth == "created" else "read"
-            print(
-                f"exo-stable: peers must prove the cluster secret {made} in {config.cluster_secret_path} (mode 0600);"
-                f" join another machine with:\n  {join_command(config.cluster_secret, seed)}",
-                flush=True,
-            )
-
     async def _announce(self, port: int, ready: asyncio.Event | None, stop: asyncio.Event) -> None:
         """Print the ready line once this node's first plan is committed (the model is loaded)."""
         while not stop.is_set():
@@ -659,7 +634,8 @@ class Node:
         else:
             return
         print(
-            f"exo-stable: serving {self.source.name} ({self.config.dtype}) on http://{self.config.host}:{port}/v1"
+            f"exo-stable: serving {self.source.name} ({self.config.dtype})"
+            f" on http://{addr.format_host_port(self.config.host, port)}/v1"
             f" as {self.node_id}, plan {plan.epoch}: "
             + " ".join(f"{s.node_id}[{s.start},{s.end})" for s in plan.stages),
             flush=True,
@@ -674,7 +650,7 @@ class Node:
         # Advertise only on the interfaces this node is bound to, and only addresses peers can dial.
         bound = self.config.host
         interfaces = None if addr.is_wildcard(bound) else [bound]
-        hosts = [h for h, _ in self.addresses() if addr.is_dialable(h) and _is_ip(h)]
+        hosts = [h for h, _ in self.addresses() if addr.is_dialable(h) and is_ip(h)]
         async with Discovery(
             self.node_id,
             port,
@@ -722,32 +698,14 @@ class StageSupervisor(Supervisor):
         self._on_escalate(exc)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _interface_ips() -> list[str]:
-    """Every address of this host's interfaces (IPv4 and IPv6), as zeroconf's ifaddr lists them."""
-    import ifaddr
-
-    found: list[str] = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            if text not in found:
-                found.append(text)
-    return found
-
-
 async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> None:
     """Load the model, join the cluster, serve the API; stop cleanly on SIGINT/SIGTERM."""
+    from exo_stable.device import chosen  # chosen by the command line before serving
+
     source = open_model(config.model)
     if config.dtype_auto:
         config = replace(config, dtype=serving_dtype(source, config))
+    source.check_dtype(config.dtype, chosen())
     await Node(config, source).run(ready=ready)
 
 

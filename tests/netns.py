@@ -84,8 +84,11 @@ class Fabric:
     def addr(self, i: int) -> str:
         return f"{SUBNET}.{i + 1}"
 
-    def url(self, i: int, port: int = PORT) -> str:
-        return f"http://{self.addr(i)}:{port}"
+    def addr6(self, i: int) -> str:
+        return f"fd77::{i + 1}"
+
+    def url(self, i: int, port: int = PORT, *, v6: bool = False) -> str:
+        return f"http://[{self.addr6(i)}]:{port}" if v6 else f"http://{self.addr(i)}:{port}"
 
     @classmethod
     def create(cls, n: int) -> Fabric:
@@ -148,9 +151,11 @@ class Fabric:
         reply = json.loads(out)
         return int(reply["status"]), reply["body"]
 
-    def wait_plan(self, ids: list[str], nodes: list[int], timeout_s: float) -> list[dict[str, Any]]:
+    def wait_plan(
+        self, ids: list[str], nodes: list[int], timeout_s: float, *, v6: bool = False
+    ) -> list[dict[str, Any]]:
         """Wait until every listed node shows the same plan whose stages are exactly ``ids``; their views."""
-        proc = self.client("wait-plan", str(timeout_s), ",".join(ids), *(self.url(i) for i in nodes))
+        proc = self.client("wait-plan", str(timeout_s), ",".join(ids), *(self.url(i, v6=v6) for i in nodes))
         out, err = proc.communicate(timeout=timeout_s + 30)
         reply = json.loads(out.splitlines()[-1]) if out.strip() else {"ready": False, "stderr": err.decode()}
         if not reply.get("ready"):
@@ -162,8 +167,8 @@ class Fabric:
 class Stream:
     """One streamed chat completion, read line by line as the client namespace's helper prints it."""
 
-    def __init__(self, fabric: Fabric, node: int, body: dict[str, Any]) -> None:
-        self.proc = fabric.client("stream", fabric.url(node), json.dumps(body))
+    def __init__(self, fabric: Fabric, node: int, body: dict[str, Any], *, v6: bool = False) -> None:
+        self.proc = fabric.client("stream", fabric.url(node, v6=v6), json.dumps(body))
         self.lines: list[dict[str, Any]] = []
         self._buffer = b""
 
@@ -231,10 +236,11 @@ class NsNode:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    host: str = "0.0.0.0"
 
     def start(self) -> None:
         cmd = ["ip", "netns", "exec", self.fabric.ns(self.index), sys.executable, "-m", "exo_stable", "serve"]
-        cmd += ["--host", "0.0.0.0", "--port", str(PORT), "--node-id", self.node_id, *self.args]
+        cmd += ["--host", self.host, "--port", str(PORT), "--node-id", self.node_id, *self.args]
         env = dict(os.environ)
         for name in ("EXO_STABLE_API_KEY", "EXO_STABLE_PEERS", "EXO_STABLE_CLUSTER_SECRET"):
             env.pop(name, None)

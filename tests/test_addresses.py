@@ -87,8 +87,13 @@ def test_interfaces_for_ipv4_wildcard_skip_loopback_and_ipv6() -> None:
     assert interface_hosts("0.0.0.0", IFACES) == ["10.77.0.2", "169.254.3.4"]
 
 
-def test_interfaces_for_ipv6_wildcard_include_both_families_but_not_v6_link_local() -> None:
-    assert interface_hosts("::", IFACES) == ["10.77.0.2", "fd00:77::2", "169.254.3.4"]
+def test_interfaces_for_ipv6_wildcard_are_ipv6_but_not_link_local() -> None:
+    # asyncio binds "::" with IPV6_V6ONLY: IPv4 peers cannot reach it, so no IPv4 address is advertised.
+    assert interface_hosts("::", IFACES) == ["fd00:77::2"]
+    assert advertised_addresses("::", 9, reached_on=["10.1.0.1", "fd00::5"], interface_ips=IFACES) == [
+        ("fd00::5", 9),
+        ("fd00:77::2", 9),
+    ]
 
 
 def test_interfaces_keep_loopback_when_alone() -> None:

@@ -86,7 +86,7 @@ async def test_the_admission_deadline_still_answers_busy() -> None:
 
 async def test_http_429_with_retry_after_in_the_openai_shape() -> None:
     service = HeldService(max_active=1, max_queue=1)
-    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    body: dict[str, Any] = {"model": "held", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     async with TestClient(TestServer(create_app(service, ApiConfig()))) as client:
         running = asyncio.create_task(client.post("/v1/chat/completions", json=body))
         queued = asyncio.create_task(client.post("/v1/chat/completions", json=body))
@@ -103,6 +103,8 @@ async def test_http_429_with_retry_after_in_the_openai_shape() -> None:
             assert done.status == 200, await done.text()
         live = await client.get("/health/live")
         assert live.status == 200
+        metrics = await (await client.get("/metrics")).text()
+        assert "exo_stable_overloaded_requests_total 1.0" in metrics, metrics
 
 
 async def test_health_is_503_with_a_reason_until_a_plan_and_liveness_stays_200() -> None:

@@ -181,3 +181,12 @@ async def test_tool_choice_must_name_a_given_tool(client: AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as nothing:
         await client.chat.completions.create(model="default", messages=ASK, tool_choice="required")
     assert nothing.value.param == "tool_choice"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    first = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>\n'
+    two = first + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    stream = tools.ToolStream(NAMES, single=True)
+    stream.push(two)
+    assert [c.arguments for c in stream.finish()[1]] == ["{}"]
+    assert len(tools.parse(two, NAMES)[1]) == 2

@@ -1,4 +1,4 @@
-"""Bounded, seeded hypothesis fuzzing of the HTTP API (the OpenAI dialect) on a real in-process node.
+"""Bounded, seeded hypothesis fuzzing of the HTTP API (OpenAI, Anthropic and Ollama dialects) on a real node.
 
 Requests are valid ones with fields replaced by arbitrary JSON, extra fields, wrong types and sizes, broken
 JSON and random bytes, on every route. Every answer must be below 500, an error must be the dialect's
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from exo_stable.synthetic import tiny_gguf
 
-EXAMPLES = FUZZ_EXAMPLES or 250
+EXAMPLES = FUZZ_EXAMPLES or 600
 COUNTS = {"cases": 0, "ok": 0, "client_errors": 0}
 
 json_values = st.recursive(
@@ -89,18 +89,23 @@ def encode(body: Any, how: str) -> bytes:
     return raw
 
 
-valid_sampling = st.fixed_dictionaries(
-    {"max_tokens": st.integers(1, 8)},
-    optional={
-        "temperature": st.floats(0, 2),
-        "top_p": st.floats(0.01, 1),
-        "top_k": st.integers(0, 50),
-        "seed": st.integers(0, 2**63),
-        "stop": st.lists(st.text(min_size=1, max_size=3), max_size=3),
-        "stream": st.booleans(),
-        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-        "exo_trace": st.booleans(),
-    },
+valid_sampling = st.builds(
+    lambda base, stream: {**base, **stream},
+    st.fixed_dictionaries(
+        {"max_tokens": st.integers(1, 8)},
+        optional={
+            "temperature": st.floats(0, 2),
+            "top_p": st.floats(0.01, 1),
+            "top_k": st.integers(0, 50),
+            "seed": st.integers(0, 2**63),
+            "stop": st.lists(st.text(min_size=1, max_size=3), max_size=3),
+            "exo_trace": st.booleans(),
+        },
+    ),
+    st.just({})
+    | st.fixed_dictionaries(
+        {"stream": st.just(True)}, optional={"stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})}
+    ),
 )
 valid_message = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=80)}
@@ -113,13 +118,55 @@ valid = st.one_of(
     ),
     st.tuples(
         st.just("/v1/completions"),
-        st.builds(lambda t, p: {"prompt": t, **p}, st.text(max_size=80), valid_sampling),
+        st.builds(lambda t, p: {"prompt": t, **p}, st.text(min_size=1, max_size=80), valid_sampling),
         st.just("json"),
     ),
 )
+anthropic = st.builds(
+    lambda base, more: {**base, **more},
+    st.fixed_dictionaries(
+        {"messages": st.lists(message, max_size=3) | json_values},
+        optional={
+            "model": json_values,
+            "max_tokens": small_ints | json_values,
+            "system": st.text(max_size=40) | json_values,
+            "stream": st.booleans(),
+            "temperature": st.floats(-1, 3),
+            "stop_sequences": json_values,
+        },
+    ),
+    extra,
+)
+ollama = st.builds(
+    lambda base, more: {**base, **more},
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "model": json_values,
+            "messages": st.lists(message, max_size=3) | json_values,
+            "prompt": st.text(max_size=80) | json_values,
+            "stream": st.booleans() | json_values,
+            "options": st.dictionaries(
+                st.sampled_from(["num_predict", "temperature", "seed", "top_k", "x"]),
+                small_ints | json_values,
+                max_size=3,
+            )
+            | json_values,
+            "raw": st.booleans(),
+            "system": json_values,
+        },
+    ),
+    extra,
+)
+OTHER_DIALECTS = ("/v1/messages", "/api/")
 requests = st.one_of(
     valid,
     valid,
+    valid,
+    st.tuples(st.just("/v1/messages"), anthropic, st.sampled_from(["json", "json", "truncated", "nested"])),
+    st.tuples(
+        st.sampled_from(["/api/chat", "/api/generate", "/api/show"]), ollama, st.sampled_from(["json", "truncated"])
+    ),
     st.tuples(st.just("/v1/chat/completions"), chat, st.sampled_from(["json", "json", "truncated", "nested"])),
     st.tuples(st.just("/v1/completions"), completion, st.sampled_from(["json", "json", "truncated"])),
     st.tuples(st.just("/v1/tokenize"), tokenize, st.sampled_from(["json", "truncated"])),
@@ -164,12 +211,19 @@ def test_no_request_gets_a_5xx(fuzz_target: BackgroundNode, request: tuple[str, 
     assert status < 500, (status, answer[:500], raw[:300])
     if status >= 400:
         COUNTS["client_errors"] += 1
-        error = json.loads(answer)["error"]
-        assert isinstance(error["message"], str) and error["type"], answer
+        error = json.loads(answer)["error"]  # each dialect's own error shape
+        if path.startswith("/api/"):
+            assert isinstance(error, str) and error, answer
+        else:
+            assert isinstance(error["message"], str) and error["type"], answer
     else:
         COUNTS["ok"] += 1
-        if "text/event-stream" in content_type:
+        if "text/event-stream" in content_type and path.startswith("/v1/messages"):
+            assert b"event: message_stop" in answer or b"event: error" in answer, answer[-300:]
+        elif "text/event-stream" in content_type:
             assert answer.rstrip().endswith(b"data: [DONE]"), answer[-300:]
+        elif "ndjson" in content_type:
+            assert all(json.loads(line) is not None for line in answer.splitlines() if line.strip())
         else:
             json.loads(answer)
 

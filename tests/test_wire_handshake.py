@@ -161,3 +161,19 @@ async def test_one_reply_to_a_hello_gives_no_offline_guess_and_failures_are_limi
                 await link.close()
         assert "too many failed handshakes" in refused[-1], refused
         assert not server._links and not made, "a refused peer left a link behind"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"node_id": "x" * 10_000},
+        {"node_id": "evil\nCRITICAL forged"},
+        {"node_id": ""},
+        {"capabilities": tuple(f"c{i}" for i in range(100))},
+        {"model_fingerprint": "f" * 5000},
+    ],
+)
+def test_a_peer_describes_itself_in_a_few_printable_characters(change: dict[str, object]) -> None:
+    hello = msgspec.structs.replace(Dialer(A, None).hello(tx_base=1), **change)
+    with pytest.raises(HandshakeError, match=r"printable|capabilities"):
+        Acceptor(B, None).on_hello(hello)

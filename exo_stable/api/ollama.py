@@ -241,8 +241,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     req = await core._decode(request, GenerateRequest)
     service = request.app[core.SERVICE_KEY]
     _model(req.model, service)
+    tokenizing = request.app[core.TOKENIZING_KEY]
+    tokenizing.check_length([req.prompt, req.system or ""], "prompt")
     try:
-        prompt = _generate_prompt(req, service)
+        prompt = await tokenizing.run(_generate_prompt, req, service)
     except ValueError as exc:
         raise ApiError(400, f"Cannot build the prompt: {exc}", param="prompt") from exc
     if not prompt:  # Ollama loads the model on an empty prompt: it is always loaded here

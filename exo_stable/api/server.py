@@ -260,7 +260,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     grammar = await fields.checked_grammar(
         forced or fields.response_grammar(req.response_format), service.tokenizer, "response_format"
     )
-    calls = tools.ToolStream(frozenset() if tooling is None else tooling.names)
+    single = req.parallel_tool_calls is False
+    calls = tools.ToolStream(frozenset() if tooling is None else tooling.names, single=single)
     limit_asked = req.max_completion_tokens or req.max_tokens
     params, limit = _sampling(req, limit_asked, config, service, prompt, logprobs=want, grammar=grammar)
     job = GenerationJob(prompt, params, limit, req.stop_list(), _replay(req), validation=_validation(req))
@@ -276,6 +277,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if not req.stream:
             text = "".join([d.text async for d in _collect(run, request)])
             content, found = tools.parse(text, calls.names) if calls.names else (text, [])
+            found = found[:1] if single else found
             message = s.ChatMessageOut("assistant", content, tool_calls=tools.calls_out(found) if found else None)
             finish = "tool_calls" if found else run.result.finish_reason
             choice = s.ChatChoice(0, message, finish, logprobs(True))

@@ -173,8 +173,10 @@ def parse(text: str, names: frozenset[str]) -> tuple[str | None, list[ToolCall]]
 class ToolStream:
     """Streams a reply's text while holding back whatever may be a tool call, to parse it at the end."""
 
-    def __init__(self, names: frozenset[str]) -> None:
+    def __init__(self, names: frozenset[str], *, single: bool = False) -> None:
+        """``single``: keep only the first call (``parallel_tool_calls: false``)."""
         self.names = names
+        self.single = single
         self.text = ""
         self.sent = 0
 
@@ -204,7 +206,7 @@ class ToolStream:
         _, calls = parse(self.text, self.names)
         at = self._call_at()
         if calls and at is not None:
-            return self.text[self.sent : max(at, self.sent)], calls
+            return self.text[self.sent : max(at, self.sent)], calls[:1] if self.single else calls
         return self.text[self.sent :], []
 
 

@@ -113,11 +113,11 @@ def _rank(host: str) -> tuple[int, int, int]:
 def interface_hosts(bind_host: str, interface_ips: Iterable[str]) -> list[str]:
     """The interface addresses a node bound to ``bind_host`` can be reached on, best first.
 
-    ``0.0.0.0`` reaches IPv4 interfaces, ``::`` both families; loopback is kept only when nothing else is
-    (a peer on another machine cannot use it). IPv6 link-local addresses are left out: without a zone
-    index they cannot be dialed.
+    ``0.0.0.0`` reaches IPv4 interfaces, ``::`` IPv6 ones (asyncio's servers set IPV6_V6ONLY); loopback is
+    kept only when nothing else is (a peer on another machine cannot use it). IPv6 link-local addresses are
+    left out: without a zone index they cannot be dialed.
     """
-    families = {4} if bind_host in ("0.0.0.0", "") else {4, 6}
+    families = {6} if ":" in bind_host else {4}
     hosts: list[str] = []
     for text in interface_ips:
         try:
@@ -154,10 +154,17 @@ def advertised_addresses(
     hosts = [h for h in reached_on if is_dialable(h) and not _is_v4_mapped(h)]
     hosts += interface_hosts(bind_host, interface_ips)
     unique = list(dict.fromkeys(hosts))
-    if bind_host in ("0.0.0.0", ""):
-        unique = [h for h in unique if ":" not in h]
+    unique = [h for h in unique if (":" in h) == (":" in bind_host) or not _is_ip(h)]
     routable = [h for h in unique if _rank(h)[0] == 0]
     return [(h, port) for h in (routable or unique)[:MAX_ADVERTISED]]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_v4_mapped(host: str) -> bool:

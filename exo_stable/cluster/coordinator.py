@@ -111,6 +111,7 @@ class Coordinator(PlanState):
         self._round_barrier: DistributedBarrier | None = None
         self._loads: set[asyncio.Task[None]] = set()  # plan loads in progress (owned by run's TaskGroup)
         self._pulse = asyncio.Event()  # set (and replaced) on every commit, membership change and suspect change
+        self._lost_member = False  # a member left since the planning loop last woke: re-plan without settling
 
     # -- membership ------------------------------------------------------------------------------------
 
@@ -130,7 +131,9 @@ class Coordinator(PlanState):
                 )
                 return
             self.member_up(peer.node_id, peer.memory_bytes)
-        elif not self.member_down(peer):
+        elif self.member_down(peer):
+            self._lost_member = True
+        else:
             self.refused.pop(peer, None)  # a non-member left: nothing of it stays
             return
         self.membership_epoch += 1
@@ -232,7 +235,11 @@ class Coordinator(PlanState):
                         continue
                 if stop.is_set():
                     break
-                await self._settle()
+                if self._lost_member:
+                    # A stage that left stalls every request on its plan: plan now. Joins settle (they burst).
+                    self._lost_member = False
+                else:
+                    await self._settle()
                 self._changed.clear()
                 if self.leader == self.node_id:
                     try:

@@ -98,6 +98,7 @@ class PeerManager:
         self._tg: asyncio.TaskGroup | None = None
         self._ready = asyncio.Event()
         self._membership = asyncio.Event()
+        self._stopping = False
         self.unroutable = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -129,8 +130,12 @@ class PeerManager:
                         async with asyncio.timeout(min(_POLL_S, self.forget_after_s / 2)):
                             await stop.wait()
                     await self._sweep(time.monotonic())
-                for link in list(self._links):
-                    await link.close()
+                self._stopping = True  # no new links from now on
+                # A probe or a handshake that was under way may still add a link while others close: close
+                # until none is open, or the task group would wait on that link's pump forever.
+                while still_open := [link for link in self._links if not link.closed]:
+                    for link in still_open:
+                        await link.close()
         finally:
             self._tg = None
 
@@ -152,7 +157,7 @@ class PeerManager:
         url = _url(host, port)
         if keep:
             self._kept.add(url)
-        if url in self._dialed:
+        if url in self._dialed or self._stopping:
             return
         self._dialed_at[url] = time.monotonic()
         link = PeerLink(self.identity, url=url, secret=self._secret, config=self.config, monitor=self.monitor)
@@ -166,7 +171,9 @@ class PeerManager:
         """Link to ``node_id``, dialing the first of ``candidates`` that accepts a TCP connection (the first of
         them when none does yet: that link keeps retrying). Nothing happens when a link to it exists or is
         being set up."""
-        if not candidates or node_id == self.node_id or node_id in self._probing or self._is_up(node_id):
+        if self._stopping or not candidates or node_id == self.node_id or node_id in self._probing:
+            return
+        if self._is_up(node_id):
             return
         if any(_url(h, p) in self._dialed for h, p in candidates):
             return
@@ -199,7 +206,7 @@ class PeerManager:
             self._probing.discard(node_id)
 
     def _accept(self, hello: Hello) -> PeerLink | None:
-        if hello.node_id == self.node_id:
+        if hello.node_id == self.node_id or self._tg is None or self._stopping:
             return None
         link = PeerLink(
             self.identity, peer_id=hello.node_id, secret=self._secret, config=self.config, monitor=self.monitor
@@ -223,6 +230,8 @@ class PeerManager:
             if sender is None:
                 continue
             if sender != self.node_id and not self._is_up(sender) and link.connected and link.peer is not None:
+                if link.peer.model_fingerprint != self.identity.model_fingerprint:
+                    continue  # its watcher is about to refuse it: nothing it sent counts
                 self._connected(link, link.peer)  # its watcher has not run yet: the sender is up before its message
             await self._dispatch(sender, message)
 
@@ -265,7 +274,7 @@ class PeerManager:
         self._update(info.node_id)
 
     def _refuse(self, node_id: str, reason: str) -> None:
-        log.warning("%s: refusing peer %s: %s", self.node_id, node_id, reason)
+        log.warning("%s: refusing peer %s: %s", self.node_id, safe(node_id), safe(reason))
         self.refused.pop(node_id, None)
         self.refused[node_id] = reason
         while len(self.refused) > _MAX_REFUSED:
@@ -309,6 +318,7 @@ class PeerManager:
         if link.url is not None:
             self._dialed.pop(link.url, None)
             self._dialed_at.pop(link.url, None)
+            self._dialed_address.pop(link.url, None)
         elif link.peer_id is not None and self.server.link(link.peer_id) is link:
             self.server.unregister(link.peer_id)
 

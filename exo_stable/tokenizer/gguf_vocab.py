@@ -125,7 +125,7 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
         plain = [spm_token_bytes(tok, t == _TT_BYTE) for tok, t in zip(tokens, types, strict=True)]
     else:
         model = RawBPE(tokens, meta_str_list(metadata, "tokenizer.ggml.merges"))
-        pre, default_bos = "gemma4", False
+        pre, default_bos = "gemma4", True
         plain = [spm_token_bytes(tok, t == _TT_BYTE) for tok, t in zip(tokens, types, strict=True)]
     token_bytes = [tok.encode("utf-8") if i in control else plain[i] for i, tok in enumerate(tokens)]
 
@@ -145,7 +145,8 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> Tokenizer:
         bos_id=token_id("bos"),
         eos_id=eos,
         eos_ids=eog,
-        add_bos=default_bos if add_bos is None else add_bos,
+        # llama.cpp always adds BOS for Gemma 4 (its template writes <bos> itself, so encode_chat adds none).
+        add_bos=default_bos if add_bos is None or kind == "gemma4" else add_bos,
         chat_template=meta_str(metadata, "tokenizer.chat_template"),
         pre_tokenizer_name=pre,
         hf=hf,

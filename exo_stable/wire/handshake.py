@@ -125,6 +125,23 @@ def _check_proof(secret: bytes | None, expected: bytes, got: bytes, who: str) ->
         raise HandshakeError(f"{who} failed the cluster secret challenge (wrong secret)")
 
 
+MAX_ID_CHARS: Final = 128
+MAX_CAPABILITIES: Final = 16
+
+
+def _check_identity(
+    node_id: str, session_id: str, capabilities: tuple[str, ...] = (), fingerprint: str = "", link_id: str = ""
+) -> None:
+    """A peer's self-description stays small and printable: it is kept, logged and shown."""
+    if not 0 < len(node_id) <= MAX_ID_CHARS or not node_id.isprintable():
+        raise HandshakeError(f"a node id must be 1 to {MAX_ID_CHARS} printable characters")
+    for what, value in (("session id", session_id), ("model fingerprint", fingerprint), ("link id", link_id)):
+        if len(value) > MAX_ID_CHARS or not value.isprintable():
+            raise HandshakeError(f"a {what} must be at most {MAX_ID_CHARS} printable characters")
+    if len(capabilities) > MAX_CAPABILITIES or any(len(c) > 256 or not c.isprintable() for c in capabilities):
+        raise HandshakeError(f"at most {MAX_CAPABILITIES} capabilities of at most 256 printable characters")
+
+
 def _check_version(version: int, local: int) -> None:
     if version != local:
         raise HandshakeError(f"protocol version mismatch: peer speaks {version}, this node speaks {local}")
@@ -164,6 +181,7 @@ class Dialer:
         if hello is None:
             raise RuntimeError("hello() first")
         _check_version(challenge.protocol_version, hello.protocol_version)
+        _check_identity(challenge.node_id, challenge.session_id)
         if self._expected_peer is not None and challenge.node_id != self._expected_peer:
             raise HandshakeError(f"expected node {self._expected_peer!r}, reached {challenge.node_id!r}")
         if len(challenge.nonce) != NONCE_BYTES:
@@ -184,6 +202,7 @@ class Dialer:
             raise HandshakeError("the acceptor's welcome does not match its challenge")
         expected = _proof(self._secret, b"acceptor", hello, challenge)
         _check_proof(self._secret, expected, welcome.proof, "acceptor")
+        _check_identity(welcome.node_id, welcome.session_id, welcome.capabilities, welcome.model_fingerprint)
         return PeerInfo(
             node_id=welcome.node_id,
             session_id=welcome.session_id,
@@ -209,6 +228,7 @@ class Acceptor:
         """Answer a Hello with a fresh nonce (nothing derived from the secret); raises :class:`HandshakeError`."""
         me = self.identity
         _check_version(hello.protocol_version, me.protocol_version)
+        _check_identity(hello.node_id, hello.session_id, hello.capabilities, hello.model_fingerprint, hello.link_id)
         if hello.node_id == me.node_id:
             raise HandshakeError(f"peer claims this node's own id {me.node_id!r}")
         if len(hello.nonce) != NONCE_BYTES:

@@ -139,7 +139,7 @@ class WireServer:
                     info = acceptor.on_auth(await recv_handshake(ws, self._codec, Auth))
                     # Only now, the dialer having proved the secret, does the peer get a link (and state).
                     link = self._links.get(hello.node_id)
-                    if (link is None or link.closed) and self._on_new_peer is not None:
+                    if link is None and self._on_new_peer is not None:  # a closed one: this node is stopping
                         link = self._on_new_peer(hello)
                         if link is not None:
                             self.register(link)

@@ -30,9 +30,10 @@ async function failure(response) {
   return new ApiError(response.status, message);
 }
 
-export async function getJSON(path, { signal } = {}) {
+/** GET `path` as JSON; `also`: statuses besides 2xx whose body is an answer (/health's 503: not ready, and why). */
+export async function getJSON(path, { signal, also = [] } = {}) {
   const response = await fetch(path, { headers: headers(), signal, cache: "no-store" });
-  if (!response.ok) throw await failure(response);
+  if (!response.ok && !also.includes(response.status)) throw await failure(response);
   return response.json();
 }
 

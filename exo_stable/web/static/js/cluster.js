@@ -33,7 +33,7 @@ export class ClusterView {
     clearTimeout(this.timer);
     if (!this.active || document.hidden) return;
     try {
-      const health = await getJSON("/health");
+      const health = await getJSON("/health", { also: [503] });
       let cluster = null;
       try {
         cluster = await getJSON("/v1/cluster");
@@ -60,8 +60,11 @@ export class ClusterView {
       ? h("p", { class: "status offline", text: `Not answering: ${problem}` })
       : h("p", { class: "status live", text: `Live · updated ${this.updated ? this.updated.toLocaleTimeString() : "–"}` });
     parts.push(status);
+    if (health && health.status === "unavailable") {
+      parts.push(h("p", { class: "status offline", text: `This node cannot serve requests now: ${health.reason}` }));
+    }
     if (health) parts.push(...(cluster ? this.clusterParts(health, cluster) : this.singleParts(health)));
-    this.root.replaceChildren(...parts);
+    this.root.replaceChildren(...parts.filter(Boolean));
   }
 
   singleParts(health) {
@@ -98,7 +101,12 @@ export class ClusterView {
       card.querySelector(".dot").style.background = nodeColor(n.id);
       return card;
     });
-    return [summary, h("div", { class: "nodes" }, nodes),
+    const refused = Object.entries(cluster.refused || {});
+    const refusedCard = refused.length
+      ? h("section", { class: "card refused" }, h("h2", { text: "Refused peers" }),
+        h("dl", { class: "facts-grid" }, refused.flatMap(([who, why]) => [h("dt", { text: who }), h("dd", { text: why })])))
+      : null;
+    return [summary, h("div", { class: "nodes" }, nodes), refusedCard,
       h("p", { class: "muted", text: `Links as ${cluster.node_id || "this node"} sees them: "out" it dialled, "in" the peer dialled.` })];
   }
 }
