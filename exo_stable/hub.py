@@ -9,6 +9,7 @@ serves from the cache alone. :func:`files_for` is the pure selection.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -93,14 +94,36 @@ def files_for(spec: ModelSpec, start: int, end: int, mapping: Mapping[str, str])
 def fetch_files(repo_id: str, files: Sequence[str], revision: str | None = None) -> list[Path]:
     """Download ``files`` (resuming, checked against the hub's size and hash, with a progress bar) or find them
     in the cache when offline; returns their paths in the snapshot."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     paths = []
     for name in files:
+        cached = try_to_load_from_cache(repo_id, name, cache_dir=_cache(), revision=revision)
         try:
-            got = hf_hub_download(repo_id, name, revision=revision, cache_dir=_cache(), local_files_only=_offline())
+            got = Path(
+                hf_hub_download(repo_id, name, revision=revision, cache_dir=_cache(), local_files_only=_offline())
+            )
         except LocalEntryNotFoundError as exc:
             raise FileNotFoundError(f"{repo_id}/{name} is not in the cache and the hub is offline") from exc
-        paths.append(Path(got))
+        if not isinstance(cached, str):
+            check_blob(got)  # downloaded just now
+        paths.append(got)
     return paths
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_blob(path: Path) -> None:
+    """An LFS file's blob is named by the sha256 the hub gives (its ETag): the content must hash to it."""
+    blob = path.resolve()
+    if not _SHA256.match(blob.name):
+        return  # a small git file: its ETag is a git hash; huggingface_hub checked its size
+    digest = hashlib.sha256()
+    with blob.open("rb") as fh:
+        while chunk := fh.read(16 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != blob.name:
+        blob.unlink()
+        raise OSError(f"{path.name}: the download hashes to {digest.hexdigest()}, the hub says {blob.name}; removed")

@@ -98,3 +98,36 @@ def test_file_selection_on_a_hub_shaped_index() -> None:
     assert files_for(spec, 31, 32, mapping) == [name(3), name(4)]  # untied head: no embedding on the last stage
     assert files_for(spec, 0, 32, mapping) == [name(i) for i in range(1, 5)]
     assert files_for(spec, 0, 32, {}) == ["model.safetensors"]
+
+
+def test_a_download_that_does_not_hash_to_its_blob_name_is_refused(tmp_path: Path) -> None:
+    from exo_stable.hub import check_blob
+
+    good = b"weights"
+    blob = tmp_path / hashlib.sha256(good).hexdigest()
+    blob.write_bytes(good)
+    check_blob(blob)
+    bad = tmp_path / hashlib.sha256(b"other").hexdigest()
+    bad.write_bytes(good)
+    with pytest.raises(OSError, match="hashes to"):
+        check_blob(bad)
+    assert not bad.exists()
+
+
+async def test_three_nodes_serve_a_repo_id_from_the_offline_cache(offline_cache: Path) -> None:
+    from contextlib import aclosing
+
+    from inproc_cluster import in_process_cluster
+
+    from exo_stable.sampling import SamplingParams
+    from exo_stable.service import GenerationJob, GenerationResult
+
+    async with in_process_cluster(Path("acme/tiny-llama"), 3, f"hub{os.getpid()}", memory_bytes=1 << 30) as (nodes, _):
+        plan = await nodes[0].coordinator.wait_plan_where(lambda p: len(p.stages) == 3, timeout=60)
+        assert plan.stages[-1].end == 4
+        result = GenerationResult(prompt_tokens=3)
+        job = GenerationJob([1, 2, 3], SamplingParams(temperature=0.0), 8)
+        async with aclosing(nodes[0].owner.stream(job, result)) as deltas:
+            async for _ in deltas:
+                pass
+        assert len(result.token_ids) == 8
