@@ -711,12 +711,12 @@ async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> No
 
 def serving_dtype(source: ModelSource, config: NodeConfig) -> Dtype:
     """The default dtype: the platform's, except that a quantized model stays quantized where its expanded
-    copy (weights and KV reserve) would not fit this node's budget."""
+    weights would not fit this node's budget (the weights alone: the choice must not hang on how much the KV
+    reserve of a busy machine leaves, or nodes alike would choose differently)."""
     if config.dtype is Dtype.QUANTIZED or not source.quant:
         return config.dtype
     budget = config.memory_bytes or available_memory()
-    context = min(config.max_context or source.spec.context_length, source.spec.context_length)
-    whole = source.footprint(config.dtype, kv_tokens=config.max_concurrent * context)
+    whole = source.footprint(config.dtype, kv_tokens=0)
     needed = whole.stage_bytes(0, 1, whole.n_layers)
     if needed <= budget:
         return config.dtype

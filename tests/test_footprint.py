@@ -57,5 +57,5 @@ def test_default_dtype_keeps_a_quantized_model_quantized_where_the_expanded_copy
     source = open_model(default_gguf)
     roomy = NodeConfig(model=default_gguf, dtype=Dtype.FLOAT32, memory_bytes=8 << 30, max_context=512)
     assert serving_dtype(source, roomy) is Dtype.FLOAT32
-    small = NodeConfig(model=default_gguf, dtype=Dtype.FLOAT32, memory_bytes=300 << 20, max_context=512)
+    small = NodeConfig(model=default_gguf, dtype=Dtype.FLOAT32, memory_bytes=400 << 20, max_context=512)
     assert serving_dtype(source, small) is Dtype.QUANTIZED
