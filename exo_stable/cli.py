@@ -130,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on a non-loopback address, accept peers without a cluster secret (anyone on the network can join)",
     )
-    serve.add_argument("--memory-gb", type=float, help="memory this node offers for the model (default: available)")
+    serve.add_argument(
+        "--memory-gb", type=float, help="memory this node offers for the model and its caches (default: available)"
+    )
+    serve.add_argument(
+        "--max-context",
+        type=int,
+        help="longest request in tokens; placement reserves KV cache for --max-concurrent of them "
+        "(default: the model's context)",
+    )
     serve.add_argument("--split", help="force the layers per stage, e.g. 10,12,8 (one count per node)")
     serve.add_argument("--max-stages", type=int, help="use at most this many nodes as stages")
     serve.add_argument(
@@ -304,6 +312,8 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         cluster_auth=auth.source,
         cluster_secret_path=auth.path,
         memory_bytes=int(args.memory_gb * (1 << 30)) if args.memory_gb else None,
+        max_context=args.max_context,
+        dtype_auto=args.dtype is None,
         split=split,
         max_stages=args.max_stages,
         replay=ReplayMode(args.replay),

@@ -24,7 +24,7 @@ from exo_stable.loader import ModelSource
 from exo_stable.mlx_thread import MlxThread
 from exo_stable.model import LayerRange
 from exo_stable.modelspec import Dtype
-from exo_stable.pipeline.placement import footprint_from_spec
+from exo_stable.pipeline.placement import ModelFootprint, footprint_from_spec
 from exo_stable.recovery import ReplayMode
 from exo_stable.sampling import Pick, SamplingParams
 from exo_stable.stagecompute import StageCompute
@@ -56,6 +56,7 @@ class FallbackCoordinator:
         dtype: Dtype,
         memory_bytes: int,
         bytes_per_param: float,
+        footprint: ModelFootprint | None = None,
         max_requests: int = 8,
         load_timeout_s: float = 600.0,
         step_timeout_s: float = 120.0,
@@ -65,7 +66,8 @@ class FallbackCoordinator:
         self.dtype = dtype
         self.memory_bytes = memory_bytes
         n = source.spec.num_hidden_layers
-        self.needed_bytes = footprint_from_spec(source.spec, bytes_per_param).stage_bytes(0, 1, n)
+        whole = footprint or footprint_from_spec(source.spec, bytes_per_param)
+        self.needed_bytes = whole.stage_bytes(0, 1, n)
         self.max_requests = max_requests
         self.load_timeout_s = load_timeout_s
         self.step_timeout_s = step_timeout_s

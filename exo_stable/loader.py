@@ -19,9 +19,11 @@ import mlx.core as mx
 
 from exo_stable import random_model
 from exo_stable.family import check_supported
-from exo_stable.gguf import quant_specs, read_gguf
+from exo_stable.gguf import spec_from_metadata
+from exo_stable.gguf_file import GGUFIndex, open_gguf, read_tensors
 from exo_stable.model import LayerRange, ShardModel, build_shard, refuse_half_experts_on_cpu, shard_weight_names
 from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
+from exo_stable.pipeline.placement import ModelFootprint
 from exo_stable.tokenizer import Tokenizer
 
 __all__ = ["ModelSource", "UnsupportedModelError", "open_model"]
@@ -39,12 +41,71 @@ class ModelSource:
     fingerprint: str
     quant: dict[str, QuantSpec]
     random: random_model.RandomModel | None = None
-    _weights: dict[str, mx.array] | None = field(default=None, repr=False)
+    gguf: GGUFIndex | None = field(default=None, repr=False)
+    files: dict[str, Path] = field(default_factory=dict, repr=False)
+    """Safetensors models: the file holding each tensor (from the headers, or a hub model's index)."""
+    hub: str | None = None
+    """A Hugging Face repo id: weight files are downloaded when a shard needs them (see :mod:`exo_stable.hub`)."""
+
+    def _absent(self) -> list[Path]:
+        return sorted({f for f in self.files.values() if not f.is_file()})
+
+    def tensor_table(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every tensor's shape and dtype name, from headers alone (a random model's as drawn in bfloat16)."""
+        if self.gguf is not None:
+            return self.gguf.table()
+        if self.random is not None or self._absent():
+            # Not every header is on this node yet (a hub model's other files): the published llama shapes.
+            return {n: (s, "bfloat16") for n, s in random_model.tensor_shapes(self.spec).items()}
+        table: dict[str, tuple[tuple[int, ...], str]] = {}
+        for file in sorted(set(self.files.values())):
+            table.update(safetensors_table(file))
+        return {n: v for n, v in table.items() if n in self.files}
+
+    def footprint(self, dtype: Dtype, *, kv_tokens: int) -> ModelFootprint:
+        """What the model costs served in ``dtype`` with a KV reserve of ``kv_tokens`` tokens per layer."""
+        from exo_stable.footprint import footprint_from_tensors
+        from exo_stable.model import compute_dtype
+
+        act = compute_dtype(dtype).size
+        return footprint_from_tensors(
+            self.spec, self.tensor_table(), self.quant, dtype, act_bytes=act, kv_tokens=kv_tokens
+        )
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor name of the model (mlx-lm naming), from headers alone."""
+        if self.random is not None:
+            return list(random_model.tensor_shapes(self.spec))
+        if self.gguf is not None:
+            return self.gguf.names()
+        return list(self.files)
+
+    def read_tensors(self, names: list[str]) -> dict[str, mx.array]:
+        """Only the tensors ``names``: GGUF tensors are read and converted one at a time, safetensors files
+        holding none of them are not opened, and the others are loaded lazily (MLX reads a tensor when it is
+        evaluated). Call on the MLX thread."""
+        if self.gguf is not None:
+            return read_tensors(self.gguf, names)
+        if self.hub is not None:
+            from exo_stable.hub import fetch_files
+
+            needed = sorted({self.files[n].name for n in names})
+            fetch_files(self.hub, needed, revision=self.path.name)
+        if self.random is not None:
+            return random_model.generate(self.random, names)[0]
+        out: dict[str, mx.array] = {}
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        for file, wanted in by_file.items():
+            loaded = mx.load(str(file))
+            assert isinstance(loaded, dict)
+            out.update({n: loaded[n] for n in wanted})
+        return out
 
     def weights(self) -> dict[str, mx.array]:
-        if self._weights is None:
-            self._weights = _read_weights(self)
-        return self._weights
+        """The whole model's tensors (for tools and tests; a stage reads only its own)."""
+        return self.read_tensors(self.tensor_names())
 
     def load_shard(self, layers: LayerRange, dtype: Dtype) -> ShardModel:
         """Build layers ``layers`` (embedding/head included where they belong). Call on the MLX thread."""
@@ -56,7 +117,10 @@ class ModelSource:
             draw = mx.float32 if dtype is Dtype.FLOAT32 else mx.float16 if dtype is Dtype.FLOAT16 else mx.bfloat16
             weights, quant = random_model.generate(self.random, names, dtype=draw, quantize=dtype is Dtype.QUANTIZED)
             return build_shard(self.spec, layers, weights, quant, dtype)
-        return build_shard(self.spec, layers, self.weights(), self.quant, dtype)
+        names = _untied(shard_weight_names(self.spec, layers, self.tensor_names()), layers)
+        shard = build_shard(self.spec, layers, self.read_tensors(names), self.quant, dtype)
+        mx.clear_cache()  # the buffers of raw tensors that were converted go back to the system
+        return shard
 
     def check_dtype(self, dtype: Dtype, device: str) -> None:
         """Refuse at start a dtype this model cannot run in on ``device`` ("cpu" or "gpu")."""
@@ -64,14 +128,17 @@ class ModelSource:
             refuse_half_experts_on_cpu(self.spec, dtype)
 
     def release_weights(self) -> None:
-        """Drop the whole-model tensors once the shard holds what it needs."""
-        self._weights = None
+        """Nothing is kept between loads any more: each shard reads its own tensors."""
 
 
 def open_model(path: Path | str) -> ModelSource:
     """Identify the model at ``path``; a clear error names what was found when it is not usable."""
     if random_model.is_random(str(path)):
         return _open_random(str(path))
+    from exo_stable import hub
+
+    if hub.is_repo_id(str(path)):
+        return _open_hub(str(path))
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
@@ -89,12 +156,10 @@ def open_model(path: Path | str) -> ModelSource:
 
 
 def _open_gguf(path: Path) -> ModelSource:
-    spec, weights, metadata = read_gguf(path)
-    tokenizer = Tokenizer.from_gguf_metadata(metadata)
-    digest = hashlib.sha256()
-    digest.update(str(path.stat().st_size).encode())
-    for key in sorted(weights):
-        digest.update(f"{key}:{tuple(weights[key].shape)}:{weights[key].dtype};".encode())
+    index = open_gguf(path)  # metadata and tensor headers; no weight is read
+    spec = spec_from_metadata(index.metadata, tied="lm_head.weight" not in index.tensors)
+    tokenizer = Tokenizer.from_gguf_metadata(index.metadata)
+    digest = hashlib.sha256(index.header_digest().encode())
     digest.update(tokenizer.fingerprint().encode())
     return ModelSource(
         path=path,
@@ -103,9 +168,8 @@ def _open_gguf(path: Path) -> ModelSource:
         spec=spec,
         tokenizer=tokenizer,
         fingerprint=digest.hexdigest()[:32],
-        quant=quant_specs(weights),
-        # Tensors are read again on the MLX thread that uses them (MLX streams are thread-bound).
-        _weights=None,
+        quant=index.quant(),
+        gguf=index,
     )
 
 
@@ -172,14 +236,32 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def safetensors_names(file: Path) -> list[str]:
-    """Tensor names from a safetensors header alone (no tensor is read)."""
+def _safetensors_header(file: Path) -> dict[str, Any]:
     with file.open("rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
         if not 0 < size <= 100 << 20:
             raise UnsupportedModelError(f"{file} is not a safetensors file")
         header = json.loads(fh.read(size))
-    return [name for name in header if name != "__metadata__"]
+    if not isinstance(header, dict):
+        raise UnsupportedModelError(f"{file} has no safetensors header")
+    header.pop("__metadata__", None)
+    return header
+
+
+def safetensors_names(file: Path) -> list[str]:
+    """Tensor names from a safetensors header alone (no tensor is read)."""
+    return list(_safetensors_header(file))
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "I32": "int32", "U8": "uint8"}
+
+
+def safetensors_table(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and MLX dtype name from a safetensors header."""
+    return {
+        name: (tuple(int(d) for d in info["shape"]), _ST_DTYPES.get(info["dtype"], info["dtype"].lower()))
+        for name, info in _safetensors_header(file).items()
+    }
 
 
 def quant_from_config(config: dict[str, Any], names: list[str]) -> dict[str, QuantSpec]:
@@ -219,7 +301,8 @@ def _open_mlx_dir(path: Path) -> ModelSource:
     files = weight_files(path)
     if not files:
         raise UnsupportedModelError(f"{path} has config.json but no *.safetensors weights")
-    names = [n for f in files for n in safetensors_names(f)]
+    holder = {n: f for f in files for n in safetensors_names(f) if "rotary_emb.inv_freq" not in n}
+    names = list(holder)
     tokenizer = Tokenizer.from_hf_dir(path)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for f in files:
@@ -233,18 +316,45 @@ def _open_mlx_dir(path: Path) -> ModelSource:
         tokenizer=tokenizer,
         fingerprint=digest.hexdigest()[:32],
         quant=quant_from_config(config, names),
+        files=holder,
     )
 
 
-def _read_weights(source: ModelSource) -> dict[str, mx.array]:
-    if source.random is not None:
-        return random_model.generate(source.random, random_model.tensor_shapes(source.spec))[0]
-    if source.format == "gguf":
-        _, weights, _ = read_gguf(source.path)
-        return weights
-    merged: dict[str, mx.array] = {}
-    for file in weight_files(source.path):
-        loaded = mx.load(str(file))
-        assert isinstance(loaded, dict)
-        merged.update(loaded)
-    return {k: v for k, v in merged.items() if "rotary_emb.inv_freq" not in k}
+def _open_hub(repo_id: str) -> ModelSource:
+    """A hub model: its small files now, each shard's weight files when the shard is loaded."""
+    from exo_stable import hub
+
+    snapshot = hub.snapshot_meta(repo_id)
+    mapping = hub.weight_map(snapshot)
+    if not mapping:
+        hub.fetch_files(repo_id, ["model.safetensors"], revision=snapshot.name)
+        source = _open_mlx_dir(snapshot)
+        source.name = repo_id
+        return source
+    config = json.loads((snapshot / "config.json").read_text())
+    if not isinstance(config, dict):
+        raise UnsupportedModelError(f"{repo_id}: config.json is not a JSON object")
+    spec = spec_from_config(config)
+    tokenizer = Tokenizer.from_hf_dir(snapshot)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest.update(json.dumps(mapping, sort_keys=True).encode())
+    digest.update(tokenizer.fingerprint().encode())
+    names = [n for n in mapping if "rotary_emb.inv_freq" not in n]
+    return ModelSource(
+        path=snapshot,
+        format="mlx",
+        name=repo_id,
+        spec=spec,
+        tokenizer=tokenizer,
+        fingerprint=digest.hexdigest()[:32],
+        quant=quant_from_config(config, names),
+        files={n: snapshot / mapping[n] for n in names},
+        hub=repo_id,
+    )
+
+
+def _untied(names: list[str], layers: LayerRange) -> list[str]:
+    """A stage after the first needs no embedding when the model has its own head."""
+    if layers.is_first or "lm_head.weight" not in names:
+        return names
+    return [n for n in names if not n.startswith("model.embed_tokens.")]

@@ -22,7 +22,7 @@ import socket
 import sys
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,11 @@ class NodeConfig:
     """Where the secret came from (cluster/security.py): the node says so once it listens."""
     cluster_secret_path: Path | None = None
     memory_bytes: int | None = None
+    max_context: int | None = None
+    dtype_auto: bool = False
+    """No ``--dtype`` given: :func:`serving_dtype` may keep a quantized model quantized."""
+    """``--max-context``: the longest request (prompt + answer) served; the KV reserve of placement is sized
+    for ``max_concurrent`` requests of this many tokens (default: the model's context)."""
     split: tuple[int, ...] | None = None
     max_stages: int | None = None
     shutdown_timeout_s: float = 10.0
@@ -120,6 +125,14 @@ class NodeConfig:
 
 
 def available_memory() -> int:
+    """What this machine can give now: MemAvailable on Linux (free memory plus reclaimable caches)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
@@ -136,7 +149,7 @@ class ClusterService(Service):
         super().__init__(
             source.tokenizer,
             model_name=source.name,
-            context_length=source.spec.context_length,
+            context_length=node.context_length,
             dtype=str(node.config.dtype),
             max_active=max_active,
             max_queue=max_queue,
@@ -205,6 +218,7 @@ class Node:
         self.source = source
         self.node_id = config.node_id or f"{socket.gethostname()}-{config.port or secrets.token_hex(3)}"
         self.memory_bytes = config.memory_bytes or available_memory()
+        self.context_length = min(config.max_context or source.spec.context_length, source.spec.context_length)
         self.unexpected = 0
         self._peers_ready = asyncio.Event()
         self._directory_changed = asyncio.Event()
@@ -215,6 +229,7 @@ class Node:
             max_stages=config.max_stages,
             max_requests=config.max_concurrent * 2,
             bytes_per_param=_BYTES_PER_PARAM[config.dtype],
+            footprint=source.footprint(config.dtype, kv_tokens=config.max_concurrent * self.context_length),
             decode_ahead=config.decode_ahead,
             build_ahead=config.build_ahead,
             suspect_ttl_s=config.suspect_ttl_s,
@@ -504,6 +519,7 @@ class Node:
                     dtype=config.dtype,
                     memory_bytes=self.memory_bytes,
                     bytes_per_param=self.options.bytes_per_param,
+                    footprint=self.options.footprint,
                 )
                 self.owner = PipelineOwner(
                     self.node_id,
@@ -687,5 +703,28 @@ async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> No
     from exo_stable.device import chosen  # chosen by the command line before serving
 
     source = open_model(config.model)
+    if config.dtype_auto:
+        config = replace(config, dtype=serving_dtype(source, config))
     source.check_dtype(config.dtype, chosen())
     await Node(config, source).run(ready=ready)
+
+
+def serving_dtype(source: ModelSource, config: NodeConfig) -> Dtype:
+    """The default dtype: the platform's, except that a quantized model stays quantized where its expanded
+    weights would not fit this node's budget (the weights alone: the choice must not hang on how much the KV
+    reserve of a busy machine leaves, or nodes alike would choose differently)."""
+    if config.dtype is Dtype.QUANTIZED or not source.quant:
+        return config.dtype
+    budget = config.memory_bytes or available_memory()
+    whole = source.footprint(config.dtype, kv_tokens=0)
+    needed = whole.stage_bytes(0, 1, whole.n_layers)
+    if needed <= budget:
+        return config.dtype
+    log.info(
+        "%s stays quantized: %s would take %.2f GiB, this node offers %.2f GiB",
+        source.name,
+        config.dtype,
+        needed / 2**30,
+        budget / 2**30,
+    )
+    return Dtype.QUANTIZED

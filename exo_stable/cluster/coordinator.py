@@ -307,7 +307,7 @@ class Coordinator(PlanState):
         if split is not None and len(usable) < len(split):
             log.info("%s: split %s waits for %d nodes (%d so far)", self.node_id, split, len(split), len(usable))
             return None
-        footprint = footprint_from_spec(self.source.spec, self.options.bytes_per_param)
+        footprint = self.options.footprint or footprint_from_spec(self.source.spec, self.options.bytes_per_param)
         if split is None:
             # A member that cannot hold one layer (or says so) serves no stage; it does not stop the others'.
             usable = [m for m in usable if m.memory_bytes >= footprint.per_layer or m.node_id == self.node_id]

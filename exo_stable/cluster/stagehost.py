@@ -16,6 +16,7 @@ from typing import Any
 from actors import ActorDead, ChildSpec, MailboxFull, Restart, Supervisor
 from exo_stable.loader import ModelSource
 from exo_stable.modelspec import Dtype
+from exo_stable.pipeline.placement import ModelFootprint
 from exo_stable.pipeline.stage import Send, StageActor, StageConfig
 from exo_stable.wire.messages import RequestClose, ResendTokens, StageFailure, StageRange
 
@@ -31,6 +32,7 @@ class ClusterOptions:
     plan_retries: int = 1
     max_requests: int = 16
     bytes_per_param: float = 4.0
+    footprint: ModelFootprint | None = None  # the model's real bytes (loader.ModelSource.footprint); else estimated
     suspect_ttl_s: float = 60.0
     decode_ahead: bool = True  # a stage holding the whole model queues greedy steps ahead (StageConfig)
     build_ahead: bool = True  # stages build each decode step's graph while the others compute (StageConfig)
