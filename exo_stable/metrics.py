@@ -39,7 +39,8 @@ PREFIX = "exo_stable"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CORRUPTIONS_DOC = (
     "Corruptions detected, by kind: frame_<reason> and message on links; activation, activation_source and"
-    " spot_check at stages; token_checksum, token_rejected, invalid_utf8 and suspicious_text at the owner"
+    " spot_check at stages; token_checksum, token_rejected, invalid_utf8, suspicious_text and output_detector"
+    " (the CorruptionDetector on the assembled answer) at the owner"
 )
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -295,6 +296,7 @@ class NodeCollector(Collector):
             ("token_rejected", v.tokens_rejected - v.token_checksum_failures),
             ("invalid_utf8", v.invalid_utf8_deltas),
             ("suspicious_text", v.suspicious_deltas),
+            ("output_detector", v.output_findings),
         ):
             f.counter("corruptions_detected", CORRUPTIONS_DOC, {"kind": kind, "peer": ""}, n)
         for level, n in v.requests.items():

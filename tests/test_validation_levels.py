@@ -10,10 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exo_stable.pipeline.levels import (
+    LIGHT_OUTPUT_EVERY,
+    OUTPUT_WINDOW,
     AdaptiveConfig,
     AdaptiveStrictness,
     DeltaChecker,
     IntegrityCounters,
+    OutputWatch,
     ValidationLevel,
     parse_level,
     spot_check_chosen,
@@ -266,3 +269,36 @@ def test_activation_assembler_off_skips_crcs_but_not_layout() -> None:
     assert tensor is not None and tensor.data[0] == 0xFF
     with pytest.raises(TensorError):
         ActivationAssembler().add(msgspec.structs.replace(chunk, data=chunk.data[:8]), verify=False)
+
+
+def _feed(watch: OutputWatch, text: str, size: int = 4) -> list[str]:
+    return [f.kind.value for i in range(0, len(text), size) for f in watch.feed(text[i : i + size])]
+
+
+MOJIBAKE = "The cafÃ© was openâ€”and the naÃ¯ve rÃ©sumÃ© said so. "
+
+
+def test_the_corruption_detector_reads_the_answer_at_strict_and_reports_each_kind_once() -> None:
+    watch = OutputWatch(ValidationLevel.STRICT)
+    assert _feed(watch, MOJIBAKE) == ["mojibake"]
+    assert watch.analysed == len(range(0, len(MOJIBAKE), 4))  # after every delta
+    assert _feed(watch, "Paris is nice. " * 40, size=15) == ["degenerate_repetition"]
+    clean = OutputWatch(ValidationLevel.STRICT)
+    assert _feed(clean, "The capital of France is Paris. It is known for the Eiffel Tower and its museums.") == []
+
+
+def test_the_corruption_detector_samples_at_light_and_sleeps_at_off() -> None:
+    light = OutputWatch(ValidationLevel.LIGHT)
+    deltas = len(range(0, len(MOJIBAKE), 4))
+    assert deltas < LIGHT_OUTPUT_EVERY
+    assert _feed(light, MOJIBAKE) == [] and light.analysed == 0  # not read yet
+    assert _feed(light, MOJIBAKE * 3) == ["mojibake"]
+    assert light.analysed == (deltas + len(range(0, 3 * len(MOJIBAKE), 4))) // LIGHT_OUTPUT_EVERY
+    off = OutputWatch(ValidationLevel.OFF)
+    assert _feed(off, MOJIBAKE * 4) == [] and off.analysed == 0
+
+
+def test_the_corruption_detector_reads_a_bounded_window() -> None:
+    watch = OutputWatch(ValidationLevel.STRICT)
+    _feed(watch, "word " * 1000)
+    assert len(watch._tail) == OUTPUT_WINDOW

@@ -31,6 +31,7 @@ from exo_stable.pipeline.levels import (
     AdaptiveStrictness,
     DeltaChecker,
     IntegrityCounters,
+    OutputWatch,
     ValidationLevel,
 )
 from exo_stable.recovery import FailureClass, FailureKind, RecoveryManager, ReplayMode, StepDeadline
@@ -100,6 +101,7 @@ class ValidationCounters:
     tokens_rejected: int = 0
     invalid_utf8_deltas: int = 0
     suspicious_deltas: int = 0
+    output_findings: int = 0  # the CorruptionDetector's, on the assembled text (pipeline/levels.py)
 
 
 @dataclass
@@ -113,6 +115,7 @@ class _Owned:
     on_fallback: bool = False  # runs on this node's single-device fallback (no plan fits the survivors)
     level: ValidationLevel = ValidationLevel.LIGHT
     deltas: DeltaChecker | None = None
+    output: OutputWatch = field(default_factory=lambda: OutputWatch(ValidationLevel.OFF))
 
 
 @dataclass
@@ -214,6 +217,7 @@ class PipelineOwner:
             mode=mode,
             level=level,
             deltas=DeltaChecker(level),
+            output=OutputWatch(level),
         )
         self.requests[rid] = owned  # registered before anything is sent
         self.stats.requests += 1
@@ -364,6 +368,13 @@ class PipelineOwner:
         assembler = owned.assembler
         step = assembler.accept(chunk)
         self._check(owned, step)
+        for delta in step.deltas:
+            for finding in owned.output.feed(delta.text):
+                self.validation.output_findings += 1
+                rid = assembler.request_id
+                log.warning("request %s: the answer looks corrupt: %s %s", rid, finding.kind.value, finding.detail)
+                if result.trace is not None:
+                    result.trace.event("output_finding", corruption=finding.kind.value, severity=finding.severity.value)
         if result.first_token_s is None and assembler.next_position > 0:
             result.first_token_s = time.perf_counter() - started
         result.token_ids = list(assembler.token_ids)
@@ -616,6 +627,7 @@ class PipelineOwner:
             "tokens_rejected": v.tokens_rejected,
             "invalid_utf8_deltas": v.invalid_utf8_deltas,
             "suspicious_deltas": v.suspicious_deltas,
+            "output_findings": v.output_findings,
             "adaptive": self.adaptive.snapshot(),
         }
 
