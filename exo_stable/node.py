@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
 from actors import ActorSystem, Strategy, Supervisor
 from exo_stable.api.guards import ApiRunner
-from exo_stable.api.server import METRICS_KEY, ApiConfig, create_app, json_response
+from exo_stable.api.server import METRICS_KEY, create_app, json_response
 from exo_stable.cluster import addresses as addr
 from exo_stable.cluster.coordinator import Coordinator
 from exo_stable.cluster.exposure import interface_ips, is_ip, peer_addresses, say_who_may_join
@@ -44,19 +41,17 @@ from exo_stable.cluster.roles import (
     step_refusal,
     token_refusal,
 )
-from exo_stable.cluster.security import SecretSource
 from exo_stable.cluster.stagehost import ClusterOptions, StageHost
+from exo_stable.cluster_service import ClusterService
 from exo_stable.fallback import FallbackCoordinator
 from exo_stable.loader import ModelSource, open_model
 from exo_stable.logs import safe
 from exo_stable.metrics import NodeCollector
-from exo_stable.modelspec import Dtype
+from exo_stable.nodeconfig import BYTES_PER_PARAM, NodeConfig, available_memory, serving_dtype
 from exo_stable.pipeline.barrier import BarrierActor, Barriers
-from exo_stable.pipeline.levels import DEFAULT_SPOT_CHECK_FRACTION, AdaptiveConfig, IntegrityCounters, ValidationLevel
+from exo_stable.pipeline.levels import AdaptiveConfig, IntegrityCounters
 from exo_stable.pipeline.owner import OwnerConfig, PipelineOwner
-from exo_stable.recovery import FailureKind, ReplayMode
-from exo_stable.service import GenerationJob, GenerationResult, Service
-from exo_stable.textstream import Delta
+from exo_stable.recovery import FailureKind
 from exo_stable.wire.handshake import Identity, PeerInfo, new_session_id
 from exo_stable.wire.messages import (
     ActivationChunk,
@@ -80,135 +75,6 @@ from exo_stable.wire.peerlink import WIRE_PATH, LinkConfig
 
 log = logging.getLogger(__name__)
 
-_BYTES_PER_PARAM = {Dtype.FLOAT32: 4.0, Dtype.BFLOAT16: 2.0, Dtype.FLOAT16: 2.0, Dtype.QUANTIZED: 0.6}
-
-
-@dataclass(frozen=True, slots=True)
-class NodeConfig:
-    model: Path
-    dtype: Dtype
-    host: str = "127.0.0.1"
-    port: int = 52415
-    api: ApiConfig = field(default_factory=ApiConfig)
-    max_concurrent: int = 8
-    max_queue: int = 32
-    node_id: str | None = None
-    peers: tuple[tuple[str, int], ...] = ()
-    advertise: tuple[str, int | None] | None = None
-    """``--advertise host[:port]``: the address peers are told to dial (port None: the bound port)."""
-    discovery: bool = False
-    cluster_secret: bytes | None = None
-    cluster_auth: SecretSource = "given"
-    """Where the secret came from (cluster/security.py): the node says so once it listens."""
-    cluster_secret_path: Path | None = None
-    memory_bytes: int | None = None
-    max_context: int | None = None
-    dtype_auto: bool = False
-    """No ``--dtype`` given: :func:`serving_dtype` may keep a quantized model quantized."""
-    """``--max-context``: the longest request (prompt + answer) served; the KV reserve of placement is sized
-    for ``max_concurrent`` requests of this many tokens (default: the model's context)."""
-    split: tuple[int, ...] | None = None
-    max_stages: int | None = None
-    shutdown_timeout_s: float = 10.0
-    peer_timeout_s: float = 1.5
-    """A peer link silent this long (no data, no heartbeat) is down; heartbeats go every quarter of it."""
-    replay: ReplayMode = ReplayMode.EXACT
-    stage_max_restarts: int = 2
-    stage_restart_period_s: float = 30.0
-    suspect_ttl_s: float = 60.0
-    validation: ValidationLevel = ValidationLevel.LIGHT
-    spot_check_fraction: float = DEFAULT_SPOT_CHECK_FRACTION
-    adaptive_validation: bool = True
-    decode_ahead: bool = True
-    build_ahead: bool = True
-    peer_forget_s: float = 60.0  # a peer down this long leaves nothing behind (cluster/peers.py)
-
-
-def available_memory() -> int:
-    """What this machine can give now: MemAvailable on Linux (free memory plus reclaimable caches)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 8 << 30
-
-
-class ClusterService(Service):
-    """The API's backend on a node: requests run on the cluster's committed plan."""
-
-    backend = "pipeline"
-
-    def __init__(self, node: Node, *, max_active: int, max_queue: int = 32) -> None:
-        source = node.source
-        super().__init__(
-            source.tokenizer,
-            model_name=source.name,
-            context_length=node.context_length,
-            dtype=str(node.config.dtype),
-            max_active=max_active,
-            max_queue=max_queue,
-        )
-        self.node = node
-
-    async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
-        self.requests_started += 1
-        links_before = self._link_counters()
-        try:
-            async with aclosing(self.node.owner.stream(job, result)) as deltas:
-                async for delta in deltas:
-                    yield delta
-        finally:
-            self.generated_tokens += result.completion_tokens
-            if result.trace is not None:
-                # Link counters are per link, not per request: what moved while this request ran.
-                for peer, (retransmits, corrupt) in self._link_counters().items():
-                    before = links_before.get(peer, (0, 0))
-                    if (retransmits - before[0]) or (corrupt - before[1]):
-                        result.trace.event(
-                            "links", peer=peer, retransmits=retransmits - before[0], corrupt_frames=corrupt - before[1]
-                        )
-
-    def _link_counters(self) -> dict[str, tuple[int, int]]:
-        """(retransmissions, corrupt frames) summed over both links to each peer."""
-        out: dict[str, tuple[int, int]] = {}
-        for peer, _, st in self.node.peers.link_statistics():
-            r, c = out.get(peer, (0, 0))
-            out[peer] = (r + st.retransmissions, c + st.corrupt_frames)
-        return out
-
-    def kv_cache_bytes(self) -> int | None:
-        actor = self.node.stage_host.actor
-        return None if actor is None else actor.kv_cache_bytes()
-
-    def unavailable(self) -> str | None:
-        if self.node.coordinator.active is None:
-            return "the cluster has no pipeline plan yet (the model is loading or peers are joining)"
-        return None
-
-    def health(self) -> dict[str, Any]:
-        body = super().health()
-        plan = self.node.coordinator.active
-        body |= {
-            "node_id": self.node.node_id,
-            "plan_epoch": None if plan is None else plan.epoch,
-            "membership_epoch": self.node.coordinator.membership_epoch,
-            "stage": self.node.stage_host.snapshot(),
-            "owner": self.node.owner.snapshot(),
-            "peers": self.node.peers.statistics(),
-            "supervision": {
-                "escalations": self.node.escalations,
-                "stage_restarts": self.node.stage_host.restarts,
-                "suspects": sorted(self.node.coordinator.active_suspects()),
-            },
-        }
-        return body
-
 
 class Node:
     """Wires the parts of a node together and routes every incoming message to its handler."""
@@ -228,7 +94,7 @@ class Node:
             split=config.split,
             max_stages=config.max_stages,
             max_requests=config.max_concurrent * 2,
-            bytes_per_param=_BYTES_PER_PARAM[config.dtype],
+            bytes_per_param=BYTES_PER_PARAM[config.dtype],
             footprint=source.footprint(config.dtype, kv_tokens=config.max_concurrent * self.context_length),
             decode_ahead=config.decode_ahead,
             build_ahead=config.build_ahead,
@@ -709,22 +575,4 @@ async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> No
     await Node(config, source).run(ready=ready)
 
 
-def serving_dtype(source: ModelSource, config: NodeConfig) -> Dtype:
-    """The default dtype: the platform's, except that a quantized model stays quantized where its expanded
-    weights would not fit this node's budget (the weights alone: the choice must not hang on how much the KV
-    reserve of a busy machine leaves, or nodes alike would choose differently)."""
-    if config.dtype is Dtype.QUANTIZED or not source.quant:
-        return config.dtype
-    budget = config.memory_bytes or available_memory()
-    whole = source.footprint(config.dtype, kv_tokens=0)
-    needed = whole.stage_bytes(0, 1, whole.n_layers)
-    if needed <= budget:
-        return config.dtype
-    log.info(
-        "%s stays quantized: %s would take %.2f GiB, this node offers %.2f GiB",
-        source.name,
-        config.dtype,
-        needed / 2**30,
-        budget / 2**30,
-    )
-    return Dtype.QUANTIZED
+__all__ = ["ClusterService", "Node", "NodeConfig", "StageSupervisor", "available_memory", "serve", "serving_dtype"]

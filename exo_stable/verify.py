@@ -6,547 +6,53 @@ compares the two. A cluster is either started here (:func:`in_process_cluster`: 
 on 127.0.0.1, re-split at will; token ids are compared) or an existing one reached over its OpenAI API
 (:class:`RemoteCluster`; the API does not return token ids, so the text is compared).
 
-The comparison itself (:func:`first_divergence`, :func:`compare_sequences`) is pure and separate.
+The comparison, results and reports are pure and live in :mod:`exo_stable.verify_results`; the reference and
+the cluster targets in :mod:`exo_stable.verify_targets`; this module holds the validator and the command.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import math
 import random
-import re
 import time
-import unicodedata
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol, TextIO, TypeVar
+from typing import TextIO
 
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import ModelSource, open_model
+from exo_stable.loader import open_model
 from exo_stable.modelspec import Dtype
-from exo_stable.node import Node, NodeConfig
 from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult, InferenceService, ServiceUnavailable
-from exo_stable.tokenizer import ChatMessage, Tokenizer
-
-T = TypeVar("T")
-Unit = Literal["ids", "text"]
-
-# --- pure comparison ---------------------------------------------------------------------------------
-
-
-def first_divergence(expected: Sequence[T], actual: Sequence[T]) -> int | None:
-    """Index of the first position where the sequences differ (a missing element differs); None if equal."""
-    for i, (a, b) in enumerate(zip(expected, actual, strict=False)):
-        if a != b:
-            return i
-    if len(expected) != len(actual):
-        return min(len(expected), len(actual))
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class SequenceComparison:
-    compared: int  # positions compared: the longer of the two lengths
-    identical: bool
-    first_divergence: int | None
-    expected_len: int
-    actual_len: int
-
-
-def compare_sequences(expected: Sequence[T], actual: Sequence[T]) -> SequenceComparison:
-    at = first_divergence(expected, actual)
-    return SequenceComparison(
-        compared=max(len(expected), len(actual)),
-        identical=at is None,
-        first_divergence=at,
-        expected_len=len(expected),
-        actual_len=len(actual),
-    )
-
-
-def text_divergence_token(tokenizer: Tokenizer, expected_ids: Sequence[int], actual_text: str) -> int | None:
-    """The first of ``expected_ids`` whose text ``actual_text`` does not continue (None: it continues all)."""
-    for k in range(len(expected_ids)):
-        prefix = tokenizer.decode(expected_ids[: k + 1], skip_special=True).rstrip("\ufffd")
-        if not actual_text.startswith(prefix):
-            return k
-    return None
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in [0, 100]); 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def parse_duration(text: str) -> timedelta:
-    """``30s``, ``2m``, ``1.5h``, ``500ms`` or plain seconds."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 2m, 500ms)")
-    value, unit = float(match.group(1)), match.group(2) or "s"
-    seconds = value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
-    if seconds <= 0:
-        raise ValueError(f"the duration must be positive: {text!r}")
-    return timedelta(seconds=seconds)
-
-
-def even_split(layers: int, stages: int) -> tuple[int, ...]:
-    """Layers per stage as even as possible (earlier stages take the remainder)."""
-    if not 1 <= stages <= layers:
-        raise ValueError(f"cannot split {layers} layers into {stages} stages")
-    base, extra = divmod(layers, stages)
-    return tuple(base + (1 if i < extra else 0) for i in range(stages))
-
-
-def all_splits(layers: int, stages: int) -> list[tuple[int, ...]]:
-    """Every way to cut ``layers`` into ``stages`` non-empty consecutive ranges."""
-    if not 1 <= stages <= layers:
-        raise ValueError(f"cannot split {layers} layers into {stages} stages")
-    out = []
-    for cuts in itertools.combinations(range(1, layers), stages - 1):
-        bounds = (0, *cuts, layers)
-        out.append(tuple(b - a for a, b in itertools.pairwise(bounds)))
-    return out
-
-
-def split_label(split: Sequence[int]) -> str:
-    return "+".join(str(n) for n in split)
-
-
-# --- prompts and sampling modes ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    messages: tuple[ChatMessage, ...]
-
-    @classmethod
-    def of(cls, value: str | Sequence[ChatMessage] | Prompt) -> Prompt:
-        if isinstance(value, Prompt):
-            return value
-        if isinstance(value, str):
-            return cls((ChatMessage("user", value),))
-        return cls(tuple(value))
-
-    @property
-    def label(self) -> str:
-        return self.messages[-1].content if self.messages else ""
-
-    def short(self, width: int = 28) -> str:
-        """The last message on one line, cut to ``width`` terminal columns."""
-        text = " ".join(self.label.split())
-        if display_width(text) <= width:
-            return text
-        while display_width(text) > width - 1:
-            text = text[:-1]
-        return text + "…"
-
-
-def display_width(text: str) -> int:
-    """Terminal columns of ``text`` (East Asian wide and full-width characters take two)."""
-    return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
-
-
-def _pad(text: str, width: int, *, right: bool = False) -> str:
-    fill = " " * max(0, width - display_width(text))
-    return fill + text if right else text + fill
-
-
-DEFAULT_PROMPTS: tuple[Prompt, ...] = (
-    Prompt.of("What is the capital of France? Answer in one sentence."),
-    Prompt.of("Écris un court poème sur la mer."),
-    Prompt.of("Erkläre in zwei Sätzen, wie ein Regenbogen entsteht."),
-    Prompt.of("¿Cuántos días tiene un año bisiesto?"),
-    Prompt.of("用一句话介绍一下你自己。"),
-    Prompt.of(
-        [
-            ChatMessage("system", "You are a terse Python expert."),
-            ChatMessage("user", "Write a function that reverses a string."),
-        ]
-    ),
+from exo_stable.service import ServiceUnavailable
+from exo_stable.tokenizer import ChatMessage
+from exo_stable.verify_results import (
+    DEFAULT_PROMPTS,
+    GREEDY,
+    ComparisonResult,
+    DeterministicResult,
+    Generation,
+    Mismatch,
+    Prompt,
+    StressTestResult,
+    all_splits,
+    compare_sequences,
+    display_width,
+    even_split,
+    first_divergence,
+    format_deterministic,
+    format_stress,
+    format_summary,
+    format_table,
+    load_prompts,
+    mode_name,
+    parse_duration,
+    percentile,
+    seeded,
+    text_divergence_token,
 )
-
-
-def load_prompts(path: Path) -> list[Prompt]:
-    """A JSON list of strings, or of message lists (``[{"role": ..., "content": ...}, ...]``)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON: {exc}") from exc
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{path}: expected a non-empty JSON list of prompts")
-    prompts = []
-    for i, item in enumerate(data):
-        if isinstance(item, str) and item:
-            prompts.append(Prompt.of(item))
-        elif isinstance(item, list) and item and all(_is_message(m) for m in item):
-            prompts.append(Prompt(tuple(ChatMessage(str(m["role"]), str(m["content"])) for m in item)))
-        else:
-            raise ValueError(f"{path}: prompt {i} is neither a string nor a list of {{role, content}} messages")
-    return prompts
-
-
-def _is_message(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get("role"), str) and isinstance(value.get("content"), str)
-
-
-GREEDY = SamplingParams()
-
-
-def seeded(seed: int) -> SamplingParams:
-    return SamplingParams(temperature=0.8, top_p=0.95, top_k=40, seed=seed)
-
-
-def mode_name(params: SamplingParams) -> str:
-    return "greedy" if params.greedy else "seeded"
-
-
-# --- generations and targets -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Generation:
-    """One completion: its token ids (None where the target cannot tell them), text and timing."""
-
-    token_ids: tuple[int, ...] | None
-    text: str
-    tokens: int
-    seconds: float
-    finish_reason: str | None = None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-class ClusterTarget(Protocol):
-    """Something that runs a prompt on a cluster."""
-
-    @property
-    def unit(self) -> Unit: ...
-
-    def describe(self) -> str: ...
-
-    async def generate(
-        self, prompt: Prompt, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int
-    ) -> Generation: ...
-
-
-class SingleDevice:
-    """The reference: the whole model on one in-process engine, results cached per (prompt, sampling)."""
-
-    def __init__(self, source: ModelSource, dtype: Dtype, *, request_timeout_s: float = 300.0) -> None:
-        self.source = source
-        self.engine = SingleDeviceEngine(source, dtype=dtype)
-        self.service = InferenceService(self.engine, max_active=16, admission_timeout_s=request_timeout_s)
-        self.request_timeout_s = request_timeout_s
-        self._cache: dict[tuple[Prompt, SamplingParams, int], Generation] = {}
-        self._locks: dict[tuple[Prompt, SamplingParams, int], asyncio.Lock] = {}
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.source.tokenizer
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        return self.tokenizer.encode_chat(list(prompt.messages))
-
-    async def __aenter__(self) -> SingleDevice:
-        await self.engine.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.engine.close()
-
-    async def generate(self, prompt: Prompt, params: SamplingParams, max_tokens: int) -> Generation:
-        key = (prompt, params, max_tokens)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key not in self._cache:
-                self._cache[key] = await self._run(self.encode(prompt), params, max_tokens)
-            return self._cache[key]
-
-    async def _run(self, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int) -> Generation:
-        result = GenerationResult(prompt_tokens=len(prompt_ids))
-        text = ""
-        started = time.perf_counter()
-        async with asyncio.timeout(self.request_timeout_s):
-            await self.service.admit()
-            try:
-                job = GenerationJob(prompt_ids, params, max_tokens)
-                async with aclosing(self.service.stream(job, result)) as deltas:
-                    async for delta in deltas:
-                        text += delta.text
-            finally:
-                self.service.release()
-        seconds = time.perf_counter() - started
-        return Generation(tuple(result.token_ids), text, len(result.token_ids), seconds, result.finish_reason)
-
-
-class InProcessCluster:
-    """N nodes of this process over real sockets on 127.0.0.1; made by :func:`in_process_cluster`."""
-
-    unit: Unit = "ids"
-
-    def __init__(self, nodes: list[Node], *, request_timeout_s: float, plan_timeout_s: float) -> None:
-        self.nodes = nodes
-        self.request_timeout_s = request_timeout_s
-        self.plan_timeout_s = plan_timeout_s
-        self._owners = itertools.count()
-
-    @property
-    def split(self) -> tuple[int, ...]:
-        plan = self.nodes[0].coordinator.active
-        return () if plan is None else tuple(s.end - s.start for s in plan.stages)
-
-    def describe(self) -> str:
-        return split_label(self.split)
-
-    async def resplit(self, split: tuple[int, ...]) -> None:
-        """Commit a plan with these layers per stage and wait until every node runs it."""
-        leader = min(self.nodes, key=lambda nd: nd.node_id)
-        leader.coordinator.force_split(split)
-        async with asyncio.timeout(self.plan_timeout_s):
-            for node in self.nodes:
-                await node.coordinator.wait_plan_where(
-                    lambda p: tuple(s.end - s.start for s in p.stages) == split, timeout=self.plan_timeout_s
-                )
-
-    async def generate(
-        self, prompt: Prompt, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int
-    ) -> Generation:
-        node = self.nodes[next(self._owners) % len(self.nodes)]  # any node can own a request
-        result = GenerationResult(prompt_tokens=len(prompt_ids))
-        text = ""
-        started = time.perf_counter()
-        async with asyncio.timeout(self.request_timeout_s):
-            job = GenerationJob(prompt_ids, params, max_tokens)
-            async with aclosing(node.owner.stream(job, result)) as deltas:
-                async for delta in deltas:
-                    text += delta.text
-        seconds = time.perf_counter() - started
-        return Generation(tuple(result.token_ids), text, len(result.token_ids), seconds, result.finish_reason)
-
-
-@asynccontextmanager
-async def in_process_cluster(
-    model: Path,
-    dtype: Dtype,
-    split: tuple[int, ...],
-    *,
-    max_concurrent: int = 8,
-    start_timeout_s: float = 120.0,
-    stop_timeout_s: float = 60.0,
-    request_timeout_s: float = 300.0,
-    name: str = "verify",
-) -> AsyncIterator[InProcessCluster]:
-    """Start ``len(split)`` nodes with ``split`` layers per stage; stop them all on exit (with a deadline)."""
-    n = len(split)
-    stop = asyncio.Event()
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        async with asyncio.TaskGroup() as tg:
-            try:
-                nodes: list[Node] = []
-                for i in range(n):
-                    config = NodeConfig(
-                        model=model,
-                        dtype=dtype,
-                        port=0,
-                        node_id=f"{name}{n}-{i}",
-                        split=split,
-                        max_concurrent=max_concurrent,
-                        shutdown_timeout_s=5.0,
-                    )
-                    node = Node(config, open_model(model))
-                    nodes.append(node)
-                    tasks.append(tg.create_task(node.run(stop=stop, handle_signals=False), name=config.node_id))
-                async with asyncio.timeout(start_timeout_s):
-                    first = await nodes[0].wait_listening(timeout=start_timeout_s)
-                    for node in nodes[1:]:
-                        await node.wait_listening(timeout=start_timeout_s)
-                        node.peers.dial("127.0.0.1", first)
-                    for node in nodes:
-                        await node.coordinator.wait_plan_where(
-                            lambda p: tuple(s.end - s.start for s in p.stages) == split, timeout=start_timeout_s
-                        )
-                yield InProcessCluster(nodes, request_timeout_s=request_timeout_s, plan_timeout_s=start_timeout_s)
-            finally:
-                stop.set()
-                if tasks:
-                    _, pending = await asyncio.wait(tasks, timeout=stop_timeout_s)
-                    for task in pending:
-                        task.cancel()
-    except BaseExceptionGroup as group:
-        # The TaskGroup wraps whatever ended the block; one failure is reported as itself.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-
-
-class RemoteCluster:
-    """An existing cluster reached through the OpenAI API of its nodes (requests go round-robin)."""
-
-    unit: Unit = "text"
-
-    def __init__(self, urls: Sequence[str], *, api_key: str | None = None, request_timeout_s: float = 300.0) -> None:
-        if not urls:
-            raise ValueError("no node URLs given")
-        self.urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
-        self.api_key = api_key
-        self.request_timeout_s = request_timeout_s
-        self._owners = itertools.count()
-        self._session: Any = None
-        self._plan = "remote"
-
-    def describe(self) -> str:
-        return self._plan
-
-    async def __aenter__(self) -> RemoteCluster:
-        import aiohttp
-
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._session = aiohttp.ClientSession(
-            headers=headers, timeout=aiohttp.ClientTimeout(total=self.request_timeout_s)
-        )
-        try:
-            self._plan = await self._describe_plan()
-        except BaseException:
-            await self._session.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._session.close()
-
-    async def models(self) -> list[str]:
-        body = await self._get(self.urls[0] + "/v1/models")
-        return [str(m.get("id")) for m in body.get("data", [])]
-
-    async def _get(self, url: str) -> dict[str, Any]:
-        import aiohttp
-
-        try:
-            async with asyncio.timeout(30.0), self._session.get(url) as response:
-                response.raise_for_status()
-                body: dict[str, Any] = await response.json()
-                return body
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ConnectionError(f"cannot reach {url}: {exc!r}") from exc
-
-    async def _describe_plan(self) -> str:
-        await self.models()  # fails early when the first node is unreachable
-        try:
-            view = await self._get(self.urls[0] + "/v1/cluster")
-        except ConnectionError:
-            return "remote"
-        plan = view.get("plan") or {}
-        stages = plan.get("stages") or []
-        if not stages:
-            return "remote (no plan)"
-        return split_label([int(s["end"]) - int(s["start"]) for s in stages])
-
-    async def generate(
-        self, prompt: Prompt, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int
-    ) -> Generation:
-        url = self.urls[next(self._owners) % len(self.urls)] + "/v1/chat/completions"
-        body = {
-            "messages": [{"role": m.role, "content": m.content} for m in prompt.messages],
-            "max_tokens": max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "top_k": params.top_k,
-            "seed": params.seed,
-            "stream": False,
-        }
-        started = time.perf_counter()
-        async with asyncio.timeout(self.request_timeout_s), self._session.post(url, json=body) as response:
-            if response.status != 200:
-                raise ServiceUnavailable(f"{url}: HTTP {response.status}: {(await response.text())[:200]}")
-            reply: dict[str, Any] = await response.json()
-        seconds = time.perf_counter() - started
-        choice = reply["choices"][0]
-        tokens = int(reply.get("usage", {}).get("completion_tokens", 0))
-        return Generation(None, str(choice["message"]["content"] or ""), tokens, seconds, choice.get("finish_reason"))
-
-
-# --- results -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ComparisonResult:
-    prompt: str
-    mode: str
-    split: str
-    unit: Unit
-    tokens_compared: int
-    identical: bool
-    first_divergence: int | None  # a token position (in text mode: of the reference's tokens)
-    single_tokens: tuple[int, ...]
-    cluster_tokens: tuple[int, ...] | None  # None in text mode
-    single_text: str
-    cluster_text: str
-    single_seconds: float
-    cluster_seconds: float
-    single_tokens_per_s: float
-    cluster_tokens_per_s: float
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DeterministicResult:
-    prompt: str
-    seed: int
-    split: str
-    single: Generation
-    cluster_runs: tuple[Generation, ...]
-    cluster_consistent: bool  # every cluster run equal to the first
-    matches_single: bool  # the first cluster run equal to the single device
-    first_divergence: int | None
-
-    @property
-    def all_equal(self) -> bool:
-        return self.cluster_consistent and self.matches_single
-
-
-@dataclass(frozen=True, slots=True)
-class Mismatch:
-    prompt: str
-    mode: str
-    first_divergence: int | None
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StressTestResult:
-    split: str
-    duration_s: float
-    concurrency: int
-    requests: int
-    tokens: int
-    mismatches: int
-    errors: int
-    tokens_per_s: float
-    p50_latency_s: float
-    p99_latency_s: float
-    examples: tuple[Mismatch, ...] = field(default=())
-
-    @property
-    def ok(self) -> bool:
-        return self.requests > 0 and self.mismatches == 0 and self.errors == 0
-
+from exo_stable.verify_targets import ClusterTarget, InProcessCluster, RemoteCluster, SingleDevice, in_process_cluster
 
 # --- the validator -----------------------------------------------------------------------------------
 
@@ -722,72 +228,6 @@ class DistributedInferenceValidator:
         )
 
 
-# --- reports -----------------------------------------------------------------------------------------
-
-_COLUMNS = ("prompt", "mode", "split", "compared", "diverges at", "tok/s single", "tok/s cluster", "result")
-
-
-def format_table(results: Sequence[ComparisonResult]) -> str:
-    rows = []
-    for r in results:
-        unit = "ids" if r.unit == "ids" else "text"
-        verdict = "identical" if r.identical else ("ERROR" if r.error else "DIFFERS")
-        rows.append(
-            (
-                Prompt.of(r.prompt).short(),
-                r.mode,
-                r.split,
-                f"{r.tokens_compared} {unit}",
-                "-" if r.first_divergence is None else str(r.first_divergence),
-                f"{r.single_tokens_per_s:.1f}",
-                f"{r.cluster_tokens_per_s:.1f}",
-                verdict,
-            )
-        )
-    widths = [max([display_width(c), *(display_width(row[i]) for row in rows)]) for i, c in enumerate(_COLUMNS)]
-    right = {3, 4, 5, 6}
-
-    def line(cells: Sequence[str]) -> str:
-        padded = (_pad(c, w, right=i in right) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-        return "  ".join(padded).rstrip()
-
-    out = [line(_COLUMNS), "  ".join("-" * w for w in widths)]
-    out += [line(row).rstrip() for row in rows]
-    for r in results:
-        if r.error:
-            out.append(f"error: {Prompt.of(r.prompt).short()} {r.mode} split {r.split}: {r.error}")
-    return "\n".join(out)
-
-
-def format_summary(results: Sequence[ComparisonResult]) -> str:
-    same = sum(r.identical for r in results)
-    return f"{same}/{len(results)} runs identical to the single device"
-
-
-def format_deterministic(r: DeterministicResult) -> str:
-    verdict = "equal" if r.all_equal else "NOT equal"
-    runs = "agree" if r.cluster_consistent else "DISAGREE"
-    single = "matches" if r.matches_single else "DIFFERS"
-    return (
-        f"deterministic (seed {r.seed}, split {r.split}): {len(r.cluster_runs)} cluster runs {runs},"
-        f" single device {single} -> {verdict}"
-    )
-
-
-def format_stress(r: StressTestResult) -> str:
-    lines = [
-        f"stress (split {r.split}, concurrency {r.concurrency}, {r.duration_s:.1f}s): {r.requests} requests, "
-        f"{r.tokens} tokens, {r.mismatches} mismatches, {r.errors} errors, {r.tokens_per_s:.1f} tokens/s, "
-        f"latency p50 {r.p50_latency_s * 1000:.0f} ms p99 {r.p99_latency_s * 1000:.0f} ms",
-    ]
-    for m in r.examples:
-        where = "-" if m.first_divergence is None else str(m.first_divergence)
-        kind = "error" if m.error else "mismatch"
-        detail = f": {m.error}" if m.error else ""
-        lines.append(f"  {kind}: {Prompt.of(m.prompt).short()} {m.mode} at {where}{detail}")
-    return "\n".join(lines)
-
-
 # --- the command -------------------------------------------------------------------------------------
 
 
@@ -893,6 +333,7 @@ async def run_verify(options: VerifyOptions, out: TextIO, note: Callable[[str], 
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "GREEDY",
     "ComparisonResult",
     "DeterministicResult",
     "DistributedInferenceValidator",
@@ -903,11 +344,18 @@ __all__ = [
     "SingleDevice",
     "StressTestResult",
     "VerifyOptions",
+    "VerifySetupError",
     "all_splits",
     "compare_sequences",
+    "display_width",
     "even_split",
     "first_divergence",
+    "format_table",
     "in_process_cluster",
+    "load_prompts",
     "parse_duration",
+    "percentile",
     "run_verify",
+    "seeded",
+    "text_divergence_token",
 ]

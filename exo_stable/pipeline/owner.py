@@ -5,6 +5,9 @@ announces the request to every stage of the plan and waits at the request's barr
 missing stages named), sends the prompt to stage 0 in the same chunks the single device uses, then
 assembles the token chunks that come back: verified, reordered, deduplicated, decoded, with stop and
 finish decided in one place. Whatever way the request ends, every stage is told to free its caches.
+
+Its settings, per-request state, counters, errors and the pure rules it applies to failures are in
+:mod:`exo_stable.pipeline.ownerstate`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -26,22 +28,32 @@ from exo_stable.mlx_thread import WorkerClosed, WorkerTimeout
 from exo_stable.pipeline.assembler import AssemblyStep, StreamAssembler
 from exo_stable.pipeline.barrier import BarrierError, Barriers
 from exo_stable.pipeline.levels import (
-    DEFAULT_SPOT_CHECK_FRACTION,
-    AdaptiveConfig,
     AdaptiveStrictness,
     DeltaChecker,
     IntegrityCounters,
     OutputWatch,
     ValidationLevel,
 )
+from exo_stable.pipeline.ownerstate import (
+    SUSPECT_KINDS,
+    CorruptOutput,
+    NoPlan,
+    Owned,
+    OwnerConfig,
+    OwnerStats,
+    PipelineFailed,
+    Send,
+    ValidationCounters,
+    drain,
+    failure_kind,
+    trace_token,
+)
 from exo_stable.recovery import FailureClass, FailureKind, RecoveryManager, ReplayMode, StepDeadline
-from exo_stable.service import GenerationJob, GenerationResult, ServiceUnavailable
+from exo_stable.service import GenerationJob, GenerationResult
 from exo_stable.stagecompute import prompt_chunks
 from exo_stable.textstream import Delta
 from exo_stable.tokenizer import Tokenizer
-from exo_stable.trace import RequestTrace
 from exo_stable.wire.messages import (
-    Message,
     PlanCommit,
     RequestClose,
     RequestOpen,
@@ -55,80 +67,6 @@ from exo_stable.wire.messages import (
 from exo_stable.wire.validation import TokenTransferValidator
 
 log = logging.getLogger(__name__)
-
-Send = Callable[[str, Message], Awaitable[None]]
-
-
-class NoPlan(ServiceUnavailable):
-    """The cluster has no committed plan yet."""
-
-
-class PipelineFailed(ServiceUnavailable):
-    """A stage reported that it cannot run the request, or the pipeline stalled past its deadline."""
-
-    def __init__(self, message: str, *, kind: FailureKind = FailureKind.STAGE_FAILURE, node_id: str = "") -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.node_id = node_id
-
-
-@dataclass(frozen=True, slots=True)
-class OwnerConfig:
-    open_timeout_s: float = 10.0
-    open_retries: int = 2
-    first_token_timeout_s: float = 300.0
-    token_timeout_s: float = 60.0
-    inbox_size: int = 1024
-    max_recoveries: int = 6
-    recovery_timeout_s: float = 120.0
-    replay: ReplayMode = ReplayMode.EXACT
-    validation: ValidationLevel = ValidationLevel.LIGHT  # requests that do not ask for a level run at this one
-    spot_check_fraction: float = DEFAULT_SPOT_CHECK_FRACTION  # strict: the share of steps recomputed
-    spot_check_seed: int = 0
-    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
-
-
-class CorruptOutput(RuntimeError):
-    """A text delta failed its validation at the owner (it is never sent): the request ends with an error."""
-
-
-@dataclass
-class ValidationCounters:
-    """What the owner's validation found, over the node's life (for /health and adaptive strictness)."""
-
-    requests: dict[str, int]
-    token_checksum_failures: int = 0
-    tokens_rejected: int = 0
-    invalid_utf8_deltas: int = 0
-    suspicious_deltas: int = 0
-    output_findings: int = 0  # the CorruptionDetector's, on the assembled text (pipeline/levels.py)
-
-
-@dataclass
-class _Owned:
-    assembler: StreamAssembler
-    plan: PlanCommit
-    inbox: asyncio.Queue[TokenChunk | StageFailure]
-    overflowed: bool = False
-    mode: ReplayMode = ReplayMode.EXACT
-    failed_at: float | None = None  # set while the request recovers: the failure that paused its stream
-    on_fallback: bool = False  # runs on this node's single-device fallback (no plan fits the survivors)
-    level: ValidationLevel = ValidationLevel.LIGHT
-    deltas: DeltaChecker | None = None
-    output: OutputWatch = field(default_factory=lambda: OutputWatch(ValidationLevel.OFF))
-
-
-@dataclass
-class OwnerStats:
-    requests: int = 0
-    finished: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    late_messages: int = 0
-    resend_requests: int = 0
-    recoveries: int = 0
-    fallbacks: int = 0
-    kept_plan: int = 0  # running requests that kept their plan while a newer one was committed
 
 
 class PipelineOwner:
@@ -159,7 +97,7 @@ class PipelineOwner:
         self.config = config or OwnerConfig()
         self.fallback = fallback
         self.on_suspect = on_suspect
-        self.requests: dict[str, _Owned] = {}
+        self.requests: dict[str, Owned] = {}
         self.barriers = barriers
         self.recovery = RecoveryManager()
         self.step_deadline = StepDeadline(initial_s=self.config.token_timeout_s, ceiling_s=self.config.token_timeout_s)
@@ -210,7 +148,7 @@ class PipelineOwner:
         mode = job.replay or self.config.replay
         if result.trace is not None:
             result.trace.validation, result.trace.replay = level.value, mode.value
-        owned = _Owned(
+        owned = Owned(
             assembler,
             plan,
             asyncio.Queue(maxsize=self.config.inbox_size),
@@ -266,7 +204,7 @@ class PipelineOwner:
                     await self._close(rid, [s.node_id for s in failed.stages], reason="recovering")
                     if (
                         decision.failure_class is FailureClass.PERSISTENT
-                        and exc.kind in _SUSPECT_KINDS
+                        and exc.kind in SUSPECT_KINDS
                         and self.on_suspect is not None
                         and any(s.node_id == exc.node_id for s in failed.stages)
                     ):
@@ -283,7 +221,7 @@ class PipelineOwner:
                     except PipelineFailed:
                         self.recovery.outcome("failed")
                         raise
-                    _drain(owned.inbox)
+                    drain(owned.inbox)
                     self.stats.recoveries += 1
             self.stats.finished += 1
         except (GeneratorExit, asyncio.CancelledError):
@@ -297,7 +235,7 @@ class PipelineOwner:
             await self._close(rid, [s.node_id for s in owned.plan.stages])
 
     async def _attempt(
-        self, rid: str, job: GenerationJob, owned: _Owned, result: GenerationResult, started: float
+        self, rid: str, job: GenerationJob, owned: Owned, result: GenerationResult, started: float
     ) -> AsyncGenerator[Delta]:
         """Run (or replay and continue) the request on ``owned.plan`` until it finishes."""
         plan, assembler = owned.plan, owned.assembler
@@ -347,12 +285,12 @@ class PipelineOwner:
             if isinstance(message, StageFailure):
                 raise PipelineFailed(
                     f"stage {message.node_id} failed request {rid}: {message.detail}",
-                    kind=_failure_kind(message.detail),
+                    kind=failure_kind(message.detail),
                     node_id=message.node_id,
                 )
             step_result = self._accept(owned, message, result, started, len(history))
             if result.trace is not None:
-                _trace_token(result.trace, message, step_result)
+                trace_token(result.trace, message, step_result)
             if step_result.missing:
                 self.stats.resend_requests += 1
                 await self.send(stage_nodes[-1], ResendTokens(request_id=rid, positions=step_result.missing))
@@ -362,7 +300,7 @@ class PipelineOwner:
                 yield delta
 
     def _accept(
-        self, owned: _Owned, chunk: TokenChunk, result: GenerationResult, started: float, replayed: int
+        self, owned: Owned, chunk: TokenChunk, result: GenerationResult, started: float, replayed: int
     ) -> AssemblyStep:
         """Hand ``chunk`` to the assembler; note the first token and, after a recovery, the time to resume."""
         assembler = owned.assembler
@@ -387,7 +325,7 @@ class PipelineOwner:
         return step
 
     async def _fallback_attempt(
-        self, rid: str, job: GenerationJob, owned: _Owned, result: GenerationResult, started: float
+        self, rid: str, job: GenerationJob, owned: Owned, result: GenerationResult, started: float
     ) -> AsyncGenerator[Delta]:
         """Replay and continue the request on this node's single-device fallback until it finishes."""
         assert self.fallback is not None
@@ -484,7 +422,7 @@ class PipelineOwner:
                 except asyncio.QueueFull:
                     owned.overflowed = True
 
-    async def _next(self, owned: _Owned, timeout: float, rid: str) -> TokenChunk | StageFailure:  # noqa: ASYNC109
+    async def _next(self, owned: Owned, timeout: float, rid: str) -> TokenChunk | StageFailure:  # noqa: ASYNC109
         if owned.overflowed:
             raise PipelineFailed(
                 f"request {rid}: more than {self.config.inbox_size} chunks waiting", node_id=self.node_id
@@ -595,7 +533,7 @@ class PipelineOwner:
             + events[FailureKind.SPOT_CHECK.value]
         )
 
-    def _check(self, owned: _Owned, step: AssemblyStep) -> None:
+    def _check(self, owned: Owned, step: AssemblyStep) -> None:
         """Count what the assembler rejected; check the deltas at the request's level (a delta that is not
         valid UTF-8 is never sent: the request ends with :class:`CorruptOutput`)."""
         if step.rejected is not None:
@@ -632,40 +570,4 @@ class PipelineOwner:
         }
 
 
-_SUSPECT_KINDS = frozenset(
-    {FailureKind.STAGE_FAILURE, FailureKind.STAGE_ESCALATED, FailureKind.CHECKSUM, FailureKind.STEP_DEADLINE}
-)
-"""Failures that, repeated, make a node suspect (a lost node is gone anyway; a replaced plan is no fault)."""
-
-
-def _trace_token(trace: RequestTrace, token: TokenChunk, step: AssemblyStep) -> None:
-    """A token's forward steps go into the request's trace once (not again with a duplicate or a resend)."""
-    if not step.duplicate and step.rejected is None:
-        trace.hops(token.hops, lost=token.hops_lost)
-    if step.missing:
-        trace.resend(step.missing)
-
-
-def _drain(queue: asyncio.Queue[TokenChunk | StageFailure]) -> None:
-    """Drop what the failed attempt left behind (stale epochs would be rejected anyway)."""
-    while not queue.empty():
-        queue.get_nowait()
-
-
-def _stages_changed(old: PlanCommit, new: PlanCommit) -> bool:
-    """Whether any node of ``old`` holds different layers (or none) in ``new``."""
-    now = {s.node_id: (s.start, s.end) for s in new.stages}
-    return any(now.get(s.node_id) != (s.start, s.end) for s in old.stages)
-
-
-def _failure_kind(detail: str) -> FailureKind:
-    """The kind of a stage's reported failure (node-down notices come from this node's own membership)."""
-    if detail.startswith("node ") and detail.endswith(" is down"):
-        return FailureKind.NODE_LOST
-    if detail.startswith("plan "):
-        return FailureKind.PLAN_REPLACED
-    if detail.startswith("bad activation"):
-        return FailureKind.CHECKSUM
-    if detail.startswith("spot check"):
-        return FailureKind.SPOT_CHECK
-    return FailureKind.STAGE_FAILURE
+__all__ = ["CorruptOutput", "NoPlan", "OwnerConfig", "OwnerStats", "PipelineFailed", "PipelineOwner", "Send"]

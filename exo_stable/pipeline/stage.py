@@ -7,6 +7,9 @@ the request owner and (unless the request's token budget is spent) to stage 0 as
 
 The owner decides when a request is over and says so with RequestClose; a step that arrives for a request
 this stage no longer holds is dropped and counted (the pipeline may run a token ahead of the owner).
+
+The stage's settings, per-request state, counters and timing records are in
+:mod:`exo_stable.pipeline.stagestate`.
 """
 
 from __future__ import annotations
@@ -14,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 import msgspec
@@ -28,20 +29,32 @@ from exo_stable.grammar import GrammarError
 from exo_stable.loader import ModelSource
 from exo_stable.mlx_thread import MlxThread
 from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype
 from exo_stable.pipeline.levels import ValidationLevel, spot_check_chosen
 from exo_stable.pipeline.stagefaults import StageFaultConfig, StageFaults
+from exo_stable.pipeline.stagestate import (
+    MAX_PENDING_HOPS,
+    Arrival,
+    InjectedStageCrash,
+    Send,
+    SpotCheckMismatch,
+    StageConfig,
+    StageMessage,
+    StageRequest,
+    StageStats,
+    Timing,
+    stage_faults,
+    timed,
+    wire_level,
+)
 from exo_stable.sampling import Pick, SamplingParams
 from exo_stable.stagecompute import StageBusy, StageCompute, UnknownRequest, input_array, tensor_to_bytes
 from exo_stable.wire.messages import (
     ActivationChunk,
     BarrierArrive,
-    Message,
     RequestClose,
     RequestOpen,
     ResendTokens,
     StageFailure,
-    StageRange,
     StepHop,
     StepInput,
     TensorPayload,
@@ -52,79 +65,6 @@ from exo_stable.wire.tensors import ActivationAssembler, TensorError, chunk_acti
 from exo_stable.wire.validation import TokenTransferValidator
 
 log = logging.getLogger(__name__)
-
-Send = Callable[[str, Message], Awaitable[None]]
-StageMessage = RequestOpen | StepInput | ActivationChunk | RequestClose | ResendTokens
-
-MAX_PENDING_HOPS = 1024
-"""Trace hops the last stage holds for a request between tokens (prompt chunks, replayed positions)."""
-
-STAGE_FAULTS_ENV = "EXO_STABLE_STAGE_FAULTS"
-"""Injected stage faults, for chaos tests: ``crash_every_step`` makes every forward step raise (the actor
-crashes, its supervisor restarts it, and past its restart intensity escalates)."""
-
-
-class InjectedStageCrash(RuntimeError):
-    """A crash injected by ``EXO_STABLE_STAGE_FAULTS=crash_every_step``."""
-
-
-def stage_faults(environ: dict[str, str] | None = None) -> frozenset[str]:
-    """The stage faults named in the environment; unknown names are refused (a typo must not pass silently)."""
-    raw = (os.environ if environ is None else environ).get(STAGE_FAULTS_ENV, "")
-    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
-    unknown = names - {"crash_every_step"}
-    if unknown:
-        raise ValueError(f"{STAGE_FAULTS_ENV}: unknown stage faults {sorted(unknown)}")
-    return names
-
-
-@dataclass
-class _Request:
-    owner: str
-    plan_epoch: int
-    max_tokens: int
-    history: tuple[int, ...] = ()  # tokens of a replay: fed forward instead of sampled
-    first_position: int = 0  # a fast replay: the first position this stage samples (the rest was re-prefilled)
-    sent: list[TokenChunk] = field(default_factory=list)  # last stage: every token sent, for resends
-    level: ValidationLevel = ValidationLevel.LIGHT  # what this stage checks for the request (pipeline/levels.py)
-    spot_fraction: float = 0.0  # strict: the share of steps recomputed and compared bit for bit
-    spot_seed: int = 0
-    pending_hops: list[StepHop] = field(default_factory=list)  # last stage: steps not yet behind a sent token
-    hops_lost: int = 0  # hops past MAX_PENDING_HOPS, counted and dropped
-    greedy: bool = False
-
-
-@dataclass
-class StageStats:
-    steps: int = 0
-    tokens_sent: int = 0
-    stale_steps: int = 0
-    resent: int = 0
-    bad_activations: int = 0
-    failures: int = 0
-    replayed: int = 0
-    replay_divergences: int = 0
-    source_checksum_failures: int = 0  # strict: activations whose sender's checksum did not match (also bad)
-    spot_checks: int = 0  # strict: steps computed twice
-    spot_check_mismatches: int = 0  # ... whose two results differed
-    refused_per_owner: int = 0  # request opens past the per-owner share of the slots
-    build_ahead_busy: int = 0  # next steps not built ahead because the stage served other requests too
-
-
-@dataclass(frozen=True, slots=True)
-class StageConfig:
-    node_id: str
-    plan_epoch: int
-    stages: tuple[StageRange, ...]
-    index: int
-    dtype: Dtype
-    max_requests: int = 16
-    max_requests_per_owner: int = 12  # one owner node may hold this many of the slots (the others keep some)
-    load_timeout_s: float = 600.0
-    step_timeout_s: float = 120.0
-    send_timeout_s: float = 30.0
-    decode_ahead: bool = True  # a one-stage plan queues each greedy step before its token is read
-    build_ahead: bool = True  # build each decode step's graph while the other stages compute (prepare)
 
 
 class StageActor(Actor[StageMessage]):
@@ -140,7 +80,7 @@ class StageActor(Actor[StageMessage]):
         self._send = send
         self._compute = StageCompute(source, self.layers, config.dtype, max_requests=config.max_requests)
         self._thread: MlxThread | None = None
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, StageRequest] = {}
         self._assembler = ActivationAssembler(max_pending=config.max_requests * 4)
         self._validator = TokenTransferValidator()
         self.stats = StageStats()
@@ -245,13 +185,13 @@ class StageActor(Actor[StageMessage]):
                 self.stats.refused_per_owner += 1
                 raise StageBusy(f"{msg.owner} already holds {held} of this stage's requests")
             await self._run(self._compute.open, msg.request_id, params, msg.history)
-            self._requests[msg.request_id] = _Request(
+            self._requests[msg.request_id] = StageRequest(
                 msg.owner,
                 msg.plan_epoch,
                 msg.max_tokens,
                 msg.history,
                 first_position=msg.first_position,
-                level=_wire_level(msg.validation),
+                level=wire_level(msg.validation),
                 spot_fraction=msg.spot_check_fraction,
                 spot_seed=msg.spot_check_seed,
                 greedy=params.plain_greedy,
@@ -270,7 +210,7 @@ class StageActor(Actor[StageMessage]):
                 await self._run(self._compute.close, msg.request_id)
 
     async def _step_tokens(self, msg: StepInput) -> None:
-        arrived = _Arrival(time.time(), time.perf_counter())
+        arrived = Arrival(time.time(), time.perf_counter())
         if not self.is_first:
             raise RuntimeError(f"token step sent to stage {self.config.index}, which is not the first")
         request = self._requests.get(msg.request_id)
@@ -282,7 +222,7 @@ class StageActor(Actor[StageMessage]):
         await self._forward(rid, request, msg.step, msg.position, msg.final, arrived=arrived, tokens=msg.tokens)
 
     async def _step_activation(self, chunk: ActivationChunk) -> None:
-        arrived = _Arrival(time.time(), time.perf_counter())
+        arrived = Arrival(time.time(), time.perf_counter())
         request = self._requests.get(chunk.request_id)
         if request is None or request.plan_epoch != chunk.plan_epoch:
             # Closed, or a step of the plan this request left (a replaced plan's stage still draining it).
@@ -318,12 +258,12 @@ class StageActor(Actor[StageMessage]):
     async def _forward(
         self,
         rid: str,
-        request: _Request,
+        request: StageRequest,
         step: int,
         position: int,
         final: bool,
         *,
-        arrived: _Arrival,
+        arrived: Arrival,
         tokens: tuple[int, ...] = (),
         tensor: TensorPayload | None = None,
         hops: tuple[StepHop, ...] = (),
@@ -350,7 +290,7 @@ class StageActor(Actor[StageMessage]):
             step_fn = functools.partial(
                 self._compute_step, checks=(request.level, spot), ahead=queue_next if ahead else None, forced=forced
             )
-            out, compute_s = await self._run(_timed, step_fn, rid, tokens, tensor, position, final)
+            out, compute_s = await self._run(timed, step_fn, rid, tokens, tensor, position, final)
         except UnknownRequest:
             self.stats.stale_steps += 1
             return
@@ -361,7 +301,7 @@ class StageActor(Actor[StageMessage]):
             await self._fail(rid, request, f"spot check mismatch: {exc}", step)
             return
         self.stats.steps += 1
-        timing = _Timing(arrived.wall, time.perf_counter() - arrived.clock, compute_s)
+        timing = Timing(arrived.wall, time.perf_counter() - arrived.clock, compute_s)
         n_tokens = len(tokens) if tensor is None else tensor.shape[1]
         if not self.is_last:
             dtype, shape, data, source = out
@@ -444,7 +384,7 @@ class StageActor(Actor[StageMessage]):
         if not ahead:
             await self._build_ahead(rid, request, position)
 
-    async def _build_ahead(self, rid: str, request: _Request, position: int) -> None:
+    async def _build_ahead(self, rid: str, request: StageRequest, position: int) -> None:
         """With this step's result sent on, build the graph of the request's next step (the one at
         ``position + 1``) while the other stages compute: when its input comes, only the device work is left.
 
@@ -463,7 +403,7 @@ class StageActor(Actor[StageMessage]):
             except UnknownRequest:
                 self.stats.stale_steps += 1
 
-    def _hop(self, step: int, position: int, *, tokens: int, timing: _Timing, bytes_out: int, checksum: str) -> StepHop:
+    def _hop(self, step: int, position: int, *, tokens: int, timing: Timing, bytes_out: int, checksum: str) -> StepHop:
         """This stage's trace facts for one step."""
         return StepHop(
             node_id=self.config.node_id,
@@ -481,13 +421,13 @@ class StageActor(Actor[StageMessage]):
         )
 
     @staticmethod
-    def _keep_hops(request: _Request, hops: tuple[StepHop, ...]) -> None:
+    def _keep_hops(request: StageRequest, hops: tuple[StepHop, ...]) -> None:
         """Hold the hops of a step that yields no token (bounded: the excess is counted, not kept)."""
         room = MAX_PENDING_HOPS - len(request.pending_hops)
         request.pending_hops.extend(hops[: max(0, room)])
         request.hops_lost += max(0, len(hops) - max(0, room))
 
-    async def _continue(self, rid: str, request: _Request, step: int, position: int, token_id: int) -> None:
+    async def _continue(self, rid: str, request: StageRequest, step: int, position: int, token_id: int) -> None:
         """Send the token at ``position`` round to stage 0 as the next step, unless the budget is spent."""
         if position + 1 < request.max_tokens and rid in self._requests:
             nxt = StepInput(
@@ -557,7 +497,7 @@ class StageActor(Actor[StageMessage]):
                 self.stats.resent += 1
                 await self._send(request.owner, request.sent[position - first])
 
-    async def _fail(self, rid: str, request: _Request, detail: str, step: int) -> None:
+    async def _fail(self, rid: str, request: StageRequest, detail: str, step: int) -> None:
         """Tell the owner this request failed here and drop it (the owner replays it elsewhere)."""
         self.stats.failures += 1
         log.warning("stage %d failed request %s at step %d: %s", self.config.index, rid, step, detail)
@@ -605,33 +545,4 @@ class StageActor(Actor[StageMessage]):
         }
 
 
-class _Arrival(NamedTuple):
-    """When a stage took a step in: wall clock (comparable across the nodes of one host) and perf counter."""
-
-    wall: float
-    clock: float
-
-
-class _Timing(NamedTuple):
-    received_at: float
-    stage_s: float
-    compute_s: float
-
-
-def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """On the compute thread: ``fn(*args)`` and the seconds it took there."""
-    started = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - started
-
-
-class SpotCheckMismatch(RuntimeError):
-    """A step computed twice on this stage gave two different results (strict validation)."""
-
-
-def _wire_level(text: str) -> ValidationLevel:
-    """A request's level as the owner sent it; one this node does not know is treated as ``strict``."""
-    try:
-        return ValidationLevel(text)
-    except ValueError:
-        return ValidationLevel.STRICT
+__all__ = ["Send", "StageActor", "StageConfig", "StageMessage"]

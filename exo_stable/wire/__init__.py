@@ -10,6 +10,8 @@ Modules, pure logic first:
 - ``handshake``: identity, version and HMAC challenge-response over the cluster secret.
 - ``validation``: ``TokenTransferValidator``: token checksums and transfer checks.
 - ``tensors``: chunking large activations and reassembling them, verified.
+- ``linkconfig`` / ``connection``: a link's settings and statistics; one connection's state and timers.
+- ``wsio``: handshake frames over a websocket and closing one with a deadline.
 - ``peerlink`` / ``server``: the IO: ``PeerLink`` per peer and the accepting ``WireServer``.
 - ``transport``: ``ReliableMessageTransport``, a node's links behind one send/receive API.
 """

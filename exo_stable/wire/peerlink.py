@@ -9,12 +9,15 @@ duplicates are suppressed: the receiver sees each message exactly once, in order
 Per connection two tasks run in a TaskGroup: the reader (socket → fault injector → frame check → windows →
 inbox) and the writer (the only task that writes: new data, retransmissions, acks, heartbeats; it sleeps on
 an event with a deadline set by the earliest timer). Either ends the connection by raising
-``_ConnectionEnded``; the other is cancelled, the socket closed with a deadline.
+``ConnectionEnded`` (see ``connection.py``); the other is cancelled, the socket closed with a deadline.
 
 aiohttp settings are deliberate: ``max_msg_size`` is the link's ``max_frame_bytes`` (larger tensors are
 chunked, see ``tensors.py``), compression is off (activations barely compress; it costs CPU), and aiohttp's
 own heartbeat is off because the link runs its own: checksummed PING/PONG frames that measure RTT and feed
 the health monitor, so one judge decides when a peer is dead.
+
+The link's settings and statistics are in ``linkconfig.py``, the handshake frame helpers it shares with the
+server in ``wsio.py``.
 """
 
 from __future__ import annotations
@@ -26,14 +29,12 @@ import random
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
 
 import aiohttp
 import msgspec
-from aiohttp import web
 
-from exo_stable.wire.faults import FaultConfig, FaultCounts, FaultInjector
+from exo_stable.wire.connection import Connection, ConnectionEnded, control_frames, wake_at
+from exo_stable.wire.faults import FaultCounts, FaultInjector
 from exo_stable.wire.frame import (
     Frame,
     FrameCodec,
@@ -41,105 +42,22 @@ from exo_stable.wire.frame import (
     FrameKind,
     FrameTooLarge,
     decode_ping,
-    encode_ping,
 )
 from exo_stable.wire.handshake import Dialer, HandshakeError, Identity, PeerInfo
 from exo_stable.wire.health import NetworkHealthMonitor
+from exo_stable.wire.linkconfig import (
+    DEFAULT_MAX_FRAME_BYTES,
+    WIRE_PATH,
+    LinkClosed,
+    LinkConfig,
+    LinkStats,
+    WebSocket,
+)
 from exo_stable.wire.messages import CODEC, Challenge, Message, Rejected, Welcome
 from exo_stable.wire.reliable import ReceiveWindow, RttEstimator, SendWindow
+from exo_stable.wire.wsio import close_ws, recv_handshake, send_handshake
 
 log = logging.getLogger("exo_stable.wire")
-
-WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-DEFAULT_MAX_FRAME_BYTES: Final = (4 << 20) + (64 << 10)
-"""4 MiB of payload plus room for the header: a 1 MiB activation chunk fits with ample margin."""
-WIRE_PATH: Final = "/exo-stable/wire"
-
-
-@dataclass(frozen=True, slots=True)
-class LinkConfig:
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    checksum: bool = True
-    window: int = 256
-    window_bytes: int = 32 << 20
-    inbox_size: int = 1024
-    ack_every: int = 16
-    ack_delay_s: float = 0.002
-    initial_rto_s: float = 0.2
-    min_rto_s: float = 0.05
-    max_rto_s: float = 2.0
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 5.0
-    handshake_timeout_s: float = 5.0
-    close_timeout_s: float = 2.0
-    reconnect_initial_s: float = 0.02
-    reconnect_max_s: float = 2.0
-    reorder_flush_s: float = 0.005
-    faults: FaultConfig | None = None
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> LinkConfig:
-        """Defaults plus ``overrides``, with faults from ``EXO_STABLE_FAULTS`` (whole-node fault runs)."""
-        overrides.setdefault("faults", FaultConfig.from_env(environ))
-        return cls(**overrides)
-
-
-class LinkClosed(ConnectionError):
-    """The link was closed; it sends and receives nothing more."""
-
-
-class _ConnectionEnded(Exception):
-    """Raised by a connection task to end the connection (not an error of the link)."""
-
-
-@dataclass(slots=True)
-class _Connection:
-    ws: WebSocket
-    peer: PeerInfo
-    last_rx: float
-    next_ping: float
-    ping_id: int = 0
-    delivering: bool = False
-    stopping: str = ""
-    pongs: list[bytes] = field(default_factory=list)
-    ping_requests: list[asyncio.Future[float]] = field(default_factory=list)
-    ping_waiters: dict[int, asyncio.Future[float]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class LinkStats:
-    """A snapshot of one link (``PeerLink.statistics()``)."""
-
-    local: str
-    peer: str | None
-    connected: bool
-    connects: int
-    disconnects: int
-    connect_failures: int
-    last_error: str
-    messages_sent: int
-    messages_acked: int
-    messages_delivered: int
-    in_flight: int
-    frames_sent: int
-    frames_received: int
-    retransmissions: int
-    fast_retransmissions: int
-    timeout_retransmissions: int
-    duplicates_suppressed: int
-    reordered: int
-    out_of_window: int
-    corrupt_frames: int
-    bad_frames_by_reason: dict[str, int]
-    undecodable: int
-    peer_restarts: int
-    rtt_s: float | None
-    rto_s: float
-    faults: dict[str, int] | None
-    bytes_sent: int = 0
-    """Frame bytes written to the socket (data, acks, heartbeats, retransmissions; handshakes aside)."""
-    bytes_received: int = 0
-    """Frame bytes read from the socket (before fault injection), bad frames included."""
 
 
 class PeerLink:
@@ -177,7 +95,7 @@ class PeerLink:
         self._connected = asyncio.Event()
         self._closed_event = asyncio.Event()
         self._conn_lock = asyncio.Lock()
-        self._active: _Connection | None = None
+        self._active: Connection | None = None
         self._root: asyncio.Task[None] | None = None
         self._closing = False
         self._peer_session: tuple[str, str] | None = None  # the peer's (session, link) of the last connection
@@ -443,14 +361,14 @@ class PeerLink:
             if self._closing:
                 return
             now = self._clock()
-            conn = _Connection(ws=ws, peer=info, last_rx=now, next_ping=now)
+            conn = Connection(ws=ws, peer=info, last_rx=now, next_ping=now)
             self._attach(conn)
             reason = "?"
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._reader(conn), name=f"{self._name} reader")
                     tg.create_task(self._writer(conn), name=f"{self._name} writer")
-            except* _ConnectionEnded as group:
+            except* ConnectionEnded as group:
                 reason = str(group.exceptions[0])
             except* (ConnectionError, aiohttp.ClientError) as group:
                 reason = f"socket error: {group.exceptions[0]!r}"
@@ -462,7 +380,7 @@ class PeerLink:
         finally:
             self._conn_lock.release()
 
-    def _attach(self, conn: _Connection) -> None:
+    def _attach(self, conn: Connection) -> None:
         info = conn.peer
         if self.peer_id is None:
             self.peer_id = info.node_id
@@ -506,7 +424,7 @@ class PeerLink:
         self._progress = asyncio.Event()
         ev.set()
 
-    async def _reader(self, conn: _Connection) -> None:
+    async def _reader(self, conn: Connection) -> None:
         cfg = self.config
         ws = conn.ws
         injector = self._injector
@@ -531,23 +449,23 @@ class PeerLink:
                 for raw in outcome.frames:
                     await self._on_frame(conn, raw)
                 if outcome.cut:
-                    raise _ConnectionEnded("fault injector cut the connection")
+                    raise ConnectionEnded("fault injector cut the connection")
             elif msg.type is aiohttp.WSMsgType.TEXT:
                 self._count_bad("text_frame")
                 log.warning("%s: dropped a text frame (only binary frames are valid)", self._name)
             elif msg.type is aiohttp.WSMsgType.ERROR:
                 self._count_bad("ws_error")
                 log.warning("%s: websocket error: %r", self._name, msg.data)
-                raise _ConnectionEnded(f"websocket error: {msg.data!r}")
+                raise ConnectionEnded(f"websocket error: {msg.data!r}")
             else:
-                raise _ConnectionEnded(f"closed by peer ({msg.type.name}, code {ws.close_code})")
+                raise ConnectionEnded(f"closed by peer ({msg.type.name}, code {ws.close_code})")
 
     def _count_bad(self, reason: str) -> None:
         self._bad_frames[reason] = self._bad_frames.get(reason, 0) + 1
         if self.peer_id is not None:
             self.monitor.record_corrupt(self.peer_id)
 
-    async def _on_frame(self, conn: _Connection, raw: bytes) -> None:
+    async def _on_frame(self, conn: Connection, raw: bytes) -> None:
         try:
             frame = self._codec.decode(raw)
         except FrameError as exc:
@@ -585,7 +503,7 @@ class PeerLink:
             self._count_bad("unexpected_handshake")
             log.warning("%s: handshake frame on an established link ignored", self._name)
 
-    async def _on_data(self, conn: _Connection, frame: Frame) -> None:
+    async def _on_data(self, conn: Connection, frame: Frame) -> None:
         before = self._rx.stats.duplicates
         delivered = self._rx.on_data(frame.seq, frame.payload)
         self._ack_pending += 1
@@ -613,7 +531,7 @@ class PeerLink:
                 self._inbox.put_nowait(message)
             self._delivered += 1
 
-    async def _writer(self, conn: _Connection) -> None:
+    async def _writer(self, conn: Connection) -> None:
         cfg = self.config
         codec = self._codec
         ws = conn.ws
@@ -622,12 +540,12 @@ class PeerLink:
         while True:
             self._wake.clear()
             if self._closing:
-                raise _ConnectionEnded("link closed")
+                raise ConnectionEnded("link closed")
             if conn.stopping:
-                raise _ConnectionEnded(conn.stopping)
+                raise ConnectionEnded(conn.stopping)
             now = self._clock()
             if not conn.delivering and now - conn.last_rx > cfg.heartbeat_timeout_s:
-                raise _ConnectionEnded(f"peer silent for {now - conn.last_rx:.2f}s (heartbeat timeout)")
+                raise ConnectionEnded(f"peer silent for {now - conn.last_rx:.2f}s (heartbeat timeout)")
             frames: list[bytes] = []
             sends = tx.poll(now)
             if sends:
@@ -647,31 +565,15 @@ class PeerLink:
                 frames.append(codec.encode(FrameKind.ACK, ack=rx.ack, sack=rx.sack()))
                 self._ack_pending = 0
                 self._ack_urgent = False
-            if conn.pongs:
-                frames.extend(codec.encode(FrameKind.PONG, p) for p in conn.pongs)
-                conn.pongs.clear()
-            for fut in conn.ping_requests:
-                conn.ping_id += 1
-                conn.ping_waiters[conn.ping_id] = fut
-                frames.append(codec.encode(FrameKind.PING, encode_ping(conn.ping_id, now)))
-            conn.ping_requests.clear()
-            if now >= conn.next_ping:
-                conn.ping_id += 1
-                frames.append(codec.encode(FrameKind.PING, encode_ping(conn.ping_id, now)))
-                conn.next_ping = now + cfg.heartbeat_interval_s
+            frames.extend(control_frames(conn, codec, now, cfg.heartbeat_interval_s))
             for f in frames:
                 await ws.send_bytes(f)
                 self._bytes_sent += len(f)
             self._frames_sent += len(frames)
             if self._wake.is_set():
                 continue
-            deadline = min(conn.next_ping, conn.last_rx + cfg.heartbeat_timeout_s)
-            rto_deadline = tx.next_deadline()
-            if rto_deadline is not None:
-                deadline = min(deadline, rto_deadline)
-            if self._ack_pending:
-                deadline = min(deadline, self._ack_due)
-            wait = deadline - self._clock()
+            ack_due = self._ack_due if self._ack_pending else None
+            wait = wake_at(conn, cfg.heartbeat_timeout_s, tx.next_deadline(), ack_due) - self._clock()
             if wait <= 0:
                 continue
             try:
@@ -681,46 +583,15 @@ class PeerLink:
                 pass  # a timer is due: loop around and act on it
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Handshake IO helpers (shared with the server)
-# ---------------------------------------------------------------------------------------------------------
-
-_M = TypeVar("_M")
-
-
-async def send_handshake(ws: WebSocket, codec: FrameCodec, message: Message) -> None:
-    await ws.send_bytes(codec.encode(FrameKind.HANDSHAKE, CODEC.encode(message)))
-
-
-async def recv_handshake(ws: WebSocket, codec: FrameCodec, expected: type[_M]) -> _M:
-    """Read one handshake frame holding an ``expected`` message; anything else raises HandshakeError."""
-    msg = await ws.receive()
-    if msg.type is aiohttp.WSMsgType.ERROR:
-        raise HandshakeError(f"websocket error (oversized or malformed frame?): {msg.data}")
-    if msg.type is not aiohttp.WSMsgType.BINARY:
-        raise HandshakeError(f"expected a binary handshake frame, got {msg.type.name}")
-    try:
-        frame = codec.decode(msg.data)
-    except FrameError as exc:
-        raise HandshakeError(f"bad handshake frame ({exc.reason}): {exc}") from exc
-    if frame.kind is not FrameKind.HANDSHAKE:
-        raise HandshakeError(f"expected a handshake frame, got {frame.kind.name}")
-    try:
-        message = CODEC.decode(frame.payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise HandshakeError(f"undecodable handshake message: {exc}") from exc
-    if isinstance(message, Rejected):
-        raise HandshakeError(f"peer refused: {message.reason}")
-    if not isinstance(message, expected):
-        raise HandshakeError(f"expected {expected.__name__}, got {type(message).__name__}")
-    return message
-
-
-async def close_ws(ws: WebSocket, timeout: float, *, code: int = 1000, message: bytes = b"") -> None:  # noqa: ASYNC109 (deadline is mandatory)
-    if ws.closed:
-        return
-    try:
-        async with asyncio.timeout(timeout):
-            await ws.close(code=code, message=message)
-    except TimeoutError:
-        log.warning("websocket close timed out after %.1fs", timeout)
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "WIRE_PATH",
+    "LinkClosed",
+    "LinkConfig",
+    "LinkStats",
+    "PeerLink",
+    "WebSocket",
+    "close_ws",
+    "recv_handshake",
+    "send_handshake",
+]
