@@ -327,3 +327,25 @@ async def test_transport_validates_tokens_and_chunked_tensors_end_to_end() -> No
             out = asm.add(v.message) or out
         assert out == tensor
         assert "b" in ta.statistics() and ta.health()["b"].total_sent >= 4
+
+
+def test_a_node_whose_own_loop_stalled_gives_a_silent_peer_one_more_interval() -> None:
+    from exo_stable.wire.connection import Connection, peer_silent
+
+    conn = Connection(ws=None, peer=None, last_rx=0.0, next_ping=0.0)  # type: ignore[arg-type]
+    timeout, interval = 1.5, 0.375
+    assert not peer_silent(conn, 0.3, timeout, interval)  # heard 0.3 s ago
+    # This node's loop stalled 3 s: the peer was fine when it stopped looking, so it gets one more interval.
+    assert not peer_silent(conn, 3.3, timeout, interval) and conn.stall_graces == 1
+    assert not peer_silent(conn, 3.3 + interval / 2, timeout, interval)
+    # Nothing heard during the grace: gone, even if this node stalled again.
+    assert peer_silent(conn, 3.3 + 2 * interval + 2.0, timeout, interval)
+    # A peer silent for a whole timeout before this node stalled gets no grace.
+    late = Connection(ws=None, peer=None, last_rx=0.0, next_ping=0.0)  # type: ignore[arg-type]
+    assert not peer_silent(late, 1.0, timeout, interval)
+    assert not peer_silent(late, 1.0 + interval, timeout, interval)
+    assert peer_silent(late, 1.6, timeout, interval)  # turns on time: 1.6 s of silence is too long
+    stale = Connection(ws=None, peer=None, last_rx=0.0, next_ping=0.0)  # type: ignore[arg-type]
+    assert not peer_silent(stale, 1.4, timeout, interval)
+    stale.last_turn = 1.6
+    assert peer_silent(stale, 5.0, timeout, interval)  # silent 1.6 s before the stall: no grace

@@ -30,6 +30,27 @@ class Connection:
     pongs: list[bytes] = field(default_factory=list)
     ping_requests: list[asyncio.Future[float]] = field(default_factory=list)
     ping_waiters: dict[int, asyncio.Future[float]] = field(default_factory=dict)
+    last_turn: float | None = None  # when the writer last looked at the connection
+    graced_rx: float | None = None  # last_rx as set by the last grace (nothing heard since, when unchanged)
+    stall_graces: int = 0
+
+
+def peer_silent(conn: Connection, now: float, heartbeat_timeout_s: float, heartbeat_interval_s: float) -> bool:
+    """Whether the peer has been silent past ``heartbeat_timeout_s``. The writer looks at least once per
+    heartbeat interval; when this turn comes much later than that, this node's own event loop was stalled
+    (a long synchronous call, a starved process) and the peer's frames may be waiting unread in the socket.
+    If the peer was within its limit when this node stopped looking, the verdict waits one more interval
+    (once: a peer still silent after it is gone), so that a node that stalled does not drop live peers."""
+    previous, conn.last_turn = conn.last_turn, now
+    if conn.delivering or now - conn.last_rx <= heartbeat_timeout_s:
+        return False
+    stalled = previous is not None and now - previous > 1.5 * heartbeat_interval_s
+    alive_then = previous is not None and previous - conn.last_rx <= heartbeat_timeout_s
+    if stalled and alive_then and conn.graced_rx != conn.last_rx:
+        conn.stall_graces += 1
+        conn.last_rx = conn.graced_rx = now - heartbeat_timeout_s + heartbeat_interval_s
+        return False
+    return True
 
 
 def control_frames(conn: Connection, codec: FrameCodec, now: float, heartbeat_interval_s: float) -> list[bytes]:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import aiohttp
 import msgspec
 
-from exo_stable.wire.connection import Connection, ConnectionEnded, control_frames, wake_at
+from exo_stable.wire.connection import Connection, ConnectionEnded, control_frames, peer_silent, wake_at
 from exo_stable.wire.faults import FaultCounts, FaultInjector
 from exo_stable.wire.frame import (
     Frame,
@@ -544,7 +544,7 @@ class PeerLink:
             if conn.stopping:
                 raise ConnectionEnded(conn.stopping)
             now = self._clock()
-            if not conn.delivering and now - conn.last_rx > cfg.heartbeat_timeout_s:
+            if peer_silent(conn, now, cfg.heartbeat_timeout_s, cfg.heartbeat_interval_s):
                 raise ConnectionEnded(f"peer silent for {now - conn.last_rx:.2f}s (heartbeat timeout)")
             frames: list[bytes] = []
             sends = tx.poll(now)
