@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from exo_stable.corruption import CorruptionDetector  # noqa: E402
+from exo_stable.pipeline.corruption import CorruptionDetector  # noqa: E402
 from exo_stable.pipeline.levels import DeltaChecker, OutputWatch, ValidationLevel  # noqa: E402
 
 ORACLE = Path(os.environ.get("EXO_STABLE_ORACLE", ROOT.parent / "shared" / "oracle")) / "smollm2-llamacpp.json"

@@ -24,11 +24,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 async def measure(dtype: str, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict[str, Any]:
-    from exo_stable.engine import SingleDeviceEngine
-    from exo_stable.loader import open_model
-    from exo_stable.modelspec import Dtype
-    from exo_stable.sampling import SamplingParams
-    from exo_stable.store import ensure_default_model
+    from exo_stable.engine.loader import open_model
+    from exo_stable.engine.modelspec import Dtype
+    from exo_stable.engine.sampling import SamplingParams
+    from exo_stable.engine.single import SingleDeviceEngine
+    from exo_stable.engine.store import ensure_default_model
 
     source = open_model(ensure_default_model(progress=False))
     engine = SingleDeviceEngine(source, dtype=Dtype(dtype), step_timeout_s=600)
@@ -81,7 +81,7 @@ def main() -> None:
         child(args)
         return
 
-    from exo_stable.platform import find_openblas
+    from exo_stable.engine.platform import find_openblas
 
     openblas = find_openblas() if sys.platform.startswith("linux") else None
     blas_choices = args.blas or (["openblas", "bundled"] if openblas else ["bundled"])

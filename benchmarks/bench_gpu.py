@@ -52,13 +52,14 @@ sys.path.insert(0, str(ROOT))
 
 from nodeprocs import free_ports, sse_events, stop_all, wait_for_plan  # noqa: E402
 
-from exo_stable import device as devices  # noqa: E402
-from exo_stable import eventloop, random_model  # noqa: E402
-from exo_stable.engine import SingleDeviceEngine  # noqa: E402
-from exo_stable.loader import open_model  # noqa: E402
-from exo_stable.modelspec import Dtype  # noqa: E402
-from exo_stable.sampling import SamplingParams  # noqa: E402
-from exo_stable.trace import decode_breakdown  # noqa: E402
+from exo_stable import eventloop  # noqa: E402
+from exo_stable.engine import device as devices  # noqa: E402
+from exo_stable.engine import random_model  # noqa: E402
+from exo_stable.engine.loader import open_model  # noqa: E402
+from exo_stable.engine.modelspec import Dtype  # noqa: E402
+from exo_stable.engine.sampling import SamplingParams  # noqa: E402
+from exo_stable.engine.single import SingleDeviceEngine  # noqa: E402
+from exo_stable.pipeline.trace import decode_breakdown  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -35,10 +35,10 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nodeprocs import free_ports, stop_all, wait_for_plan
 
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype, ModelSpec
-from exo_stable.store import ensure_default_model
-from exo_stable.synthetic_stream import (
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype, ModelSpec
+from exo_stable.engine.store import ensure_default_model
+from exo_stable.engine.synthetic_stream import (
     check_disk,
     llama_spec,
     model_bytes,

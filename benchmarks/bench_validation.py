@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from exo_stable.modelspec import Dtype  # noqa: E402
+from exo_stable.engine.modelspec import Dtype  # noqa: E402
+from exo_stable.engine.sampling import SamplingParams  # noqa: E402
 from exo_stable.pipeline.levels import AdaptiveConfig, AdaptiveStrictness, ValidationLevel  # noqa: E402
-from exo_stable.sampling import SamplingParams  # noqa: E402
-from exo_stable.service import GenerationJob, GenerationResult  # noqa: E402
-from exo_stable.verify import InProcessCluster, in_process_cluster  # noqa: E402
+from exo_stable.pipeline.service import GenerationJob, GenerationResult  # noqa: E402
+from exo_stable.verify.run import InProcessCluster, in_process_cluster  # noqa: E402
 
 LEVELS = (ValidationLevel.OFF, ValidationLevel.LIGHT, ValidationLevel.STRICT)
 GOALS = {"light": 0.02, "strict": 0.10}
@@ -128,18 +128,18 @@ def stage_counters(cluster: InProcessCluster) -> dict[str, int]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from exo_stable.loader import open_model
+    from exo_stable.engine.loader import open_model
 
     if args.tiny:
-        from exo_stable.store import ensure_default_model
-        from exo_stable.synthetic import tiny_gguf
+        from exo_stable.engine.store import ensure_default_model
+        from exo_stable.engine.synthetic import tiny_gguf
 
         model = tiny_gguf(
             Path(tempfile.mkdtemp()) / "tiny.gguf", ensure_default_model(progress=False), layers=args.tiny
         )
         label = f"tiny random llama, {args.tiny} layers"
     else:
-        from exo_stable.store import ensure_default_model
+        from exo_stable.engine.store import ensure_default_model
 
         model = ensure_default_model(progress=False)
         label = "SmolLM2-135M-Instruct"

@@ -57,8 +57,8 @@ from test_chaos_recovery import (  # noqa: E402
     scenario_replay,
 )
 
-from exo_stable.loader import open_model  # noqa: E402
-from exo_stable.store import ensure_default_model  # noqa: E402
+from exo_stable.engine.loader import open_model  # noqa: E402
+from exo_stable.engine.store import ensure_default_model  # noqa: E402
 from exo_stable.tokenizer import Tokenizer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

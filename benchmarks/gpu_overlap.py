@@ -1,4 +1,4 @@
-"""How often a forward call should start the GPU while its graph is still being built (exo_stable/model.py).
+"""How often a forward call should start the GPU while its graph is still being built (exo_stable/engine/model.py).
 
     python benchmarks/gpu_overlap.py [--shape llama-3-8b] [--every 1 2 4] [--rounds 4]
 
@@ -28,12 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench_gpu import engine_once, prompt_text  # noqa: E402
 
-from exo_stable import device as devices  # noqa: E402
-from exo_stable import model as model_module  # noqa: E402
-from exo_stable import random_model  # noqa: E402
-from exo_stable.engine import SingleDeviceEngine  # noqa: E402
-from exo_stable.loader import open_model  # noqa: E402
-from exo_stable.modelspec import Dtype  # noqa: E402
+from exo_stable.engine import device as devices  # noqa: E402
+from exo_stable.engine import model as model_module  # noqa: E402
+from exo_stable.engine import random_model  # noqa: E402
+from exo_stable.engine.loader import open_model  # noqa: E402
+from exo_stable.engine.modelspec import Dtype  # noqa: E402
+from exo_stable.engine.single import SingleDeviceEngine  # noqa: E402
 
 
 def set_every(n: int) -> None:

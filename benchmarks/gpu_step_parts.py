@@ -35,13 +35,13 @@ import mlx.core as mx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exo_stable import device as devices  # noqa: E402
-from exo_stable import random_model  # noqa: E402
-from exo_stable.loader import open_model  # noqa: E402
-from exo_stable.model import LayerRange  # noqa: E402
-from exo_stable.modelspec import Dtype  # noqa: E402
-from exo_stable.sampling import SamplingParams  # noqa: E402
-from exo_stable.stagecompute import StageCompute, prompt_chunks, tensor_to_bytes  # noqa: E402
+from exo_stable.engine import device as devices  # noqa: E402
+from exo_stable.engine import random_model  # noqa: E402
+from exo_stable.engine.loader import open_model  # noqa: E402
+from exo_stable.engine.model import LayerRange  # noqa: E402
+from exo_stable.engine.modelspec import Dtype  # noqa: E402
+from exo_stable.engine.sampling import SamplingParams  # noqa: E402
+from exo_stable.engine.stagecompute import StageCompute, prompt_chunks, tensor_to_bytes  # noqa: E402
 
 Parts = dict[str, float]
 Run = tuple[list[int], list[Parts]]

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from exo_stable import grammar
-from exo_stable.store import ensure_default_model
+from exo_stable.engine import grammar
+from exo_stable.engine.store import ensure_default_model
 from exo_stable.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

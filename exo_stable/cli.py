@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from exo_stable import __version__, eventloop
 
 if TYPE_CHECKING:
-    from exo_stable.node import NodeConfig
+    from exo_stable.node.node import NodeConfig
 
 ENV_API_KEY = "EXO_STABLE_API_KEY"
 
@@ -23,25 +23,25 @@ ENV_API_KEY = "EXO_STABLE_API_KEY"
 def _model_path(arg: str | None) -> Path:
     if arg:
         return Path(arg).expanduser()
-    from exo_stable.store import ensure_default_model
+    from exo_stable.engine.store import ensure_default_model
 
     return ensure_default_model(progress=sys.stderr.isatty())
 
 
 def _dtype(arg: str | None, device: str = "cpu") -> object:
-    from exo_stable.modelspec import Dtype
-    from exo_stable.platform import default_dtype
+    from exo_stable.engine.modelspec import Dtype
+    from exo_stable.engine.platform import default_dtype
 
     return Dtype(arg) if arg else default_dtype(device)
 
 
 def _device(args: argparse.Namespace) -> str:
     """Resolve --device (default: the best available) and make it this process's device."""
-    from exo_stable.device import choose, describe, resolve
+    from exo_stable.engine.device import choose, describe, resolve
 
     kind = resolve(args.device)
     choose(kind)
-    logging.getLogger("exo_stable.device").info("computing on %s", describe(kind))
+    logging.getLogger("exo_stable.engine.device").info("computing on %s", describe(kind))
     return kind.value
 
 
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
-    from exo_stable.platform import maybe_reexec
+    from exo_stable.engine.platform import maybe_reexec
 
     maybe_reexec(args_list)
     args = build_parser().parse_args(args_list)
@@ -284,9 +284,9 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     from exo_stable.api.server import ApiConfig
     from exo_stable.cluster.discovery import parse_static_peers
     from exo_stable.cluster.security import cluster_auth
-    from exo_stable.node import NodeConfig
+    from exo_stable.node.node import NodeConfig
     from exo_stable.pipeline.levels import ValidationLevel
-    from exo_stable.recovery import ReplayMode
+    from exo_stable.pipeline.recovery import ReplayMode
     from exo_stable.wire.handshake import resolve_secret
 
     split = tuple(int(x) for x in args.split.split(",")) if args.split else None
@@ -343,14 +343,14 @@ def _advertise(text: str | None) -> tuple[str, int | None] | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from exo_stable.node import serve
+    from exo_stable.node.node import serve
 
     config = node_config(args)
     # Until the node's event loop takes over SIGTERM (once the model is open), a SIGTERM ends the process
     # cleanly: nothing has started that needs stopping.
     signal.signal(signal.SIGTERM, _terminate_before_start)
     loop = eventloop.resolve(args.event_loop)
-    logging.getLogger("exo_stable.node").info("event loop: %s", loop)
+    logging.getLogger("exo_stable.node.node").info("event loop: %s", loop)
     eventloop.run(serve(config), loop)
     return 0
 
@@ -360,10 +360,10 @@ def _terminate_before_start(signum: int, frame: object) -> None:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from exo_stable.engine import SingleDeviceEngine
-    from exo_stable.loader import open_model
-    from exo_stable.sampling import SamplingParams
-    from exo_stable.service import GenerationJob, GenerationResult, InferenceService
+    from exo_stable.engine.loader import open_model
+    from exo_stable.engine.sampling import SamplingParams
+    from exo_stable.engine.single import SingleDeviceEngine
+    from exo_stable.pipeline.service import GenerationJob, GenerationResult, InferenceService
     from exo_stable.tokenizer import ChatMessage
 
     source = open_model(_model_path(args.model))
@@ -399,7 +399,7 @@ def _verify(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
 
-    from exo_stable.verify import (
+    from exo_stable.verify.run import (
         DEFAULT_PROMPTS,
         VerifyOptions,
         VerifySetupError,
@@ -432,11 +432,11 @@ def _verify(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="exo-verify-") as tmp:
         model = _model_path(args.model)
         if args.tiny:
-            from exo_stable.synthetic import tiny_gguf
+            from exo_stable.engine.synthetic import tiny_gguf
 
             model = tiny_gguf(Path(tmp) / f"tiny-{args.tiny}.gguf", model, layers=args.tiny, seed=args.seed)
         if args.all_splits and not nodes:
-            from exo_stable.loader import open_model
+            from exo_stable.engine.loader import open_model
 
             layers = open_model(model).spec.num_hidden_layers
             count = sum(len(all_splits(layers, n)) for n in stages if n <= layers)

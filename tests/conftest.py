@@ -26,6 +26,6 @@ def oracle() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     """The default model's GGUF, fetched once (``make test`` fetches it before pytest runs)."""
-    from exo_stable.store import ensure_default_model
+    from exo_stable.engine.store import ensure_default_model
 
     return ensure_default_model(progress=False)

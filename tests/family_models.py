@@ -191,7 +191,7 @@ def write_gguf(
     import numpy as np
     from gguf.quants import quantize as quantize_blocks
 
-    from exo_stable.synthetic import tokenizer_metadata
+    from exo_stable.engine.synthetic import tokenizer_metadata
 
     model, config = build(family, seed=seed, **GGUF_OVERRIDES.get(family, {}))
     arch = GGUF_ARCHITECTURES[family]
@@ -266,7 +266,7 @@ def reference(path: Path, dtype: mx.Dtype | None = None) -> nn.Module:
 
 
 if __name__ == "__main__":
-    from exo_stable.store import ensure_default_model
+    from exo_stable.engine.store import ensure_default_model
 
     name, out = sys.argv[1], Path(sys.argv[2])
     write(name, out, ensure_default_model(progress=False), quantize="--quantized" in sys.argv)

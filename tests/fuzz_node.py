@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from exo_stable.api.server import ApiConfig
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.node import Node, NodeConfig
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.node.node import Node, NodeConfig
 
 T = TypeVar("T")
 

@@ -14,9 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from cluster_proc import free_port_block
 
 from exo_stable.api.server import ApiConfig, create_app
-from exo_stable.loader import open_model
-from exo_stable.service import GenerationJob, GenerationResult, Service, ServiceBusy, ServiceOverloaded
-from exo_stable.textstream import Delta
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.textstream import Delta
+from exo_stable.pipeline.service import GenerationJob, GenerationResult, Service, ServiceBusy, ServiceOverloaded
 
 pytestmark = pytest.mark.asyncio
 

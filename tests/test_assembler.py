@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from exo_stable.engine.textstream import Delta
 from exo_stable.pipeline.assembler import AssemblyStep, StreamAssembler
 from exo_stable.pipeline.validators import EncodingValidator
-from exo_stable.textstream import Delta
 from exo_stable.tokenizer import Tokenizer
 from exo_stable.wire.messages import RecoveryAction, TokenChunk, ValidationError
 from exo_stable.wire.validation import TokenTransferValidator

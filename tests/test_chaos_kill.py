@@ -24,11 +24,11 @@ import aiohttp
 import pytest
 from cluster_proc import free_port_block
 
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult, InferenceService
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.pipeline.service import GenerationJob, GenerationResult, InferenceService
 from exo_stable.tokenizer import ChatMessage
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(600)]

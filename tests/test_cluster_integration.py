@@ -28,11 +28,11 @@ from conftest import oracle_dir
 from openai import AsyncOpenAI
 from server_proc import case_named, stream_request
 
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult, InferenceService
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.pipeline.service import GenerationJob, GenerationResult, InferenceService
 from exo_stable.tokenizer import ChatMessage
 
 # The module fixture (3 nodes loading, the reference, the ready wait) is charged to the first test.

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from exo_stable.corruption import (
+from exo_stable.pipeline.corruption import (
     CorruptionAnalysis,
     CorruptionDetector,
     CorruptionKind,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exo_stable.detokenizer import StreamingDetokenizer
 from exo_stable.tokenizer import Tokenizer, byte_level_decode_map
+from exo_stable.tokenizer.detokenizer import StreamingDetokenizer
 
 _SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

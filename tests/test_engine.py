@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from exo_stable.engine import ContextOverflow, SingleDeviceEngine
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.platform import default_dtype
-from exo_stable.sampling import SamplingParams
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.platform import default_dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import ContextOverflow, SingleDeviceEngine
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

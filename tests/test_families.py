@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from exo_stable.loader import ModelSource, open_model
-from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype, UnsupportedModelError
-from exo_stable.sampling import SamplingParams
-from exo_stable.stagecompute import StageCompute, prompt_chunks, tensor_to_bytes
+from exo_stable.engine.loader import ModelSource, open_model
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype, UnsupportedModelError
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.stagecompute import StageCompute, prompt_chunks, tensor_to_bytes
 
 PROMPT = [1, 4093, 198, 19161, 253, 421, 30614, 563, 260, 3426, 30, 2, 198]
 STEPS = 10
@@ -169,7 +169,7 @@ def test_a_forward_call_starts_the_device_every_few_layers(
 ) -> None:
     # On a GPU the shard starts the layers built so far every OVERLAP_LAYERS layers (the family's own loop runs
     # them): counted here on the CPU with a period of 1, for the shard's own layers only, never after the last.
-    import exo_stable.model as model_module
+    import exo_stable.engine.model as model_module
 
     path = fm.write("gemma3_text", tmp_path / "g", default_gguf)
     source = open_model(path)

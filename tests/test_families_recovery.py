@@ -11,9 +11,9 @@ import family_models as fm
 import pytest
 from test_recovery_modes import PROMPT, ROOMY, members, reference, run_and_stop
 
-from exo_stable.recovery import ReplayMode
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.pipeline.recovery import ReplayMode
+from exo_stable.pipeline.service import GenerationJob
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from exo_stable.footprint import footprint_from_tensors, tensor_bytes
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype, QuantSpec
-from exo_stable.node import NodeConfig, serving_dtype
+from exo_stable.engine.footprint import footprint_from_tensors, tensor_bytes
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype, QuantSpec
+from exo_stable.engine.synthetic import tiny_spec
+from exo_stable.node.node import NodeConfig, serving_dtype
 from exo_stable.pipeline.placement import NodeResources, PlacementError, plan_placement
-from exo_stable.synthetic import tiny_spec
 
 Q4 = {"m": QuantSpec(bits=4, group_size=32)}
 

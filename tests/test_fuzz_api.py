@@ -19,7 +19,7 @@ from fuzz_node import FUZZ_EXAMPLES, BackgroundNode, background_node
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.synthetic import tiny_gguf
 
 EXAMPLES = FUZZ_EXAMPLES or 600
 COUNTS = {"cases": 0, "ok": 0, "client_errors": 0}

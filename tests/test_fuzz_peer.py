@@ -30,7 +30,7 @@ from hostile_peer import identity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.synthetic import tiny_gguf
 from exo_stable.wire.frame import FrameCodec, FrameKind
 from exo_stable.wire.messages import CODEC, PROTOCOL_VERSION, Hello, Message, PeerAddress
 from exo_stable.wire.peerlink import WIRE_PATH, PeerLink

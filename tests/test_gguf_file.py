@@ -10,13 +10,18 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
-from exo_stable import gguf_file
-from exo_stable.gguf import read_gguf
-from exo_stable.gguf_file import open_gguf, read_tensors
-from exo_stable.loader import open_model
-from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype
-from exo_stable.synthetic_stream import llama_spec, tokenizer_source_metadata, write_gguf_stream, write_mlx_stream
+from exo_stable.engine import gguf_file
+from exo_stable.engine.gguf import read_gguf
+from exo_stable.engine.gguf_file import open_gguf, read_tensors
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.synthetic_stream import (
+    llama_spec,
+    tokenizer_source_metadata,
+    write_gguf_stream,
+    write_mlx_stream,
+)
 
 
 def _same(a: dict[str, mx.array], b: dict[str, mx.array]) -> list[str]:

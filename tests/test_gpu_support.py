@@ -14,14 +14,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from exo_stable import device, random_model
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.gguf import UnsupportedModelError
-from exo_stable.loader import open_model
-from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype
-from exo_stable.platform import gpu_index, reexec_env
-from exo_stable.sampling import SamplingParams
+from exo_stable.engine import device, random_model
+from exo_stable.engine.gguf import UnsupportedModelError
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.platform import gpu_index, reexec_env
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ import pytest
 from cluster_proc import free_port_block
 from hostile_peer import complete, identity
 
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.synthetic import tiny_gguf
 from exo_stable.wire.messages import (
     ActivationChunk,
     Message,

@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 from hostile_peer import complete, eventually, hostile_link, identity, send_all
 
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.node import Node, NodeConfig
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.synthetic import tiny_gguf
+from exo_stable.node.node import Node, NodeConfig
 from exo_stable.wire.messages import (
     BarrierArrive,
     PlanCommit,

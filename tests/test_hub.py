@@ -10,11 +10,11 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from exo_stable.hub import files_for, is_repo_id
-from exo_stable.loader import open_model
-from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype
-from exo_stable.synthetic_stream import llama_spec, tokenizer_source_metadata, write_mlx_stream
+from exo_stable.engine.hub import files_for, is_repo_id
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.synthetic_stream import llama_spec, tokenizer_source_metadata, write_mlx_stream
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -101,7 +101,7 @@ def test_file_selection_on_a_hub_shaped_index() -> None:
 
 
 def test_a_download_that_does_not_hash_to_its_blob_name_is_refused(tmp_path: Path) -> None:
-    from exo_stable.hub import check_blob
+    from exo_stable.engine.hub import check_blob
 
     good = b"weights"
     blob = tmp_path / hashlib.sha256(good).hexdigest()
@@ -119,8 +119,8 @@ async def test_three_nodes_serve_a_repo_id_from_the_offline_cache(offline_cache:
 
     from inproc_cluster import in_process_cluster
 
-    from exo_stable.sampling import SamplingParams
-    from exo_stable.service import GenerationJob, GenerationResult
+    from exo_stable.engine.sampling import SamplingParams
+    from exo_stable.pipeline.service import GenerationJob, GenerationResult
 
     async with in_process_cluster(Path("acme/tiny-llama"), 3, f"hub{os.getpid()}", memory_bytes=1 << 30) as (nodes, _):
         plan = await nodes[0].coordinator.wait_plan_where(lambda p: len(p.stages) == 3, timeout=60)

@@ -15,8 +15,8 @@ import pytest
 from server_proc import ServerProcess
 
 from exo_stable.cli import build_parser
+from exo_stable.engine.synthetic import tiny_gguf
 from exo_stable.logs import REQUEST_ID, LogFormat, configure, default_format, safe
-from exo_stable.synthetic import tiny_gguf
 
 
 @pytest.fixture

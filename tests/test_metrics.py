@@ -20,11 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from exo_stable.api.server import ApiConfig, create_app
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.service import InferenceService
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.engine.synthetic import tiny_gguf
+from exo_stable.pipeline.service import InferenceService
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

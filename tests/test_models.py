@@ -10,12 +10,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from exo_stable import store
-from exo_stable.gguf import UnsupportedModelError, quant_specs, read_gguf
-from exo_stable.loader import open_model
-from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype
-from exo_stable.synthetic import random_weights, tiny_spec, tokenizer_metadata, write_gguf, write_mlx_dir
+from exo_stable.engine import store
+from exo_stable.engine.gguf import UnsupportedModelError, quant_specs, read_gguf
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.synthetic import random_weights, tiny_spec, tokenizer_metadata, write_gguf, write_mlx_dir
 
 
 @pytest.fixture(scope="module")

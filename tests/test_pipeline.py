@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.node import Node, NodeConfig
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.engine.synthetic import tiny_gguf
+from exo_stable.node.node import Node, NodeConfig
+from exo_stable.pipeline.service import GenerationJob, GenerationResult
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo_stable.modelspec import ModelSpec
+from exo_stable.engine.modelspec import ModelSpec
 from exo_stable.pipeline.placement import (
     ModelFootprint,
     NodeResources,

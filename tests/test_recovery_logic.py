@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exo_stable.recovery import (
+from exo_stable.pipeline.recovery import (
     FailureClass,
     FailureKind,
     RecoveryManager,

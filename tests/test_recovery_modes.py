@@ -23,14 +23,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.node import Node, NodeConfig
-from exo_stable.recovery import ReplayMode
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.engine.synthetic import tiny_gguf
+from exo_stable.node.node import Node, NodeConfig
+from exo_stable.pipeline.recovery import ReplayMode
+from exo_stable.pipeline.service import GenerationJob, GenerationResult
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -38,7 +38,7 @@ PROMPT = [1, 4093, 198, 19161, 253, 421, 30614, 563, 260, 3426, 30, 2, 198, 1, 5
 MAX_TOKENS = 24
 GREEDY = SamplingParams()
 # The tiny model (6 layers, hidden 64) needs about 52 MB whole and 27 MB per stage of two (weights and the KV
-# reserve of 8 requests at its 2048-token context, see exo_stable/footprint.py).
+# reserve of 8 requests at its 2048-token context, see exo_stable/engine/footprint.py).
 ROOMY = 1 << 30
 HALF_ONLY = 36 << 20
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo_stable.sampling import PENALTY_WINDOW, SamplingParams, pick, process, sample
+from exo_stable.engine.sampling import PENALTY_WINDOW, SamplingParams, pick, process, sample
 
 logits_strategy = st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=64).map(
     lambda xs: np.array(xs, dtype=np.float32)

@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 from inproc_cluster import in_process_cluster
 
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.grammar import json_grammar
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.node import Node
-from exo_stable.recovery import ReplayMode
-from exo_stable.sampling import PENALTY_WINDOW, Pick, SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.grammar import json_grammar
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import PENALTY_WINDOW, Pick, SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.engine.synthetic import tiny_gguf
+from exo_stable.node.node import Node
+from exo_stable.pipeline.recovery import ReplayMode
+from exo_stable.pipeline.service import GenerationJob, GenerationResult
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 

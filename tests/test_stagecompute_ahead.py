@@ -8,12 +8,12 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from exo_stable.loader import open_model
-from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams
-from exo_stable.stagecompute import StageCompute, prompt_chunks
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.stagecompute import StageCompute, prompt_chunks
+from exo_stable.engine.synthetic import tiny_gguf
 
 N_LAYERS = 4
 PROMPT = [1, 4093, 198, 19161, 253, 421, 30614, 563, 260, 3426, 30, 2, 198]

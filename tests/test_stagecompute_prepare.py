@@ -9,12 +9,12 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from exo_stable.loader import open_model
-from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams
-from exo_stable.stagecompute import StageCompute, UnknownRequest, prompt_chunks, tensor_to_bytes
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.stagecompute import StageCompute, UnknownRequest, prompt_chunks, tensor_to_bytes
+from exo_stable.engine.synthetic import tiny_gguf
 
 N_LAYERS = 4
 BOUNDS = [(0, 2), (2, 3), (3, 4)]  # first, middle and last stage

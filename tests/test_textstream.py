@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo_stable.textstream import TextStream
+from exo_stable.engine.textstream import TextStream
 from exo_stable.tokenizer import Tokenizer
 
 

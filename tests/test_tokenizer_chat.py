@@ -15,7 +15,7 @@ import jinja2
 import pytest
 from vocab_vectors import load, vocab_dir_fixture  # noqa: F401  (the vocab_dir fixture)
 
-from exo_stable.textstream import TextStream
+from exo_stable.engine.textstream import TextStream
 from exo_stable.tokenizer import Tokenizer
 
 TOOLS = [

@@ -21,13 +21,13 @@ from inproc_cluster import in_process_cluster
 from server_proc import assert_openai_error
 
 from exo_stable.api.server import ApiConfig, create_app
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult, InferenceService
-from exo_stable.synthetic import tiny_gguf
-from exo_stable.trace import RequestTrace, StepRecord, TraceRing, decode_breakdown
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.engine.synthetic import tiny_gguf
+from exo_stable.pipeline.service import GenerationJob, GenerationResult, InferenceService
+from exo_stable.pipeline.trace import RequestTrace, StepRecord, TraceRing, decode_breakdown
 from exo_stable.wire.messages import CODEC, StepHop, TokenChunk
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -17,17 +17,17 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.node import Node
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.engine.synthetic import tiny_gguf
+from exo_stable.node.node import Node
 from exo_stable.pipeline.levels import AdaptiveConfig, AdaptiveStrictness, ValidationLevel
+from exo_stable.pipeline.service import GenerationJob, GenerationResult
 from exo_stable.pipeline.stage import StageActor
 from exo_stable.pipeline.stagefaults import StageFaultConfig, StageFaults
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult
-from exo_stable.synthetic import tiny_gguf
-from exo_stable.verify import InProcessCluster, in_process_cluster
+from exo_stable.verify.run import InProcessCluster, in_process_cluster
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from exo_stable import cli
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams
-from exo_stable.synthetic import tiny_gguf
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.synthetic import tiny_gguf
 from exo_stable.tokenizer import ChatMessage
-from exo_stable.verify import (
+from exo_stable.verify.run import (
     GREEDY,
     ComparisonResult,
     DistributedInferenceValidator,

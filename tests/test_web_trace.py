@@ -3,7 +3,7 @@ recovery that started each later attempt, and the live form without step records
 
 from __future__ import annotations
 
-from exo_stable.trace import RequestTrace, StepRecord
+from exo_stable.pipeline.trace import RequestTrace, StepRecord
 
 
 class Clock:

@@ -18,11 +18,11 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta, Struct
 
-from exo_stable import grammar
 from exo_stable.api import fields, tools
 from exo_stable.api import server as core
 from exo_stable.api.errors import ApiError
-from exo_stable.service import GenerationJob, ServiceUnavailable
+from exo_stable.engine import grammar
+from exo_stable.pipeline.service import GenerationJob, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import msgspec
 
-from exo_stable import grammar
 from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError
-from exo_stable.engine import ContextOverflow
-from exo_stable.sampling import PENALTY_WINDOW, SamplingParams
-from exo_stable.service import Service, default_seed
+from exo_stable.engine import grammar
+from exo_stable.engine.sampling import PENALTY_WINDOW, SamplingParams
+from exo_stable.engine.single import ContextOverflow
+from exo_stable.pipeline.service import Service, default_seed
 from exo_stable.tokenizer import Tokenizer
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default

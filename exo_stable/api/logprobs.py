@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from exo_stable.api import schemas as s
-from exo_stable.sampling import Pick
-from exo_stable.service import GenerationResult
+from exo_stable.engine.sampling import Pick
+from exo_stable.pipeline.service import GenerationResult
 from exo_stable.tokenizer import Tokenizer
 
 

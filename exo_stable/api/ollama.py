@@ -20,13 +20,13 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta, Struct
 
-from exo_stable import grammar
 from exo_stable.api import fields, tools
 from exo_stable.api import schemas as s
 from exo_stable.api import server as core
 from exo_stable.api.errors import ApiError
-from exo_stable.sampling import PENALTY_WINDOW
-from exo_stable.service import GenerationJob, Service, ServiceUnavailable
+from exo_stable.engine import grammar
+from exo_stable.engine.sampling import PENALTY_WINDOW
+from exo_stable.pipeline.service import GenerationJob, Service, ServiceUnavailable
 from exo_stable.tokenizer import ChatMessage
 
 log = logging.getLogger(__name__)

@@ -24,13 +24,14 @@ from exo_stable.api import schemas as s
 from exo_stable.api.errors import ApiError, error_json
 from exo_stable.api.guards import RUNNER_STATS_KEY, GuardCollector, LoopLag, Tokenizing, read_body
 from exo_stable.api.logprobs import LogprobCursor
+from exo_stable.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from exo_stable.api.metrics import Metrics, RequestObserver, ServiceCollector
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.textstream import Delta
 from exo_stable.logs import REQUEST_ID
-from exo_stable.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from exo_stable.metrics import Metrics, RequestObserver, ServiceCollector
 from exo_stable.pipeline.levels import ValidationLevel
-from exo_stable.recovery import ReplayMode
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import (
+from exo_stable.pipeline.recovery import ReplayMode
+from exo_stable.pipeline.service import (
     GenerationJob,
     GenerationResult,
     Service,
@@ -38,9 +39,8 @@ from exo_stable.service import (
     ServiceOverloaded,
     ServiceUnavailable,
 )
-from exo_stable.textstream import Delta
+from exo_stable.pipeline.trace import TraceRing
 from exo_stable.tokenizer import ChatMessage
-from exo_stable.trace import TraceRing
 from exo_stable.web import add_routes as add_web_routes
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from typing import Any
 
 import msgspec
 
-from exo_stable import grammar
 from exo_stable.api import schemas as s
+from exo_stable.engine import grammar
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL = "[TOOL_CALLS]"

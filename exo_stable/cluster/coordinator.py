@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from exo_stable.cluster.planstate import Member, PlanState, Verdict
 from exo_stable.cluster.roles import Refusals
 from exo_stable.cluster.stagehost import ClusterOptions, StageHost
-from exo_stable.loader import ModelSource
+from exo_stable.engine.loader import ModelSource
 from exo_stable.logs import safe
 from exo_stable.pipeline.barrier import BarrierError, Barriers, DistributedBarrier
 from exo_stable.pipeline.placement import (

@@ -12,7 +12,7 @@ from exo_stable.cluster.peers import PeerManager
 from exo_stable.cluster.security import SecretSource, is_loopback_only, join_command
 from exo_stable.wire.handshake import PeerInfo
 
-log = logging.getLogger("exo_stable.node")
+log = logging.getLogger("exo_stable.node.node")
 
 
 def is_ip(host: str) -> bool:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors import ActorDead, ChildSpec, MailboxFull, Restart, Supervisor
-from exo_stable.loader import ModelSource
-from exo_stable.modelspec import Dtype
+from exo_stable.engine.loader import ModelSource
+from exo_stable.engine.modelspec import Dtype
 from exo_stable.pipeline.placement import ModelFootprint
 from exo_stable.pipeline.stage import Send, StageActor, StageConfig
 from exo_stable.wire.messages import RequestClose, ResendTokens, StageFailure, StageRange

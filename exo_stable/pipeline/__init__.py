@@ -1,9 +1,11 @@
-"""The distributed pipeline's pure logic: placement planning, token validation and stream assembly.
+"""A request's life on a pipeline: what a stage does, what a request's owner does, and how it recovers.
 
-Modules (no asyncio, no MLX, no IO):
+Owns, pure logic first: placement planning (``placement``), token validation (``validators``, ``levels``,
+``corruption``), stream assembly (``assembler``), barriers (``barrier``), recovery decisions and deadlines
+(``recovery``), traces (``trace``); then the actors' state and IO: a stage (``stage``, ``stagestate``,
+``stagefaults``), a request's owner (``owner``, ``ownerstate``), the single-node fallback (``fallback``), and
+the API's backend contract with its single-device implementation (``service``).
 
-- ``placement``: ``plan_placement`` splits a model's layers over nodes into a :class:`Plan`.
-- ``validators``: ``TokenValidator``, ``SequenceIntegrityChecker`` and ``EncodingValidator`` (the design's
-  token integrity validation system; invariants I2 and I3).
-- ``assembler``: ``StreamAssembler``, one per request at its owner: validate, dedupe, reorder, detokenize.
+May import :mod:`exo_stable.engine`, :mod:`exo_stable.wire`, :mod:`exo_stable.tokenizer`. Never the cluster,
+the API or the node.
 """

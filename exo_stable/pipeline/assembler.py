@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from exo_stable.engine.sampling import Pick
+from exo_stable.engine.textstream import Delta, FinishReason, TextStream
 from exo_stable.pipeline.validators import SequenceIntegrityChecker, TokenValidator
-from exo_stable.sampling import Pick
-from exo_stable.textstream import Delta, FinishReason, TextStream
 from exo_stable.tokenizer import Tokenizer
 from exo_stable.wire.messages import RecoveryAction, TokenChunk, ValidationError, ValidationResult
 

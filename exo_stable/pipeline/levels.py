@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from exo_stable.corruption import CorruptionDetector, Finding
+from exo_stable.pipeline.corruption import CorruptionDetector, Finding
 from exo_stable.pipeline.validators import EncodingValidator
 from exo_stable.wire.messages import RecoveryAction, ValidationError, ValidationResult
 

@@ -23,10 +23,12 @@ from typing import Any
 
 import msgspec
 
-from exo_stable.fallback import FallbackCoordinator, FallbackUnavailable
-from exo_stable.mlx_thread import WorkerClosed, WorkerTimeout
+from exo_stable.engine.mlx_thread import WorkerClosed, WorkerTimeout
+from exo_stable.engine.stagecompute import prompt_chunks
+from exo_stable.engine.textstream import Delta
 from exo_stable.pipeline.assembler import AssemblyStep, StreamAssembler
 from exo_stable.pipeline.barrier import BarrierError, Barriers
+from exo_stable.pipeline.fallback import FallbackCoordinator, FallbackUnavailable
 from exo_stable.pipeline.levels import (
     AdaptiveStrictness,
     DeltaChecker,
@@ -48,10 +50,8 @@ from exo_stable.pipeline.ownerstate import (
     failure_kind,
     trace_token,
 )
-from exo_stable.recovery import FailureClass, FailureKind, RecoveryManager, ReplayMode, StepDeadline
-from exo_stable.service import GenerationJob, GenerationResult
-from exo_stable.stagecompute import prompt_chunks
-from exo_stable.textstream import Delta
+from exo_stable.pipeline.recovery import FailureClass, FailureKind, RecoveryManager, ReplayMode, StepDeadline
+from exo_stable.pipeline.service import GenerationJob, GenerationResult
 from exo_stable.tokenizer import Tokenizer
 from exo_stable.wire.messages import (
     PlanCommit,

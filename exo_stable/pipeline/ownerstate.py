@@ -19,9 +19,9 @@ from exo_stable.pipeline.levels import (
     OutputWatch,
     ValidationLevel,
 )
-from exo_stable.recovery import FailureKind, ReplayMode
-from exo_stable.service import ServiceUnavailable
-from exo_stable.trace import RequestTrace
+from exo_stable.pipeline.recovery import FailureKind, ReplayMode
+from exo_stable.pipeline.service import ServiceUnavailable
+from exo_stable.pipeline.trace import RequestTrace
 from exo_stable.wire.messages import (
     Message,
     PlanCommit,

@@ -25,10 +25,12 @@ import mlx.core as mx
 import msgspec
 
 from actors import Actor
-from exo_stable.grammar import GrammarError
-from exo_stable.loader import ModelSource
-from exo_stable.mlx_thread import MlxThread
-from exo_stable.model import LayerRange
+from exo_stable.engine.grammar import GrammarError
+from exo_stable.engine.loader import ModelSource
+from exo_stable.engine.mlx_thread import MlxThread
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.sampling import Pick, SamplingParams
+from exo_stable.engine.stagecompute import StageBusy, StageCompute, UnknownRequest, input_array, tensor_to_bytes
 from exo_stable.pipeline.levels import ValidationLevel, spot_check_chosen
 from exo_stable.pipeline.stagefaults import StageFaultConfig, StageFaults
 from exo_stable.pipeline.stagestate import (
@@ -46,8 +48,6 @@ from exo_stable.pipeline.stagestate import (
     timed,
     wire_level,
 )
-from exo_stable.sampling import Pick, SamplingParams
-from exo_stable.stagecompute import StageBusy, StageCompute, UnknownRequest, input_array, tensor_to_bytes
 from exo_stable.wire.messages import (
     ActivationChunk,
     BarrierArrive,

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from exo_stable.modelspec import Dtype
+from exo_stable.engine.modelspec import Dtype
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.wire.messages import (
     ActivationChunk,

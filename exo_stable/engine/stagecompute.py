@@ -19,13 +19,13 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from exo_stable.device import activate, chosen
-from exo_stable.grammar import Constraint
-from exo_stable.loader import ModelSource
-from exo_stable.model import LayerRange, ShardModel, compute_dtype
-from exo_stable.modelspec import Dtype
-from exo_stable.sampling import Pick, SamplingParams
-from exo_stable.sampling import pick as sample_pick
+from exo_stable.engine.device import activate, chosen
+from exo_stable.engine.grammar import Constraint
+from exo_stable.engine.loader import ModelSource
+from exo_stable.engine.model import LayerRange, ShardModel, compute_dtype
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import Pick, SamplingParams
+from exo_stable.engine.sampling import pick as sample_pick
 
 PREFILL_CHUNK = 512
 """Prompt tokens per forward call; the same on every stage and on the single device."""

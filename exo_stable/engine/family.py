@@ -3,7 +3,7 @@
 A family is an mlx-lm module ``mlx_lm.models.<model_type>`` whose ``Model`` holds the decoder as
 ``model.model`` (``embed_tokens``, ``layers``, ``norm``) with the head on ``model`` itself, and whose caches
 are plain or sliding-window KV caches: then any layer range of it runs with the family's own code (see
-:mod:`exo_stable.model`). The families below are the ones the test suite proves (logits equal mlx-lm's, every
+:mod:`exo_stable.engine.model`). The families below are the ones the test suite proves (logits equal mlx-lm's, every
 split point equal to the whole); any other is refused at start with the reason.
 """
 
@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from exo_stable.modelspec import ModelSpec, UnsupportedModelError
+from exo_stable.engine.modelspec import ModelSpec, UnsupportedModelError
 
 REMAP = {"mistral": "llama"}
 """``model_type`` values that mlx-lm runs with another family's module (as its own loader does)."""

@@ -26,8 +26,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from exo_stable.gguf import LAYER_MAPS, SUPPORTED_ARCHITECTURES, mlx_name
-from exo_stable.modelspec import QuantSpec, UnsupportedModelError
+from exo_stable.engine.gguf import LAYER_MAPS, SUPPORTED_ARCHITECTURES, mlx_name
+from exo_stable.engine.modelspec import QuantSpec, UnsupportedModelError
 
 __all__ = ["GGUFIndex", "GGUFTensor", "open_gguf", "read_tensors"]
 

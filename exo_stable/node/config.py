@@ -12,10 +12,10 @@ from pathlib import Path
 
 from exo_stable.api.server import ApiConfig
 from exo_stable.cluster.security import SecretSource
-from exo_stable.loader import ModelSource
-from exo_stable.modelspec import Dtype
+from exo_stable.engine.loader import ModelSource
+from exo_stable.engine.modelspec import Dtype
 from exo_stable.pipeline.levels import DEFAULT_SPOT_CHECK_FRACTION, ValidationLevel
-from exo_stable.recovery import ReplayMode
+from exo_stable.pipeline.recovery import ReplayMode
 
 log = logging.getLogger(__name__)
 

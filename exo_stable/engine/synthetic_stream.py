@@ -1,10 +1,10 @@
 """Random-weight llama models of any size, written to disk one tensor at a time.
 
-:mod:`exo_stable.synthetic` builds a whole model in memory; these writers never hold more than one tensor, so
+:mod:`exo_stable.engine.synthetic` builds a whole model in memory; these writers never hold more than one tensor, so
 that the memory benchmark (benchmarks/bench_memory.py) and its CI test can write models bigger than a node's
 budget: an MLX / Hugging Face directory (bfloat16 safetensors, sharded with an index as the hub does) and a
 GGUF file (Q4_0 / Q8_0 blocks drawn directly: a random scale per block of 32 and random codes). The tokenizer
-is a real GGUF's (the default model's in the benchmark), as :mod:`exo_stable.synthetic` does.
+is a real GGUF's (the default model's in the benchmark), as :mod:`exo_stable.engine.synthetic` does.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from exo_stable.modelspec import ModelSpec
-from exo_stable.random_model import tensor_shapes
-from exo_stable.synthetic import gguf_name
+from exo_stable.engine.modelspec import ModelSpec
+from exo_stable.engine.random_model import tensor_shapes
+from exo_stable.engine.synthetic import gguf_name
 from exo_stable.tokenizer import Tokenizer
 
 __all__ = [
@@ -89,7 +89,7 @@ def _bf16(x: np.ndarray) -> np.ndarray:
 
 def tokenizer_source_metadata(gguf_path: Path) -> dict[str, Any]:
     """A real GGUF's tokenizer metadata (header only), to give a random model a realistic tokenizer."""
-    from exo_stable.gguf_file import open_gguf
+    from exo_stable.engine.gguf_file import open_gguf
 
     return {k: v for k, v in open_gguf(gguf_path).metadata.items() if k.startswith("tokenizer.")}
 

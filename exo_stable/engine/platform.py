@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from exo_stable.modelspec import Dtype
+from exo_stable.engine.modelspec import Dtype
 
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",

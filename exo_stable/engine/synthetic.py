@@ -14,9 +14,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from exo_stable.gguf import scalar
-from exo_stable.modelspec import ModelSpec
-from exo_stable.random_model import tensor_shapes
+from exo_stable.engine.gguf import scalar
+from exo_stable.engine.modelspec import ModelSpec
+from exo_stable.engine.random_model import tensor_shapes
 
 _TOKENIZER_KEYS = (
     "tokenizer.ggml.model",

@@ -9,11 +9,11 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
-from exo_stable.service import GenerationJob, GenerationResult, Service
-from exo_stable.textstream import Delta
+from exo_stable.engine.textstream import Delta
+from exo_stable.pipeline.service import GenerationJob, GenerationResult, Service
 
 if TYPE_CHECKING:
-    from exo_stable.node import Node
+    from exo_stable.node.node import Node
 
 
 class ClusterService(Service):

@@ -15,14 +15,14 @@ from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from exo_stable.engine import SingleDeviceEngine
-from exo_stable.loader import ModelSource, open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.node import Node, NodeConfig
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import GenerationJob, GenerationResult, InferenceService, ServiceUnavailable
+from exo_stable.engine.loader import ModelSource, open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.node.node import Node, NodeConfig
+from exo_stable.pipeline.service import GenerationJob, GenerationResult, InferenceService, ServiceUnavailable
 from exo_stable.tokenizer import Tokenizer
-from exo_stable.verify_results import Generation, Prompt, Unit, split_label
+from exo_stable.verify.results import Generation, Prompt, Unit, split_label
 
 # --- targets ---------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 :func:`first_divergence` and :func:`compare_sequences` say where a cluster's answer leaves the single
 device's; the result types (:class:`ComparisonResult`, :class:`DeterministicResult`,
 :class:`StressTestResult`) and the ``format_*`` functions turn runs into the tables the command prints.
-Nothing here starts a model, a node or a socket: the targets are in :mod:`exo_stable.verify_targets`.
+Nothing here starts a model, a node or a socket: the targets are in :mod:`exo_stable.verify.targets`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from exo_stable.sampling import SamplingParams
+from exo_stable.engine.sampling import SamplingParams
 from exo_stable.tokenizer import ChatMessage, Tokenizer
 
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 A :class:`Service` admits a bounded number of requests at once (a queue with a deadline beyond that) and
 streams each one's deltas. Two kinds exist: :class:`InferenceService` on the single-device engine (the
-terminal's ``generate`` and the fallback), and the cluster's service on the pipeline (``exo_stable.node``).
+terminal's ``generate`` and the fallback), and the cluster's service on the pipeline (``exo_stable.node.node``).
 Whatever way a request ends (it finishes, the client goes away, an error), closing its iterator frees
 its KV caches.
 """
@@ -17,13 +17,13 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from exo_stable.engine import ContextOverflow, SingleDeviceEngine
+from exo_stable.engine.sampling import Pick, SamplingParams
+from exo_stable.engine.single import ContextOverflow, SingleDeviceEngine
+from exo_stable.engine.textstream import Delta, TextStream
 from exo_stable.pipeline.levels import ValidationLevel
-from exo_stable.recovery import ReplayMode
-from exo_stable.sampling import Pick, SamplingParams
-from exo_stable.textstream import Delta, TextStream
+from exo_stable.pipeline.recovery import ReplayMode
+from exo_stable.pipeline.trace import RequestTrace, StepRecord
 from exo_stable.tokenizer import Tokenizer
-from exo_stable.trace import RequestTrace, StepRecord
 
 
 class ServiceBusy(RuntimeError):

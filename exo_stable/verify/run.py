@@ -1,13 +1,13 @@
 """Check invariant I1 end to end: a split model answers token for token like one device.
 
 The :class:`DistributedInferenceValidator` runs prompts through a single-device reference (an in-process
-:class:`~exo_stable.engine.SingleDeviceEngine`) and through a cluster, greedy and with seeded sampling, and
+:class:`~exo_stable.engine.single.SingleDeviceEngine`) and through a cluster, greedy and with seeded sampling, and
 compares the two. A cluster is either started here (:func:`in_process_cluster`: N nodes over real sockets
 on 127.0.0.1, re-split at will; token ids are compared) or an existing one reached over its OpenAI API
 (:class:`RemoteCluster`; the API does not return token ids, so the text is compared).
 
-The comparison, results and reports are pure and live in :mod:`exo_stable.verify_results`; the reference and
-the cluster targets in :mod:`exo_stable.verify_targets`; this module holds the validator and the command.
+The comparison, results and reports are pure and live in :mod:`exo_stable.verify.results`; the reference and
+the cluster targets in :mod:`exo_stable.verify.targets`; this module holds the validator and the command.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
-from exo_stable.loader import open_model
-from exo_stable.modelspec import Dtype
-from exo_stable.sampling import SamplingParams
-from exo_stable.service import ServiceUnavailable
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.pipeline.service import ServiceUnavailable
 from exo_stable.tokenizer import ChatMessage
-from exo_stable.verify_results import (
+from exo_stable.verify.results import (
     DEFAULT_PROMPTS,
     GREEDY,
     ComparisonResult,
@@ -52,7 +52,7 @@ from exo_stable.verify_results import (
     seeded,
     text_divergence_token,
 )
-from exo_stable.verify_targets import ClusterTarget, InProcessCluster, RemoteCluster, SingleDevice, in_process_cluster
+from exo_stable.verify.targets import ClusterTarget, InProcessCluster, RemoteCluster, SingleDevice, in_process_cluster
 
 # --- the validator -----------------------------------------------------------------------------------
 

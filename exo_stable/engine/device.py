@@ -3,7 +3,7 @@
 ``--device`` picks one (default: the best available); ``--gpu N`` pins a node to one GPU of several so
 that several nodes can share a host. MLX's CUDA backend computes on the first visible GPU, so pinning is
 done with ``CUDA_VISIBLE_DEVICES``, which must be set before CUDA starts: the CLI re-executes itself with
-it (see :func:`exo_stable.platform.reexec_env`).
+it (see :func:`exo_stable.engine.platform.reexec_env`).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from actors import ActorSystem, Strategy, Supervisor
 from exo_stable.api.guards import ApiRunner
+from exo_stable.api.metrics import NodeCollector
 from exo_stable.api.server import METRICS_KEY, create_app, json_response
 from exo_stable.cluster import addresses as addr
 from exo_stable.cluster.coordinator import Coordinator
@@ -42,16 +43,15 @@ from exo_stable.cluster.roles import (
     token_refusal,
 )
 from exo_stable.cluster.stagehost import ClusterOptions, StageHost
-from exo_stable.cluster_service import ClusterService
-from exo_stable.fallback import FallbackCoordinator
-from exo_stable.loader import ModelSource, open_model
+from exo_stable.engine.loader import ModelSource, open_model
 from exo_stable.logs import safe
-from exo_stable.metrics import NodeCollector
-from exo_stable.nodeconfig import BYTES_PER_PARAM, NodeConfig, available_memory, serving_dtype
+from exo_stable.node.cluster_service import ClusterService
+from exo_stable.node.config import BYTES_PER_PARAM, NodeConfig, available_memory, serving_dtype
 from exo_stable.pipeline.barrier import BarrierActor, Barriers
+from exo_stable.pipeline.fallback import FallbackCoordinator
 from exo_stable.pipeline.levels import AdaptiveConfig, IntegrityCounters
 from exo_stable.pipeline.owner import OwnerConfig, PipelineOwner
-from exo_stable.recovery import FailureKind
+from exo_stable.pipeline.recovery import FailureKind
 from exo_stable.wire.handshake import Identity, PeerInfo, new_session_id
 from exo_stable.wire.messages import (
     ActivationChunk,
@@ -566,7 +566,7 @@ class StageSupervisor(Supervisor):
 
 async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> None:
     """Load the model, join the cluster, serve the API; stop cleanly on SIGINT/SIGTERM."""
-    from exo_stable.device import chosen  # chosen by the command line before serving
+    from exo_stable.engine.device import chosen  # chosen by the command line before serving
 
     source = open_model(config.model)
     if config.dtype_auto:

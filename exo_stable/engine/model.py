@@ -1,6 +1,6 @@
 """A contiguous range of a model's layers: the unit a pipeline stage (or one device) runs.
 
-The layers are those of the model's mlx-lm family (see :mod:`exo_stable.family`), run by the family's own
+The layers are those of the model's mlx-lm family (see :mod:`exo_stable.engine.family`), run by the family's own
 code. Stage 0 also holds the token embedding; the last stage also holds the final norm and the output head
 (the embedding again when the model ties them). The whole model on one device is simply the shard
 ``[0, n_layers)``, so single-device and split runs execute the very same operations layer by layer.
@@ -20,9 +20,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from exo_stable.family import CacheKind, cache_kinds, cast_keeps, is_float, new_model
-from exo_stable.kvcache import GhostCache, RewindableRotatingKVCache
-from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
+from exo_stable.engine.family import CacheKind, cache_kinds, cast_keeps, is_float, new_model
+from exo_stable.engine.kvcache import GhostCache, RewindableRotatingKVCache
+from exo_stable.engine.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
 
 _FLOAT_DTYPES = {Dtype.FLOAT32: mx.float32, Dtype.BFLOAT16: mx.bfloat16, Dtype.FLOAT16: mx.float16}
 
@@ -54,7 +54,7 @@ class LayerRange:
 def quantized_activation_dtype() -> mx.Dtype:
     """Activations of a quantized model: float32 on CPUs and Metal (as llama.cpp), bfloat16 on CUDA GPUs,
     where float32 activations would double the traffic of every quantized matrix product."""
-    from exo_stable.device import on_cuda
+    from exo_stable.engine.device import on_cuda
 
     return mx.bfloat16 if on_cuda() else mx.float32
 
@@ -245,7 +245,7 @@ the order, the spread within noise, so the setting measured best first (4) stays
 
 
 def _overlap_every() -> int:
-    from exo_stable.device import gpu_backend
+    from exo_stable.engine.device import gpu_backend
 
     return OVERLAP_LAYERS if mx.default_device() == mx.gpu and gpu_backend() is not None else 0
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from exo_stable.modelspec import ModelSpec, UnsupportedModelError
+from exo_stable.engine.modelspec import ModelSpec, UnsupportedModelError
 
 __all__ = ["META_PATTERNS", "fetch_files", "files_for", "is_repo_id", "snapshot_meta"]
 
@@ -79,8 +79,8 @@ def weight_map(snapshot: Path) -> dict[str, str]:
 def files_for(spec: ModelSpec, start: int, end: int, mapping: Mapping[str, str]) -> list[str]:
     """The safetensors files holding the tensors of layers ``[start, end)`` and the top-level tensors such a
     stage needs (the embedding on the first stage, the final norm and head on the last: see
-    :func:`exo_stable.model.shard_weight_names`), in name order; ``model.safetensors`` when unsharded."""
-    from exo_stable.model import LayerRange, shard_weight_names
+    :func:`exo_stable.engine.model.shard_weight_names`), in name order; ``model.safetensors`` when unsharded."""
+    from exo_stable.engine.model import LayerRange, shard_weight_names
 
     if not mapping:
         return ["model.safetensors"]

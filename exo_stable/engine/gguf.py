@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import msgspec
 
-from exo_stable.modelspec import ModelSpec, QuantSpec, UnsupportedModelError
+from exo_stable.engine.modelspec import ModelSpec, QuantSpec, UnsupportedModelError
 
 __all__ = ["UnsupportedModelError", "mlx_name", "quant_specs", "read_gguf", "scalar", "spec_from_metadata"]
 

@@ -2,9 +2,9 @@
 
 Two formats are accepted: a GGUF file (the default model is one) and an MLX / Hugging Face model directory
 (``config.json`` + ``*.safetensors``, sharded with an index or not, + tokenizer files), of any family
-:mod:`exo_stable.family` supports. A third source needs
+:mod:`exo_stable.engine.family` supports. A third source needs
 no file: ``random:<shape>[@seed]`` is a published llama shape with seeded random weights, each shard
-generating only its own tensors (see :mod:`exo_stable.random_model`).
+generating only its own tensors (see :mod:`exo_stable.engine.random_model`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from typing import Any, Literal
 
 import mlx.core as mx
 
-from exo_stable import random_model
-from exo_stable.family import check_supported
-from exo_stable.gguf import spec_from_metadata
-from exo_stable.gguf_file import GGUFIndex, open_gguf, read_tensors
-from exo_stable.model import LayerRange, ShardModel, build_shard, refuse_half_experts_on_cpu, shard_weight_names
-from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
-from exo_stable.pipeline.placement import ModelFootprint
+from exo_stable.engine import random_model
+from exo_stable.engine.family import check_supported
+from exo_stable.engine.gguf import spec_from_metadata
+from exo_stable.engine.gguf_file import GGUFIndex, open_gguf, read_tensors
+from exo_stable.engine.model import LayerRange, ShardModel, build_shard, refuse_half_experts_on_cpu, shard_weight_names
+from exo_stable.engine.modelspec import Dtype, ModelFootprint, ModelSpec, QuantSpec, UnsupportedModelError
 from exo_stable.tokenizer import Tokenizer
 
 __all__ = ["ModelSource", "UnsupportedModelError", "open_model"]
@@ -45,7 +44,7 @@ class ModelSource:
     files: dict[str, Path] = field(default_factory=dict, repr=False)
     """Safetensors models: the file holding each tensor (from the headers, or a hub model's index)."""
     hub: str | None = None
-    """A Hugging Face repo id: weight files are downloaded when a shard needs them (see :mod:`exo_stable.hub`)."""
+    """A Hugging Face repo id: weight files are downloaded when a shard needs them (see :mod:`.hub`)."""
 
     def _absent(self) -> list[Path]:
         return sorted({f for f in self.files.values() if not f.is_file()})
@@ -64,8 +63,8 @@ class ModelSource:
 
     def footprint(self, dtype: Dtype, *, kv_tokens: int) -> ModelFootprint:
         """What the model costs served in ``dtype`` with a KV reserve of ``kv_tokens`` tokens per layer."""
-        from exo_stable.footprint import footprint_from_tensors
-        from exo_stable.model import compute_dtype
+        from exo_stable.engine.footprint import footprint_from_tensors
+        from exo_stable.engine.model import compute_dtype
 
         act = compute_dtype(dtype).size
         return footprint_from_tensors(
@@ -87,7 +86,7 @@ class ModelSource:
         if self.gguf is not None:
             return read_tensors(self.gguf, names)
         if self.hub is not None:
-            from exo_stable.hub import fetch_files
+            from exo_stable.engine.hub import fetch_files
 
             needed = sorted({self.files[n].name for n in names})
             fetch_files(self.hub, needed, revision=self.path.name)
@@ -135,7 +134,7 @@ def open_model(path: Path | str) -> ModelSource:
     """Identify the model at ``path``; a clear error names what was found when it is not usable."""
     if random_model.is_random(str(path)):
         return _open_random(str(path))
-    from exo_stable import hub
+    from exo_stable.engine import hub
 
     if hub.is_repo_id(str(path)):
         return _open_hub(str(path))
@@ -322,7 +321,7 @@ def _open_mlx_dir(path: Path) -> ModelSource:
 
 def _open_hub(repo_id: str) -> ModelSource:
     """A hub model: its small files now, each shard's weight files when the shard is loaded."""
-    from exo_stable import hub
+    from exo_stable.engine import hub
 
     snapshot = hub.snapshot_meta(repo_id)
     mapping = hub.weight_map(snapshot)

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from exo_stable.device import DeviceKind, activate, chosen, describe
-from exo_stable.loader import ModelSource
-from exo_stable.mlx_thread import MlxThread
-from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype
-from exo_stable.sampling import Pick, SamplingParams
-from exo_stable.stagecompute import StageCompute
+from exo_stable.engine.device import DeviceKind, activate, chosen, describe
+from exo_stable.engine.loader import ModelSource
+from exo_stable.engine.mlx_thread import MlxThread
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import Pick, SamplingParams
+from exo_stable.engine.stagecompute import StageCompute
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from exo_stable.modelspec import ModelSpec, QuantSpec
+from exo_stable.engine.modelspec import ModelSpec, QuantSpec
 from exo_stable.tokenizer import Tokenizer, byte_level_decode_map
 
 PREFIX = "random:"

@@ -20,14 +20,14 @@ import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from exo_stable.loader import ModelSource
-from exo_stable.mlx_thread import MlxThread
-from exo_stable.model import LayerRange
-from exo_stable.modelspec import Dtype
+from exo_stable.engine.loader import ModelSource
+from exo_stable.engine.mlx_thread import MlxThread
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import Pick, SamplingParams
+from exo_stable.engine.stagecompute import StageCompute
 from exo_stable.pipeline.placement import ModelFootprint, footprint_from_spec
-from exo_stable.recovery import ReplayMode
-from exo_stable.sampling import Pick, SamplingParams
-from exo_stable.stagecompute import StageCompute
+from exo_stable.pipeline.recovery import ReplayMode
 
 log = logging.getLogger(__name__)
 

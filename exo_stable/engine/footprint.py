@@ -3,7 +3,7 @@ serving dtype, plus a KV-cache reserve and activations. Pure: the headers come i
 
 A tensor is ``(shape, dtype)`` in mlx-lm naming, as the file yields it (a quantized module as its packed
 ``weight`` plus ``scales`` and ``biases``). In the quantized dtype a packed weight keeps its bytes and every
-float tensor (scales and biases too) is held in the activation dtype, as :func:`exo_stable.model.build_shard`
+float tensor (scales and biases too) is held in the activation dtype, as :func:`exo_stable.engine.model.build_shard`
 does; in a float dtype a quantized weight is expanded to ``32 / bits`` values a packed word and its scales
 and biases are dropped. Mixture-of-experts layers are counted by their real tensors (every expert).
 """
@@ -13,9 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from exo_stable.model import layer_index
-from exo_stable.modelspec import Dtype, ModelSpec, QuantSpec
-from exo_stable.pipeline.placement import ModelFootprint
+from exo_stable.engine.model import layer_index
+from exo_stable.engine.modelspec import Dtype, ModelFootprint, ModelSpec, QuantSpec
 
 __all__ = ["DTYPE_BYTES", "TensorTable", "footprint_from_tensors", "kv_bytes_per_token", "tensor_bytes"]
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from exo_stable.detokenizer import StreamingDetokenizer
 from exo_stable.tokenizer import Tokenizer
+from exo_stable.tokenizer.detokenizer import StreamingDetokenizer
 
 FinishReason = Literal["stop", "length"]
 

@@ -27,8 +27,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from exo_stable.node import Node
-    from exo_stable.service import Service
+    from exo_stable.node.node import Node
+    from exo_stable.pipeline.service import Service
 
 __all__ = ["CONTENT_TYPE", "Metrics", "NodeCollector", "RequestObserver", "ServiceCollector"]
 
@@ -177,7 +177,7 @@ class _Families:
 
 
 class ServiceCollector(Collector):
-    """What any :class:`~exo_stable.service.Service` knows: active requests and its KV cache bytes."""
+    """What any :class:`~exo_stable.pipeline.service.Service` knows: active requests and its KV cache bytes."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
