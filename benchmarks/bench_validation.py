@@ -54,8 +54,9 @@ async def one_request(
     first: float | None = None
     last = 0.0
     started = time.perf_counter()
-    async with asyncio.timeout(300), aclosing(node.owner.stream(job, result)) as deltas:
-        async for _ in deltas:
+    async with asyncio.timeout(300), aclosing(node.owner.stream(job)) as deltas:
+        async for delta in deltas:
+            result.add(delta)
             now = time.perf_counter()
             if first is None and result.completion_tokens > 0:
                 first = now

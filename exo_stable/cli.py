@@ -382,9 +382,9 @@ async def _generate(args: argparse.Namespace) -> int:
         result = GenerationResult(prompt_tokens=len(prompt))
         await service.admit()
         try:
-            async with aclosing(service.stream(GenerationJob(prompt, params, args.max_tokens), result)) as deltas:
+            async with aclosing(service.stream(GenerationJob(prompt, params, args.max_tokens))) as deltas:
                 async for delta in deltas:
-                    sys.stdout.write(delta.text)
+                    sys.stdout.write(result.add(delta).text)
                     sys.stdout.flush()
         finally:
             service.release()

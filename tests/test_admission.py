@@ -16,7 +16,8 @@ from cluster_proc import free_port_block
 from exo_stable.api.server import ApiConfig, create_app
 from exo_stable.engine.loader import open_model
 from exo_stable.engine.textstream import Delta
-from exo_stable.pipeline.service import GenerationJob, GenerationResult, Service, ServiceBusy, ServiceOverloaded
+from exo_stable.pipeline.service import GenerationJob, Service, ServiceBusy, ServiceOverloaded
+from exo_stable.pipeline.trace import RequestTrace
 
 pytestmark = pytest.mark.asyncio
 
@@ -50,14 +51,12 @@ class HeldService(Service):
                 self.changed.clear()
                 await self.changed.wait()
 
-    async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
+    async def stream(self, job: GenerationJob, trace: RequestTrace | None = None) -> AsyncGenerator[Delta]:
         self.started += 1
         self.changed.set()
         async with asyncio.timeout(30):
             await self.release_all.wait()
-        result.completion_tokens = 1
-        result.finish_reason = "length"
-        yield Delta("x", "length")
+        yield Delta("x", "length", token_ids=(0,), completion_tokens=1)
 
 
 async def test_admission_queue_is_bounded() -> None:

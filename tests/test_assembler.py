@@ -165,7 +165,8 @@ def test_gaps_are_reported_once_and_filled_later(tok: Tokenizer) -> None:
     assert len(ids) >= 4
     asm = assembler(tok)
     first = asm.accept(chunk(0, ids[0]))
-    assert first.deltas == (Delta(tok.decode(ids[:1])),)
+    assert [d.text for d in first.deltas] == [tok.decode(ids[:1])]
+    assert first.deltas[0].token_ids == (ids[0],) and first.deltas[0].completion_tokens == 1
     ahead = asm.accept(chunk(3, ids[3]))
     assert ahead.deltas == () and ahead.missing == (1, 2)
     assert asm.missing_positions() == (1, 2)

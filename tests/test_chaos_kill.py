@@ -115,7 +115,7 @@ async def reference_text(default_gguf: Path) -> str:
         prompt = source.tokenizer.encode_chat([ChatMessage(**m) for m in MESSAGES])
         result = GenerationResult(prompt_tokens=len(prompt))
         return "".join(
-            [d.text async for d in service.stream(GenerationJob(prompt, SamplingParams(), MAX_TOKENS), result)]
+            [result.add(d).text async for d in service.stream(GenerationJob(prompt, SamplingParams(), MAX_TOKENS))]
         )
     finally:
         engine.close()

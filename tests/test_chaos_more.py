@@ -267,7 +267,7 @@ async def reference(gguf: Path, messages: list[dict[str, str]], max_tokens: int 
             prompt = source.tokenizer.encode_chat([ChatMessage(**m) for m in messages])
             result = GenerationResult(prompt_tokens=len(prompt))
             job = GenerationJob(prompt, SamplingParams(), max_tokens)
-            _REFERENCE[key] = "".join([d.text async for d in service.stream(job, result)])
+            _REFERENCE[key] = "".join([result.add(d).text async for d in service.stream(job)])
         finally:
             engine.close()
     return _REFERENCE[key]

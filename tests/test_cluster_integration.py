@@ -94,8 +94,8 @@ async def _reference(
     deltas: list[str] = []
     await service.admit()
     try:
-        async with aclosing(service.stream(GenerationJob(prompt, params, MAX_TOKENS), result)) as stream:
-            deltas = [delta.text async for delta in stream]
+        async with aclosing(service.stream(GenerationJob(prompt, params, MAX_TOKENS))) as stream:
+            deltas = [result.add(delta).text async for delta in stream]
     finally:
         service.release()
     assert result.finish_reason is not None

@@ -127,7 +127,7 @@ async def test_three_nodes_serve_a_repo_id_from_the_offline_cache(offline_cache:
         assert plan.stages[-1].end == 4
         result = GenerationResult(prompt_tokens=3)
         job = GenerationJob([1, 2, 3], SamplingParams(temperature=0.0), 8)
-        async with aclosing(nodes[0].owner.stream(job, result)) as deltas:
-            async for _ in deltas:
-                pass
+        async with aclosing(nodes[0].owner.stream(job)) as deltas:
+            async for delta in deltas:
+                result.add(delta)
         assert len(result.token_ids) == 8

@@ -45,9 +45,9 @@ class Cluster:
         result = GenerationResult(prompt_tokens=len(prompt))
         text = ""
         owner = node.owner
-        async with aclosing(owner.stream(GenerationJob(prompt, params, MAX_TOKENS), result)) as deltas:
+        async with aclosing(owner.stream(GenerationJob(prompt, params, MAX_TOKENS))) as deltas:
             async for delta in deltas:
-                text += delta.text
+                text += result.add(delta).text
         return result.token_ids, text
 
 

@@ -55,9 +55,9 @@ async def test_a_stage_leaving_mid_stream_does_not_lose_the_answer(
         result = GenerationResult(prompt_tokens=len(PROMPT))
         text = ""
         delivered_before = 0
-        async with aclosing(owner.owner.stream(GenerationJob(PROMPT, params, MAX_TOKENS), result)) as deltas:
+        async with aclosing(owner.owner.stream(GenerationJob(PROMPT, params, MAX_TOKENS))) as deltas:
             async for delta in deltas:
-                text += delta.text
+                text += result.add(delta).text
                 if delivered_before == 0 and len(result.token_ids) >= 6:
                     delivered_before = len(result.token_ids)
                     stops[victim].set()  # the node leaves: its links close, the others see it go

@@ -103,9 +103,9 @@ async def run_and_stop(
     """Stream ``job`` from ``owner``; set ``victim`` (a node leaves) once ``after`` tokens are in."""
     result = GenerationResult(prompt_tokens=len(job.prompt_ids))
     text, before = "", 0
-    async with aclosing(owner.owner.stream(job, result)) as deltas:
+    async with aclosing(owner.owner.stream(job)) as deltas:
         async for delta in deltas:
-            text += delta.text
+            text += result.add(delta).text
             if not before and len(result.token_ids) >= after:
                 before = len(result.token_ids)
                 victim.set()
@@ -222,8 +222,9 @@ async def test_a_request_keeps_its_plan_while_a_node_joins_and_the_next_one_uses
         assert first_plan is not None
         result = GenerationResult(prompt_tokens=len(PROMPT))
         joined_epoch = None
-        async with aclosing(owner.owner.stream(GenerationJob(PROMPT, GREEDY, 64), result)) as deltas:
-            async for _ in deltas:
+        async with aclosing(owner.owner.stream(GenerationJob(PROMPT, GREEDY, 64))) as deltas:
+            async for delta in deltas:
+                result.add(delta)
                 if joined_epoch is None and len(result.token_ids) >= 3:
                     # The request is running: a third node joins and a 3-stage plan is committed meanwhile.
                     await m.start(ROOMY)
@@ -241,9 +242,9 @@ async def test_a_request_keeps_its_plan_while_a_node_joins_and_the_next_one_uses
         newcomer = m.nodes[2].stage_host.actor
         assert newcomer is not None and newcomer.stats.steps == 0
         second = GenerationResult(prompt_tokens=len(PROMPT))
-        async with aclosing(owner.owner.stream(GenerationJob(PROMPT, GREEDY, MAX_TOKENS), second)) as deltas:
-            async for _ in deltas:
-                pass
+        async with aclosing(owner.owner.stream(GenerationJob(PROMPT, GREEDY, MAX_TOKENS))) as deltas:
+            async for delta in deltas:
+                second.add(delta)
         assert second.token_ids == expected[:MAX_TOKENS]
         assert newcomer.stats.steps > 0
         for node in m.nodes[:2]:  # the replaced plan's stages drained and stopped

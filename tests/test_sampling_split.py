@@ -72,8 +72,9 @@ async def reference(model: Path, params: SamplingParams) -> list[Pick]:
 async def run(node: Node, job: GenerationJob, stop_after: asyncio.Event | None = None) -> GenerationResult:
     """Stream ``job`` from ``node``; set ``stop_after`` (a node leaves) once 6 tokens are in."""
     result = GenerationResult(prompt_tokens=len(job.prompt_ids))
-    async with aclosing(node.owner.stream(job, result)) as deltas:
-        async for _ in deltas:
+    async with aclosing(node.owner.stream(job)) as deltas:
+        async for delta in deltas:
+            result.add(delta)
             if stop_after is not None and not stop_after.is_set() and len(result.token_ids) >= 6:
                 stop_after.set()
     return result

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo_stable.engine.textstream import TextStream
+from exo_stable.engine.sampling import Pick
+from exo_stable.engine.textstream import Delta, TextStream
 from exo_stable.tokenizer import Tokenizer
 
 
@@ -94,3 +95,28 @@ def test_push_after_finish_is_an_error(tok: Tokenizer) -> None:
     stream.push(tok.encode("a")[0])
     with pytest.raises(RuntimeError):
         stream.push(tok.encode("b")[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40), st.lists(st.text(min_size=1, max_size=4), max_size=3))
+def test_the_deltas_a_consumer_keeps_carry_every_token_once(tok: Tokenizer, source: str, stops: list[str]) -> None:
+    """Empty deltas are dropped; the ones kept carry each token and its pick once, with the running count."""
+    ids = tok.encode(source)
+    if not ids:
+        return
+    stream = TextStream(tok, stop=stops, eos_ids=[], max_tokens=len(ids))
+    kept: list[Delta] = []
+    for i, token in enumerate(ids):
+        delta = stream.push(token, Pick(token, -float(i)))
+        assert delta.completion_tokens == i + 1
+        assert not delta.empty or (delta.token_ids, delta.picks) == ((), ())
+        if not delta.empty:
+            kept.append(delta)
+        if delta.finish_reason:
+            break
+    carried = [t for d in kept for t in d.token_ids]
+    assert carried == stream.completion_ids
+    assert [p.token for d in kept for p in d.picks] == carried
+    assert [d.finish_reason for d in kept][-1] == stream.finish_reason
+    assert [d.starts for d in kept] == [True] + [False] * (len(kept) - 1)
+    assert kept[0].timed(0.5).first_token_s == 0.5 and all(d.timed(0.5) is d for d in kept[1:])

@@ -207,10 +207,11 @@ async def test_a_recovery_shows_in_the_trace_and_the_replay_avoids_the_lost_node
     prompt = [1, 4093, 198, 19161, 253, 421, 30614, 563, 260, 3426, 30, 2, 198]
     async with in_process_cluster(tiny_model, 3, "trr", memory_bytes=1 << 30) as (nodes, stops):
         trace = RequestTrace("t", backend="pipeline", prompt_tokens=len(prompt))
-        result = GenerationResult(prompt_tokens=len(prompt), trace=trace)
+        result = GenerationResult(prompt_tokens=len(prompt))
         job = GenerationJob(prompt, SamplingParams(), 16)
-        async with aclosing(nodes[0].owner.stream(job, result)) as deltas:
-            async for _ in deltas:
+        async with aclosing(nodes[0].owner.stream(job, trace)) as deltas:
+            async for delta in deltas:
+                result.add(delta)
                 if len(result.token_ids) >= 4 and not stops[2].is_set():
                     stops[2].set()  # the last stage's node leaves mid-answer
     body = trace.as_dict()

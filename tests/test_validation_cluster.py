@@ -65,9 +65,9 @@ class Setup:
     async def run(self, level: ValidationLevel | None) -> list[int]:
         result = GenerationResult(prompt_tokens=len(PROMPT))
         job = GenerationJob(PROMPT, GREEDY, MAX_TOKENS, validation=level)
-        async with aclosing(self.owner_node.owner.stream(job, result)) as deltas:
-            async for _ in deltas:
-                pass
+        async with aclosing(self.owner_node.owner.stream(job)) as deltas:
+            async for delta in deltas:
+                result.add(delta)
         return result.token_ids
 
 

@@ -1,9 +1,10 @@
 """Token log-probabilities in OpenAI's two shapes (chat's ``content`` list, completions' parallel lists).
 
-The stages send each token's log-probability with the token (``TokenChunk.logprob``); the request's result
-collects them (``GenerationResult.picks``). A :class:`LogprobCursor` hands each one out once, in order, with
-the delta that carries its text, so a stream and a whole response report the same values. The token that
-ended the request (end of sequence) is not reported, as OpenAI does not report it.
+The stages send each token's log-probability with the token (``TokenChunk.logprob``); each delta carries
+those of its tokens, and the request's result collects them as the deltas pass (``GenerationResult.picks``).
+A :class:`LogprobCursor` hands each one out once, in order, with the delta that carries its text, so a stream
+and a whole response report the same values. The token that ended the request (end of sequence) is not
+reported, as OpenAI does not report it.
 """
 
 from __future__ import annotations

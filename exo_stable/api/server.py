@@ -163,7 +163,8 @@ def _validation(req: s._Sampling) -> ValidationLevel | None:
 
 
 class _Run:
-    """One admitted request: its job, its result, and its stream of deltas."""
+    """One admitted request: its job, its stream of deltas, and ``result``, the deltas' counters folded in
+    as they pass (usage, finish reason, token ids, log-probabilities, first token time)."""
 
     def __init__(self, request: web.Request, job: GenerationJob, kind: str, *, trace: bool = False) -> None:
         self.service = request.app[SERVICE_KEY]
@@ -177,7 +178,6 @@ class _Run:
         self.trace = request.app[TRACES_KEY].open(
             self.response_id, backend=self.service.backend, prompt_tokens=len(job.prompt_ids)
         )
-        self.result.trace = self.trace
         REQUEST_ID.set(self.response_id)
 
     def traced(self, body: Any) -> Any:
@@ -199,9 +199,10 @@ class _Run:
         observer = RequestObserver(self.metrics, len(self.job.prompt_ids))
         outcome = "error"
         try:
-            async with aclosing(self.service.stream(self.job, self.result)) as deltas:
+            async with aclosing(self.service.stream(self.job, self.trace)) as deltas:
                 async for delta in deltas:
-                    observer.on_tokens(self.result.completion_tokens)
+                    self.result.add(delta)
+                    observer.on_tokens(delta.completion_tokens)
                     self.trace.tokens(self.result.completion_tokens, self.result.first_token_s)
                     yield delta
             outcome = self.result.finish_reason or "unfinished"

@@ -5,14 +5,19 @@ text that is safe to send now (never half a UTF-8 character, never the start of 
 string) and a finish reason once the request is over: ``stop`` (end-of-sequence token or stop string)
 or ``length`` (max tokens or the context is full). For a SentencePiece model the space that starts the first
 piece is the tokenizer's prefix space, not text, and is dropped (as mlx-lm and ``transformers`` do).
+
+Each :class:`Delta` carries its own counters, as mlx-lm's ``GenerationResponse`` does: the tokens it completes,
+their log-probabilities, and how many tokens the request has generated so far. A consumer folds the deltas
+(``exo_stable.pipeline.service.GenerationResult.add``); nothing travels beside them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from exo_stable.engine.sampling import Pick
 from exo_stable.tokenizer import Tokenizer
 from exo_stable.tokenizer.detokenizer import StreamingDetokenizer
 
@@ -21,10 +26,38 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """What one accepted token produced: text to emit now, and the finish reason if it ended the request."""
+    """What accepted tokens produced: text to emit now, and the finish reason if they ended the request.
+
+    A delta with neither text nor a finish reason is empty: consumers drop it, and its tokens ride on the next
+    delta that is not (``token_ids`` and ``picks`` are the tokens since the previous non-empty delta), so that
+    the deltas a consumer keeps carry every token exactly once.
+    """
 
     text: str
     finish_reason: FinishReason | None = None
+    token_ids: tuple[int, ...] = ()
+    """The tokens this delta completes, in order (empty on an empty delta)."""
+    picks: tuple[Pick, ...] = ()
+    """Their log-probabilities, for the tokens that were sampled with them (when the request asked)."""
+    completion_tokens: int = 0
+    """Tokens the request has generated so far, these included (they count towards usage)."""
+    first_token_s: float | None = None
+    """On the delta that carries the request's first token: seconds from the start of the request to it
+    (stamped by the producer, which owns the clock)."""
+
+    @property
+    def empty(self) -> bool:
+        """Neither text nor a finish reason: nothing to send (its tokens ride on the next delta)."""
+        return not self.text and self.finish_reason is None
+
+    @property
+    def starts(self) -> bool:
+        """Whether this delta carries the request's first token."""
+        return bool(self.token_ids) and len(self.token_ids) == self.completion_tokens
+
+    def timed(self, first_token_s: float | None) -> Delta:
+        """This delta with ``first_token_s`` stamped on it when it carries the first token (else itself)."""
+        return replace(self, first_token_s=first_token_s) if self.starts else self
 
 
 class TextStream:
@@ -50,6 +83,8 @@ class TextStream:
         self._eos = frozenset(tokenizer.eos_ids if eos_ids is None else eos_ids)
         self._max_tokens = max_tokens
         self._held = ""  # decoded text not yet emitted because it may start a stop string
+        self._unsent = 0  # tokens at the end of completion_ids that no non-empty delta has carried yet
+        self._picks: list[Pick] = []  # their log-probabilities
         self.completion_ids: list[int] = []
         self.text = ""  # everything emitted so far
         self.finish_reason: FinishReason | None = None
@@ -58,11 +93,14 @@ class TextStream:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def push(self, token_id: int) -> Delta:
-        """Accept the next token of the request."""
+    def push(self, token_id: int, pick: Pick | None = None) -> Delta:
+        """Accept the next token of the request (``pick``: its log-probabilities, when they were asked for)."""
         if self.finish_reason is not None:
             raise RuntimeError("the stream has already finished")
         self.completion_ids.append(token_id)
+        self._unsent += 1
+        if pick is not None:
+            self._picks.append(pick)
         if token_id in self._eos:
             return self._finish("stop", self._held + self._detok.finalize())
         piece = self._detok.add_token(token_id)
@@ -77,7 +115,7 @@ class TextStream:
         keep = self._partial_stop_suffix(new_text)
         emit, self._held = new_text[: len(new_text) - keep], new_text[len(new_text) - keep :]
         self.text += emit
-        return Delta(emit)
+        return self._delta(emit, None)
 
     def finish_length(self) -> Delta:
         """End the request for lack of room (context full): flush what is held."""
@@ -92,7 +130,18 @@ class TextStream:
         self._held = ""
         self.finish_reason = reason
         self.text += text
-        return Delta(text, reason)
+        return self._delta(text, reason)
+
+    def _delta(self, text: str, reason: FinishReason | None) -> Delta:
+        """A delta with its counters; a non-empty one hands out the tokens not carried yet."""
+        done = len(self.completion_ids)
+        if not text and reason is None:
+            return Delta("", completion_tokens=done)
+        ids = tuple(self.completion_ids[done - self._unsent :]) if self._unsent else ()
+        picks = tuple(self._picks)
+        self._unsent = 0
+        self._picks.clear()
+        return Delta(text, reason, ids, picks, done)
 
     def _find_stop(self, text: str) -> int | None:
         """Index where the earliest stop string starts in ``text`` (text before it is kept)."""

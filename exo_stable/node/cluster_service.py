@@ -10,7 +10,8 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from exo_stable.engine.textstream import Delta
-from exo_stable.pipeline.service import GenerationJob, GenerationResult, Service
+from exo_stable.pipeline.service import GenerationJob, Service
+from exo_stable.pipeline.trace import RequestTrace
 
 if TYPE_CHECKING:
     from exo_stable.node.node import Node
@@ -33,21 +34,23 @@ class ClusterService(Service):
         )
         self.node = node
 
-    async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
+    async def stream(self, job: GenerationJob, trace: RequestTrace | None = None) -> AsyncGenerator[Delta]:
         self.requests_started += 1
         links_before = self._link_counters()
+        generated = 0
         try:
-            async with aclosing(self.node.owner.stream(job, result)) as deltas:
+            async with aclosing(self.node.owner.stream(job, trace)) as deltas:
                 async for delta in deltas:
+                    generated = delta.completion_tokens
                     yield delta
         finally:
-            self.generated_tokens += result.completion_tokens
-            if result.trace is not None:
+            self.generated_tokens += generated
+            if trace is not None:
                 # Link counters are per link, not per request: what moved while this request ran.
                 for peer, (retransmits, corrupt) in self._link_counters().items():
                     before = links_before.get(peer, (0, 0))
                     if (retransmits - before[0]) or (corrupt - before[1]):
-                        result.trace.event(
+                        trace.event(
                             "links", peer=peer, retransmits=retransmits - before[0], corrupt_frames=corrupt - before[1]
                         )
 

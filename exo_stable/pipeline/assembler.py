@@ -34,10 +34,10 @@ __all__ = ["AssemblerStats", "AssemblyStep", "StreamAssembler"]
 class AssemblyStep:
     """What one accepted chunk produced.
 
-    ``deltas``: text to send now (only deltas with text or a finish reason). ``missing``: positions newly
-    known to be missing, to ask for again. ``rejected``: why the chunk was not used, if it was not.
-    ``duplicate``: the chunk's position had already arrived (with a different token id it is also
-    ``rejected``).
+    ``deltas``: text to send now, each with the tokens it completes (only deltas with text or a finish
+    reason). ``missing``: positions newly known to be missing, to ask for again. ``rejected``: why the chunk
+    was not used, if it was not. ``duplicate``: the chunk's position had already arrived (with a different
+    token id it is also ``rejected``).
     """
 
     deltas: tuple[Delta, ...] = ()
@@ -117,8 +117,6 @@ class StreamAssembler:
         self._max_buffered = 0
         self._gaps_requested = 0
         self._ignored = 0
-        self.picks: list[Pick] = []
-        """The delivered tokens' log-probabilities, in order (when the request asked for them)."""
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -233,10 +231,9 @@ class StreamAssembler:
         deltas: list[Delta] = []
         nxt = self._checker.next_position
         while True:
-            if chunk.logprob is not None:
-                self.picks.append(Pick(chunk.token_id, chunk.logprob, chunk.top_logprobs))
-            delta = self._stream.push(chunk.token_id)
-            if delta.text or delta.finish_reason:
+            pick = None if chunk.logprob is None else Pick(chunk.token_id, chunk.logprob, chunk.top_logprobs)
+            delta = self._stream.push(chunk.token_id, pick)
+            if not delta.empty:
                 deltas.append(delta)
             pos += 1
             if self._stream.finished or pos >= nxt:

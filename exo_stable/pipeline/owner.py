@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -51,7 +52,8 @@ from exo_stable.pipeline.ownerstate import (
     trace_token,
 )
 from exo_stable.pipeline.recovery import FailureClass, FailureKind, RecoveryManager, ReplayMode, StepDeadline
-from exo_stable.pipeline.service import GenerationJob, GenerationResult
+from exo_stable.pipeline.service import GenerationJob
+from exo_stable.pipeline.trace import RequestTrace
 from exo_stable.tokenizer import Tokenizer
 from exo_stable.wire.messages import (
     PlanCommit,
@@ -123,8 +125,9 @@ class PipelineOwner:
 
     # -- one request -----------------------------------------------------------------------------------
 
-    async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
-        """Yield the request's deltas, the last one carrying its finish reason.
+    async def stream(self, job: GenerationJob, trace: RequestTrace | None = None) -> AsyncGenerator[Delta]:
+        """Yield the request's deltas, the last one carrying its finish reason (its plan, recoveries, tokens'
+        hops and findings go into ``trace`` when the caller keeps one).
 
         When the pipeline fails under the request (a stage's node goes away, a stage reports a failure, a
         token does not come within its deadline), the owner waits for a healthy plan and replays the
@@ -146,8 +149,8 @@ class PipelineOwner:
             verify_checksum=level is not ValidationLevel.OFF,
         )
         mode = job.replay or self.config.replay
-        if result.trace is not None:
-            result.trace.validation, result.trace.replay = level.value, mode.value
+        if trace is not None:
+            trace.validation, trace.replay = level.value, mode.value
         owned = Owned(
             assembler,
             plan,
@@ -156,6 +159,7 @@ class PipelineOwner:
             level=level,
             deltas=DeltaChecker(level),
             output=OutputWatch(level),
+            trace=trace,
         )
         self.requests[rid] = owned  # registered before anything is sent
         self.stats.requests += 1
@@ -165,9 +169,9 @@ class PipelineOwner:
             while True:
                 try:
                     attempt = (
-                        self._fallback_attempt(rid, job, owned, result, started)
+                        self._fallback_attempt(rid, job, owned, started)
                         if owned.on_fallback
-                        else self._attempt(rid, job, owned, result, started)
+                        else self._attempt(rid, job, owned, started)
                     )
                     async with aclosing(attempt) as deltas:
                         async for delta in deltas:
@@ -177,8 +181,8 @@ class PipelineOwner:
                     recoveries += 1
                     owned.failed_at = time.perf_counter()
                     decision = self.recovery.classify(self.recovery.event(exc.kind, exc.node_id, (rid,), str(exc)))
-                    if result.trace is not None:
-                        result.trace.recovery(
+                    if trace is not None:
+                        trace.recovery(
                             failure=exc.kind.value,
                             node_id=exc.node_id,
                             failure_class=decision.failure_class.value,
@@ -234,15 +238,13 @@ class PipelineOwner:
             del self.requests[rid]
             await self._close(rid, [s.node_id for s in owned.plan.stages])
 
-    async def _attempt(
-        self, rid: str, job: GenerationJob, owned: Owned, result: GenerationResult, started: float
-    ) -> AsyncGenerator[Delta]:
+    async def _attempt(self, rid: str, job: GenerationJob, owned: Owned, started: float) -> AsyncGenerator[Delta]:
         """Run (or replay and continue) the request on ``owned.plan`` until it finishes."""
         plan, assembler = owned.plan, owned.assembler
         stage_nodes = [s.node_id for s in plan.stages]
         history = assembler.token_ids
-        if result.trace is not None:
-            result.trace.plan(plan.epoch, plan.stages)
+        if owned.trace is not None:
+            owned.trace.plan(plan.epoch, plan.stages)
         # Exact replay: the prompt chunks, then the stages feed each known token forward one decode step each.
         # Fast replay: prompt and known tokens in one batched re-prefill; the last chunk samples position
         # len(history).
@@ -270,9 +272,7 @@ class PipelineOwner:
         deadline = self.config.first_token_timeout_s + self.config.token_timeout_s * len(history)
         while not assembler.finished:
             if assembler.next_position >= job.max_tokens:
-                delta = assembler.finish_length()
-                result.finish_reason = delta.finish_reason
-                yield delta
+                yield assembler.finish_length().timed(owned.first_token_s)
                 return
             waited = time.perf_counter()
             message = await self._next(owned, deadline, rid)
@@ -288,21 +288,18 @@ class PipelineOwner:
                     kind=failure_kind(message.detail),
                     node_id=message.node_id,
                 )
-            step_result = self._accept(owned, message, result, started, len(history))
-            if result.trace is not None:
-                trace_token(result.trace, message, step_result)
+            step_result = self._accept(owned, message, started, len(history))
+            if owned.trace is not None:
+                trace_token(owned.trace, message, step_result)
             if step_result.missing:
                 self.stats.resend_requests += 1
                 await self.send(stage_nodes[-1], ResendTokens(request_id=rid, positions=step_result.missing))
             for delta in step_result.deltas:
-                if delta.finish_reason is not None:
-                    result.finish_reason = delta.finish_reason
                 yield delta
 
-    def _accept(
-        self, owned: Owned, chunk: TokenChunk, result: GenerationResult, started: float, replayed: int
-    ) -> AssemblyStep:
-        """Hand ``chunk`` to the assembler; note the first token and, after a recovery, the time to resume."""
+    def _accept(self, owned: Owned, chunk: TokenChunk, started: float, replayed: int) -> AssemblyStep:
+        """Hand ``chunk`` to the assembler; stamp the first token's time on the delta that carries it and,
+        after a recovery, note the time to resume."""
         assembler = owned.assembler
         step = assembler.accept(chunk)
         self._check(owned, step)
@@ -311,13 +308,12 @@ class PipelineOwner:
                 self.validation.output_findings += 1
                 rid = assembler.request_id
                 log.warning("request %s: the answer looks corrupt: %s %s", rid, finding.kind.value, finding.detail)
-                if result.trace is not None:
-                    result.trace.event("output_finding", corruption=finding.kind.value, severity=finding.severity.value)
-        if result.first_token_s is None and assembler.next_position > 0:
-            result.first_token_s = time.perf_counter() - started
-        result.token_ids = list(assembler.token_ids)
-        result.completion_tokens = len(result.token_ids)
-        result.picks = assembler.picks
+                if owned.trace is not None:
+                    owned.trace.event("output_finding", corruption=finding.kind.value, severity=finding.severity.value)
+        if owned.first_token_s is None and assembler.next_position > 0:
+            owned.first_token_s = time.perf_counter() - started
+        if any(delta.starts for delta in step.deltas):
+            step = replace(step, deltas=tuple(d.timed(owned.first_token_s) for d in step.deltas))
         if owned.failed_at is not None and assembler.next_position > replayed:
             how = "fallback" if owned.on_fallback else "resumed"
             self.recovery.outcome(how, time.perf_counter() - owned.failed_at, mode=owned.mode.value)
@@ -325,7 +321,7 @@ class PipelineOwner:
         return step
 
     async def _fallback_attempt(
-        self, rid: str, job: GenerationJob, owned: Owned, result: GenerationResult, started: float
+        self, rid: str, job: GenerationJob, owned: Owned, started: float
     ) -> AsyncGenerator[Delta]:
         """Replay and continue the request on this node's single-device fallback until it finishes."""
         assert self.fallback is not None
@@ -350,10 +346,8 @@ class PipelineOwner:
                             top_logprobs=token.top,
                         )
                     )
-                    step = self._accept(owned, chunk, result, started, len(history))
+                    step = self._accept(owned, chunk, started, len(history))
                     for delta in step.deltas:
-                        if delta.finish_reason is not None:
-                            result.finish_reason = delta.finish_reason
                         yield delta
                     if assembler.finished:
                         return
@@ -364,9 +358,7 @@ class PipelineOwner:
                 node_id=self.node_id,
             ) from exc
         if not assembler.finished:
-            delta = assembler.finish_length()
-            result.finish_reason = delta.finish_reason
-            yield delta
+            yield assembler.finish_length().timed(owned.first_token_s)
 
     def _fall_back(self, rid: str, why: str) -> None:
         """No plan fits the surviving nodes (catastrophic): go on with the fallback, or fail with a clear error."""

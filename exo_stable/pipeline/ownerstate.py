@@ -89,6 +89,8 @@ class Owned:
     level: ValidationLevel = ValidationLevel.LIGHT
     deltas: DeltaChecker | None = None
     output: OutputWatch = field(default_factory=lambda: OutputWatch(ValidationLevel.OFF))
+    trace: RequestTrace | None = None  # the request's trace, when the caller keeps one
+    first_token_s: float | None = None  # seconds from the start of the request to its first accepted token
 
 
 @dataclass

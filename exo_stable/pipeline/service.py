@@ -54,7 +54,11 @@ class GenerationJob:
 
 @dataclass
 class GenerationResult:
-    """Filled in while a job streams; complete once its iterator ends."""
+    """What a consumer knows of a request once it has folded the request's deltas in with :meth:`add`.
+
+    Deltas carry their own counters; this is their running sum, kept by whoever reads the stream (the API for
+    usage and logprobs, tests and tools for the token ids). Nothing else writes it.
+    """
 
     prompt_tokens: int
     completion_tokens: int = 0
@@ -62,7 +66,17 @@ class GenerationResult:
     first_token_s: float | None = None
     token_ids: list[int] = field(default_factory=list)
     picks: list[Pick] = field(default_factory=list)  # each token's log-probabilities, when the job asked for them
-    trace: RequestTrace | None = None  # the request's trace, when the caller keeps one (the API does)
+
+    def add(self, delta: Delta) -> Delta:
+        """Fold in the next delta of the stream; returns it, so ``result.add(d)`` reads inside a loop."""
+        self.token_ids.extend(delta.token_ids)
+        self.picks.extend(delta.picks)
+        self.completion_tokens = max(self.completion_tokens, delta.completion_tokens)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+        if self.first_token_s is None:
+            self.first_token_s = delta.first_token_s
+        return delta
 
 
 def default_seed() -> int:
@@ -109,7 +123,9 @@ class Service:
                 f"the prompt has {prompt_len} tokens; this model's context is {self.context_length} tokens"
             )
 
-    def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
+    def stream(self, job: GenerationJob, trace: RequestTrace | None = None) -> AsyncGenerator[Delta]:
+        """The request's deltas (see :class:`Delta`), the last one carrying its finish reason; its steps and
+        events go into ``trace`` when the caller keeps one. The caller must hold an admission slot."""
         raise NotImplementedError
 
     def unavailable(self) -> str | None:
@@ -178,36 +194,29 @@ class InferenceService(Service):
     def kv_cache_bytes(self) -> int | None:
         return self.engine.kv_cache_bytes()
 
-    async def stream(self, job: GenerationJob, result: GenerationResult) -> AsyncGenerator[Delta]:
+    async def stream(self, job: GenerationJob, trace: RequestTrace | None = None) -> AsyncGenerator[Delta]:
         """Yield deltas until one carries the finish reason. The caller must hold an admission slot."""
         self.requests_started += 1
         text = TextStream(self.tokenizer, stop=job.stop, max_tokens=job.max_tokens)
         started = last = time.perf_counter()
+        first_token_s: float | None = None
         async with aclosing(self.engine.picks(job.prompt_ids, job.params, job.max_tokens)) as picks:
             async for picked in picks:
-                token = picked.token
-                if picked.logprob is not None:
-                    result.picks.append(picked)
                 now = time.perf_counter()
-                if result.first_token_s is None:
-                    result.first_token_s = now - started
-                if result.trace is not None:
-                    self._trace_step(result.trace, len(result.token_ids), len(job.prompt_ids), now - last)
+                if first_token_s is None:
+                    first_token_s = now - started
+                if trace is not None:
+                    self._trace_step(trace, len(text.completion_ids), len(job.prompt_ids), now - last)
                 last = now
-                delta = text.push(token)
-                result.token_ids.append(token)
+                delta = text.push(picked.token, picked if picked.logprob is not None else None)
                 self.generated_tokens += 1
-                result.completion_tokens = len(text.completion_ids)
+                delta = delta.timed(first_token_s)
+                if not delta.empty:
+                    yield delta
                 if delta.finish_reason is not None:
-                    result.finish_reason = delta.finish_reason
-                    yield delta
                     return
-                if delta.text:
-                    yield delta
         # The engine stopped early only when the context is full.
-        delta = text.finish_length()
-        result.finish_reason = delta.finish_reason
-        yield delta
+        yield text.finish_length().timed(first_token_s)
 
     def _trace_step(self, trace: RequestTrace, position: int, prompt_tokens: int, seconds: float) -> None:
         """One step of the whole model: the prompt (position 0), then one token each; timed token to token."""

@@ -81,9 +81,9 @@ class SingleDevice:
             await self.service.admit()
             try:
                 job = GenerationJob(prompt_ids, params, max_tokens)
-                async with aclosing(self.service.stream(job, result)) as deltas:
+                async with aclosing(self.service.stream(job)) as deltas:
                     async for delta in deltas:
-                        text += delta.text
+                        text += result.add(delta).text
             finally:
                 self.service.release()
         seconds = time.perf_counter() - started
@@ -128,9 +128,9 @@ class InProcessCluster:
         started = time.perf_counter()
         async with asyncio.timeout(self.request_timeout_s):
             job = GenerationJob(prompt_ids, params, max_tokens)
-            async with aclosing(node.owner.stream(job, result)) as deltas:
+            async with aclosing(node.owner.stream(job)) as deltas:
                 async for delta in deltas:
-                    text += delta.text
+                    text += result.add(delta).text
         seconds = time.perf_counter() - started
         return Generation(tuple(result.token_ids), text, len(result.token_ids), seconds, result.finish_reason)
 
