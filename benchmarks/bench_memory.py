@@ -38,9 +38,9 @@ from nodeprocs import free_ports, stop_all, wait_for_plan
 from exo_stable.engine.loader import open_model
 from exo_stable.engine.modelspec import Dtype, ModelSpec
 from exo_stable.engine.store import ensure_default_model
+from exo_stable.engine.synthetic import llama_spec
 from exo_stable.engine.synthetic_stream import (
     check_disk,
-    llama_spec,
     model_bytes,
     tokenizer_source_metadata,
     write_gguf_stream,

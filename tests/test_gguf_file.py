@@ -16,8 +16,8 @@ from exo_stable.engine.gguf_file import open_gguf, read_tensors
 from exo_stable.engine.loader import open_model
 from exo_stable.engine.model import LayerRange
 from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.synthetic import llama_spec
 from exo_stable.engine.synthetic_stream import (
-    llama_spec,
     tokenizer_source_metadata,
     write_gguf_stream,
     write_mlx_stream,

@@ -14,7 +14,8 @@ from exo_stable.engine.hub import files_for, is_repo_id
 from exo_stable.engine.loader import open_model
 from exo_stable.engine.model import LayerRange
 from exo_stable.engine.modelspec import Dtype
-from exo_stable.engine.synthetic_stream import llama_spec, tokenizer_source_metadata, write_mlx_stream
+from exo_stable.engine.synthetic import llama_spec
+from exo_stable.engine.synthetic_stream import tokenizer_source_metadata, write_mlx_stream
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

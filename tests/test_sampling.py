@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exo_stable.engine.sampling import PENALTY_WINDOW, SamplingParams, pick, process, sample
+from exo_stable.pipeline.sampling import params_from_wire, params_to_wire
+from exo_stable.wire.messages import SamplingSpec
 
 logits_strategy = st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=64).map(
     lambda xs: np.array(xs, dtype=np.float32)
@@ -110,3 +112,32 @@ def test_a_tiny_temperature_samples_the_top_token_without_overflow() -> None:
     crashed the stage; three such requests made the node give up its stage."""
     logits = np.array([0.5, 3.0, -1.0, 2.9], dtype=np.float32)
     assert sample(logits, SamplingParams(temperature=5e-324, seed=1), 0) == 1
+
+
+def test_the_wire_spec_carries_every_sampling_field_and_converts_both_ways() -> None:
+    """The wire's SamplingSpec mirrors SamplingParams field for field (name, type, default): a field added to
+    one and not the other would be lost between the owner and the last stage."""
+
+    def shape(cls: type[msgspec.Struct]) -> list[tuple[str, object, object]]:
+        return [(f.name, f.type, f.default) for f in msgspec.structs.fields(cls)]
+
+    assert shape(SamplingSpec) == shape(SamplingParams)
+    params = SamplingParams(
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        seed=12345,
+        min_p=0.05,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        logit_bias=((3, 1.5),),
+        prompt_tail=(1, 2, 3),
+        logprobs=2,
+        grammar="start: 'x'",
+    )
+    spec = params_to_wire(params)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(spec), type=SamplingSpec) == spec
+    assert params_from_wire(spec) == params
+    with pytest.raises(ValueError, match="temperature"):
+        params_from_wire(SamplingSpec(temperature=11.0))

@@ -234,16 +234,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     _check(req)
     conversation = _messages(req)
     plan = _plan(req, conversation, service.tokenizer.chat_template)
-    tokenizing = request.app[core.TOKENIZING_KEY]
-    tokenizing.check_length((str(m.get("content") or "") for m in conversation), "messages")
-    try:
-        prompt = await tokenizing.run(
-            service.tokenizer.encode_chat,
-            conversation if plan is None else plan.messages,
-            tools=None if plan is None else plan.template_tools,
-        )
-    except ValueError as exc:
-        raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
+    prompt = await fields.chat_prompt(request.app[core.TOKENIZING_KEY], conversation, plan)
     if plan is not None and plan.grammar and req.output_config is not None:
         raise fields.refused("output_config", "a forced tool call already constrains the output")
     forced = "" if plan is None else plan.grammar

@@ -8,8 +8,8 @@ not there is refused at decoding). The same rules serve the other dialects, whic
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -19,7 +19,11 @@ from exo_stable.engine import grammar
 from exo_stable.engine.sampling import PENALTY_WINDOW, SamplingParams
 from exo_stable.engine.single import ContextOverflow
 from exo_stable.pipeline.service import Service, default_seed
-from exo_stable.tokenizer import Tokenizer
+from exo_stable.tokenizer import ChatMessage, Tokenizer
+
+if TYPE_CHECKING:
+    from exo_stable.api.guards import Tokenizing
+    from exo_stable.api.tools import ToolPlan
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 
@@ -79,6 +83,34 @@ async def checked_grammar(text: str, tokenizer: Tokenizer, param: str) -> str:
         except grammar.GrammarError as exc:
             raise ApiError(400, f"The schema cannot be enforced: {exc}", param=param, code="invalid_value") from exc
     return text
+
+
+async def chat_prompt(
+    tokenizing: Tokenizing,
+    messages: Sequence[ChatMessage | Mapping[str, Any]],
+    plan: ToolPlan | None = None,
+    *,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """The prompt's token ids, for every dialect: the conversation's size checked first, then rendered by the
+    model's chat template off the event loop (``plan``'s messages and tools when the request uses tools); a
+    conversation the template refuses is a 400."""
+    tokenizing.check_length((_content(m) for m in messages), "messages")
+    try:
+        return await tokenizing.run(
+            tokenizing.tokenizer.encode_chat,
+            messages if plan is None else plan.messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=None if plan is None else plan.template_tools,
+        )
+    except ValueError as exc:
+        raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
+
+
+def _content(message: ChatMessage | Mapping[str, Any]) -> str:
+    if isinstance(message, ChatMessage):
+        return message.content
+    return str(message.get("content") or "")
 
 
 def token_limit(service: Service, cap: int, prompt_len: int, max_tokens: int | None, param: str = "max_tokens") -> int:

@@ -208,16 +208,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     service = request.app[core.SERVICE_KEY]
     _model(req.model, service)
     messages, plan = _chat(req, service.tokenizer.chat_template)
-    tokenizing = request.app[core.TOKENIZING_KEY]
-    tokenizing.check_length((str(m["content"]) for m in messages), "messages")
-    try:
-        prompt = await tokenizing.run(
-            service.tokenizer.encode_chat,
-            messages if plan is None else plan.messages,
-            tools=None if plan is None else plan.template_tools,
-        )
-    except ValueError as exc:
-        raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
+    prompt = await fields.chat_prompt(request.app[core.TOKENIZING_KEY], messages, plan)
     calls = tools.ToolStream(frozenset() if plan is None else plan.names)
 
     def body(text: str, done: bool) -> dict[str, Any]:

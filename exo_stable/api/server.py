@@ -248,14 +248,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     fields.resolve_model(req.model, service)
     fields.check_chat(req)
     tooling = tools.plan(req, service.tokenizer.chat_template)
-    messages = _chat_messages(req.messages) if tooling is None else tooling.messages
-    tokenizing = request.app[TOKENIZING_KEY]
-    tokenizing.check_length((m.content for m in _chat_messages(req.messages)), "messages")
-    try:
-        template_tools = None if tooling is None else tooling.template_tools
-        prompt = await tokenizing.run(service.tokenizer.encode_chat, messages, tools=template_tools)
-    except ValueError as exc:
-        raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
+    prompt = await fields.chat_prompt(request.app[TOKENIZING_KEY], _chat_messages(req.messages), tooling)
     want = (req.top_logprobs or 0) if req.logprobs else None
     forced = "" if tooling is None else tooling.grammar
     grammar = await fields.checked_grammar(
@@ -470,13 +463,7 @@ async def tokenize(request: web.Request) -> web.Response:
         return json_response(s.TokenizeResponse(await tokenizing.run(service.tokenizer.encode, req.text)))
     assert req.messages is not None
     messages = _chat_messages(req.messages)
-    tokenizing.check_length((m.content for m in messages), "messages")
-    try:
-        ids = await tokenizing.run(
-            service.tokenizer.encode_chat, messages, add_generation_prompt=req.add_generation_prompt
-        )
-    except ValueError as exc:
-        raise ApiError(400, f"Cannot build the prompt: {exc}", param="messages") from exc
+    ids = await fields.chat_prompt(tokenizing, messages, add_generation_prompt=req.add_generation_prompt)
     return json_response(s.TokenizeResponse(ids))
 
 

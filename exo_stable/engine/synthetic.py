@@ -34,11 +34,14 @@ _TOKENIZER_KEYS = (
 )
 
 
-def tiny_spec(*, layers: int = 8, hidden: int = 64, heads: int = 4, kv_heads: int = 2, vocab: int = 49152) -> ModelSpec:
+def llama_spec(
+    *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, context_length: int = 4096
+) -> ModelSpec:
+    """A llama of this shape (every random model here, tiny or published-size, is one)."""
     return ModelSpec(
         hidden_size=hidden,
         num_hidden_layers=layers,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         rms_norm_eps=1e-5,
@@ -49,6 +52,19 @@ def tiny_spec(*, layers: int = 8, hidden: int = 64, heads: int = 4, kv_heads: in
         # An untied head keeps random logits from peaking on the input token (a tied one makes every
         # continuation repeat itself, which would make split-point tests blind).
         tie_word_embeddings=False,
+        context_length=context_length,
+    )
+
+
+def tiny_spec(*, layers: int = 8, hidden: int = 64, heads: int = 4, kv_heads: int = 2, vocab: int = 49152) -> ModelSpec:
+    """The tests' tiny llama: a feed-forward twice the hidden size, a 2048-token context."""
+    return llama_spec(
+        layers=layers,
+        hidden=hidden,
+        intermediate=hidden * 2,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
         context_length=2048,
     )
 
@@ -147,4 +163,4 @@ def tiny_gguf(path: Path, tokenizer_source: Path, *, layers: int = 8, seed: int 
     return write_gguf(path, spec, random_weights(spec, seed=seed), tokenizer_metadata(tokenizer_source))
 
 
-__all__ = ["random_weights", "scalar", "tiny_gguf", "tiny_spec", "write_gguf", "write_mlx_dir"]
+__all__ = ["llama_spec", "random_weights", "scalar", "tiny_gguf", "tiny_spec", "write_gguf", "write_mlx_dir"]

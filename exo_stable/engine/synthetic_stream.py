@@ -25,29 +25,11 @@ from exo_stable.tokenizer import Tokenizer
 
 __all__ = [
     "check_disk",
-    "llama_spec",
     "model_bytes",
     "tokenizer_source_metadata",
     "write_gguf_stream",
     "write_mlx_stream",
 ]
-
-
-def llama_spec(*, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> ModelSpec:
-    return ModelSpec(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        intermediate_size=intermediate,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        rms_norm_eps=1e-5,
-        vocab_size=vocab,
-        head_dim=hidden // heads,
-        rope_theta=10000.0,
-        rope_traditional=True,
-        tie_word_embeddings=False,
-        context_length=4096,
-    )
 
 
 def model_bytes(spec: ModelSpec, bytes_per_param: float) -> int:

@@ -2,9 +2,10 @@
 
 Owns, pure logic first: placement planning (``placement``), token validation (``validators``, ``levels``,
 ``corruption``), stream assembly (``assembler``), barriers (``barrier``), recovery decisions and deadlines
-(``recovery``), traces (``trace``); then the actors' state and IO: a stage (``stage``, ``stagestate``,
-``stagefaults``), a request's owner (``owner``, ``ownerstate``), the single-node fallback (``fallback``), and
-the API's backend contract with its single-device implementation (``service``).
+(``recovery``), traces (``trace``), the sampler's parameters to and from the wire (``sampling``); then the
+actors' state and IO: a stage (``stage``, ``stagestate``, ``stagefaults``), a request's owner (``owner``,
+``ownerstate``), the single-node fallback (``fallback``), and the API's backend contract with its
+single-device implementation (``service``).
 
 May import :mod:`exo_stable.engine`, :mod:`exo_stable.wire`, :mod:`exo_stable.tokenizer`. Never the cluster,
 the API or the node.

@@ -22,8 +22,6 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
-import msgspec
-
 from exo_stable.engine.mlx_thread import WorkerClosed, WorkerTimeout
 from exo_stable.engine.stagecompute import prompt_chunks
 from exo_stable.engine.textstream import Delta
@@ -52,6 +50,7 @@ from exo_stable.pipeline.ownerstate import (
     trace_token,
 )
 from exo_stable.pipeline.recovery import FailureClass, FailureKind, RecoveryManager, ReplayMode, StepDeadline
+from exo_stable.pipeline.sampling import params_to_wire
 from exo_stable.pipeline.service import GenerationJob
 from exo_stable.pipeline.trace import RequestTrace
 from exo_stable.tokenizer import Tokenizer
@@ -60,7 +59,6 @@ from exo_stable.wire.messages import (
     RequestClose,
     RequestOpen,
     ResendTokens,
-    SamplingSpec,
     StageFailure,
     StepInput,
     TokenChunk,
@@ -440,7 +438,6 @@ class PipelineOwner:
         *,
         first_position: int = 0,
     ) -> None:
-        p = job.params
         name = f"open/{rid}"
         owned = self.requests.get(rid)
         level = self.config.validation if owned is None else owned.level
@@ -448,7 +445,7 @@ class PipelineOwner:
             request_id=rid,
             owner=self.node_id,
             plan_epoch=plan.epoch,
-            sampling=SamplingSpec(**msgspec.structs.asdict(p)),
+            sampling=params_to_wire(job.params),
             max_tokens=budget,
             prompt_tokens=len(job.prompt_ids),
             barrier=name,

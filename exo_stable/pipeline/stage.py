@@ -29,9 +29,10 @@ from exo_stable.engine.grammar import GrammarError
 from exo_stable.engine.loader import ModelSource
 from exo_stable.engine.mlx_thread import MlxThread
 from exo_stable.engine.model import LayerRange
-from exo_stable.engine.sampling import Pick, SamplingParams
+from exo_stable.engine.sampling import Pick
 from exo_stable.engine.stagecompute import StageBusy, StageCompute, UnknownRequest, input_array, tensor_to_bytes
 from exo_stable.pipeline.levels import ValidationLevel, spot_check_chosen
+from exo_stable.pipeline.sampling import params_from_wire
 from exo_stable.pipeline.stagefaults import StageFaultConfig, StageFaults
 from exo_stable.pipeline.stagestate import (
     MAX_PENDING_HOPS,
@@ -172,7 +173,7 @@ class StageActor(Actor[StageMessage]):
 
     async def _open(self, msg: RequestOpen) -> None:
         ok, detail = True, ""
-        params = SamplingParams(**msgspec.structs.asdict(msg.sampling))
+        params = params_from_wire(msg.sampling)
         known = self._requests.get(msg.request_id)
         if known is not None and known.plan_epoch != msg.plan_epoch:
             # The owner moved the request to another plan (recovery): start its caches afresh.
