@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from exo_stable.wire.handshake import Identity, new_session_id
-from exo_stable.wire.messages import Message, Note, TensorPayload
+from exo_stable.wire.messages import Message, ResendTokens, TensorPayload
 from exo_stable.wire.peerlink import LinkConfig, PeerLink
 from exo_stable.wire.server import WireServer
 
@@ -38,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "wire.json"
 
 def make_factory(kind: str, checksum: bool) -> Callable[[int], Message]:
     if kind == "small":
-        return lambda i: Note(n=i, text="tok", sent_at=0.0)
+        return lambda i: ResendTokens(request_id="tok", positions=(i,))  # a small message, as a token is
     nbytes = 16 << 10 if kind == "16KiB" else 1 << 20
     data = os.urandom(nbytes)
     shape = (nbytes // 2,)

@@ -88,16 +88,15 @@ def test_garbage_does_not_decode() -> None:
 
 
 def test_schema_evolution_new_field_with_default_both_ways() -> None:
-    class NoteV2(msgspec.Struct, frozen=True, kw_only=True, tag_field="t", tag="note"):
-        n: int
-        text: str = ""
-        sent_at: float = 0.0
+    class ResendTokensV2(msgspec.Struct, frozen=True, kw_only=True, tag_field="t", tag="resend"):
+        request_id: str
+        positions: tuple[int, ...]
         priority: int = 3  # a field a newer peer added
 
-    new_bytes = msgspec.msgpack.encode(NoteV2(n=5, text="x", priority=9))
-    assert m.CODEC.decode(new_bytes) == m.Note(n=5, text="x")  # old peer ignores the new field
-    old_bytes = m.CODEC.encode(m.Note(n=5, text="x"))
-    assert msgspec.msgpack.decode(old_bytes, type=NoteV2).priority == 3  # new peer fills the default
+    new_bytes = msgspec.msgpack.encode(ResendTokensV2(request_id="r", positions=(5,), priority=9))
+    assert m.CODEC.decode(new_bytes) == m.ResendTokens(request_id="r", positions=(5,))  # old peer ignores it
+    old_bytes = m.CODEC.encode(m.ResendTokens(request_id="r", positions=(5,)))
+    assert msgspec.msgpack.decode(old_bytes, type=ResendTokensV2).priority == 3  # new peer fills the default
 
 
 def test_token_chunk_carries_the_seed_fields() -> None:

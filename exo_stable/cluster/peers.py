@@ -1,5 +1,10 @@
 """PeerManager: every link of this node, one router for outgoing messages, one dispatcher for incoming.
 
+This is the design's ``ReliableMessageTransport``: a node's links behind one send/receive API. :meth:`send`
+queues a message on a reliable link (per-frame CRC32, sequence numbers, acks and retransmission in
+``wire/peerlink.py``); what arrives is handed, in order, to the node's dispatcher (receiving is pushed, not
+polled). The end-to-end checks run where a message is used (``exo_stable/wire/__init__.py`` says where).
+
 Each node dials the peers it knows (static ``--peers`` or discovered) and accepts the peers that dial it.
 A pair of nodes that know each other therefore holds two links; a message to a peer goes over the link this
 node dialed when it is up, else over the one the peer dialed. Messages to this node itself are dispatched

@@ -13,5 +13,11 @@ Modules, pure logic first:
 - ``linkconfig`` / ``connection``: a link's settings and statistics; one connection's state and timers.
 - ``wsio``: handshake frames over a websocket and closing one with a deadline.
 - ``peerlink`` / ``server``: the IO: ``PeerLink`` per peer and the accepting ``WireServer``.
-- ``transport``: ``ReliableMessageTransport``, a node's links behind one send/receive API.
+
+The design's ``ReliableMessageTransport`` (a node's links behind one send/receive API, with checksums and
+retries) is :class:`exo_stable.cluster.peers.PeerManager`: it holds the ``WireServer`` and one ``PeerLink`` per
+peer, and routes a node's messages over them. It lives in ``cluster/`` because it also dials the addresses peers
+gossip. Checksums and retransmission are per frame in each link (``frame``, ``reliable``); the end-to-end
+checks the design puts on ``send_with_validation``/``receive_with_validation`` run where a message is used:
+token chunks by the owner's ``TokenValidator``, activation chunks and tensors by the receiving stage.
 """

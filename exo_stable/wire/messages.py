@@ -146,7 +146,7 @@ class Rejected(WireMessage, frozen=True, tag="rejected"):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tokens and the seed's data models
+# Tokens
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -194,31 +194,6 @@ class TokenChunk(WireMessage, frozen=True, tag="token"):
     """The token's log-probability, when the request asked for them (``SamplingSpec.logprobs``)."""
     top_logprobs: tuple[tuple[int, float], ...] = ()
     """The most likely tokens at this position and their log-probabilities, best first."""
-
-
-class ValidationResult(WireMessage, frozen=True, tag="validation"):
-    is_valid: bool
-    error_type: ValidationError | None = None
-    confidence_score: float = 1.0
-    suggested_action: RecoveryAction = RecoveryAction.NONE
-    detail: str = ""
-
-
-class CorruptionReport(WireMessage, frozen=True, tag="corruption"):
-    corruption_type: CorruptionType
-    affected_range: tuple[int, int]
-    severity: CorruptionSeverity
-    recovery_possible: bool
-    source_node: str = ""
-    detail: str = ""
-
-
-class SyncState(WireMessage, frozen=True, tag="sync"):
-    participating_devices: tuple[str, ...]
-    sync_timestamp: datetime
-    barrier_status: BarrierStatus
-    timeout_remaining: float
-    barrier_name: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -473,23 +448,6 @@ class SuspectNode(WireMessage, frozen=True, tag="suspect"):
     ttl_s: float = 60.0
 
 
-class Note(WireMessage, frozen=True, tag="note"):
-    """A small sequenced message: ``n`` and free text. Used by tests and the benchmark."""
-
-    n: int
-    text: str = ""
-    sent_at: float = 0.0
-
-
-class Echo(WireMessage, frozen=True, tag="echo"):
-    """Asks the peer to send the body back (benchmark round trips)."""
-
-    n: int
-    sent_at: float
-    body: bytes = b""
-    reply: bool = False
-
-
 Message = (
     Hello
     | Challenge
@@ -498,9 +456,6 @@ Message = (
     | Accepted
     | Rejected
     | TokenChunk
-    | ValidationResult
-    | CorruptionReport
-    | SyncState
     | TensorPayload
     | ActivationChunk
     | PeerDirectory
@@ -514,10 +469,45 @@ Message = (
     | ResendTokens
     | StageFailure
     | SuspectNode
-    | Note
-    | Echo
 )
 """Every message a peer may send. Add new message types here."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The design's data models: what validators, the corruption detector and barriers return. Not peer messages
+# (no node sends them, so they are not in :data:`Message`); they live here beside the enumerations they use.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ValidationResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The verdict of a validator on one token or delta (the design's data model; never sent)."""
+
+    is_valid: bool
+    error_type: ValidationError | None = None
+    confidence_score: float = 1.0
+    suggested_action: RecoveryAction = RecoveryAction.NONE
+    detail: str = ""
+
+
+class CorruptionReport(msgspec.Struct, frozen=True, kw_only=True):
+    """One stretch of corruption found in output (the design's data model; never sent)."""
+
+    corruption_type: CorruptionType
+    affected_range: tuple[int, int]
+    severity: CorruptionSeverity
+    recovery_possible: bool
+    source_node: str = ""
+    detail: str = ""
+
+
+class SyncState(msgspec.Struct, frozen=True, kw_only=True):
+    """A barrier's state (the design's data model; never sent)."""
+
+    participating_devices: tuple[str, ...]
+    sync_timestamp: datetime
+    barrier_status: BarrierStatus
+    timeout_remaining: float
+    barrier_name: str = ""
 
 
 class Codec:
