@@ -2,9 +2,10 @@
 
 A :class:`Service` admits a bounded number of requests at once (a queue with a deadline beyond that) and
 streams each one's deltas. Two kinds exist: :class:`InferenceService` on the single-device engine (the
-terminal's ``generate`` and the fallback), and the cluster's service on the pipeline (``exo_stable.node.node``).
-Whatever way a request ends (it finishes, the client goes away, an error), closing its iterator frees
-its KV caches.
+terminal's ``generate`` and the fallback), and the cluster's service on the pipeline
+(``exo_stable.node.cluster_service``). Whatever way a request ends (it finishes, the client goes away, an
+error), closing its iterator frees its KV caches. Each delta carries its own counters; a consumer that wants
+the totals folds them into a :class:`GenerationResult`.
 """
 
 from __future__ import annotations
