@@ -128,7 +128,9 @@ async def test_kv_cache_bytes_show_an_open_request(single_device: tuple[str, Sin
         body = {"messages": MESSAGES, "max_tokens": 200, "temperature": 0, "stream": True}
         async with http.post(f"{root}/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
-            await resp.content.readline()  # the first event: the request is open and generating
+            events = 0
+            while events < 2:  # the role chunk (sent before the prompt is read), then the first token's
+                events += (await resp.content.readline()).startswith(b"data: ")
             during = await scrape(http, root)
             await resp.read()
         after = await scrape(http, root)

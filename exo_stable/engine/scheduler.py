@@ -1,5 +1,10 @@
 """Continuous batching for the single device: one loop that runs every active request's next step at once.
 
+The loop runs on the MLX thread, step after step while there is work, so no step waits for a round trip
+through the event loop: requests join and leave through an inbox it drains between steps, and each picked
+token is handed to its reader on the event loop as it comes. The loop yields the thread every
+:data:`STEPS_PER_JOB` steps so other jobs (a teacher-forcing pass, a verifier's) keep their turn.
+
 At each step the loop takes the decode position of every request that has a token to feed (one forward call
 over all of them, see :meth:`StageCompute.decode_batch`) and, beside it, the next prompt chunks of requests
 still reading their prompt, up to a per-step token budget, so a long prompt is read a chunk per step while
@@ -12,7 +17,9 @@ request whose reader lags is left out of the steps until it reads, so nothing gr
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +31,9 @@ from exo_stable.engine.stagecompute import StageCompute, prompt_chunks
 
 BUFFER = 4
 """Tokens a request may have picked ahead of its reader before its steps pause."""
+
+STEPS_PER_JOB = 32
+"""Steps the loop runs per job on the MLX thread before it queues itself again behind other jobs."""
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 QUEUE_BUCKETS = (0, 1, 2, 4, 8, 16, 32)
@@ -69,18 +79,25 @@ class _Stream:
     chunks: list[list[int]]
     params: SamplingParams
     budget: int
-    out: asyncio.Queue[Pick | BaseException] = field(default_factory=lambda: asyncio.Queue(BUFFER + 1))
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[Pick | BaseException] = field(default_factory=asyncio.Queue)  # at most BUFFER + 1
     chunks_done: int = 0
-    position: int = 0  # tokens picked so far
+    position: int = 0  # tokens picked so far (written by the MLX thread only)
     last: int = 0  # the token at position - 1, the next step's input
-    opened: bool = False  # its first chunk is planned: the stage holds (or will hold) its cache
+    read: int = 0  # tokens its reader took (written by the event loop only)
+    failed: bool = False
 
     @property
     def reading_prompt(self) -> bool:
         return self.chunks_done < len(self.chunks)
 
     def wants_decode(self) -> bool:
-        return not self.reading_prompt and 0 < self.position < self.budget and self.out.qsize() < BUFFER
+        ahead = self.position - self.read
+        return not self.failed and not self.reading_prompt and 0 < self.position < self.budget and ahead < BUFFER
+
+    def hand(self, item: Pick | BaseException) -> None:
+        """Give the reader a pick or an error (from the MLX thread)."""
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
 @dataclass
@@ -98,45 +115,90 @@ class BatchScheduler:
         self.step_tokens = step_tokens
         self.step_timeout_s = step_timeout_s
         self.stats = BatchStats()
-        self._streams: dict[str, _Stream] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batch-scheduler")
-
-    def cancel(self) -> None:
-        """Stop the loop (from the event loop's thread; the requests still reading see it time out)."""
-        if self._task is not None:
-            self._task.cancel()
+        self._lock = threading.Lock()
+        self._inbox: deque[tuple[str, _Stream]] = deque()  # ("join" | "leave" | "read", stream)
+        self._queued = False  # a loop job is queued or running on the MLX thread
+        self._streams: dict[str, _Stream] = {}  # MLX thread only
 
     @property
     def waiting(self) -> int:
-        """Requests admitted whose prompt has not started."""
+        """Requests admitted whose prompt has not started (MLX thread)."""
         return sum(1 for s in self._streams.values() if s.chunks_done == 0)
+
+    def _post(self, kind: str, stream: _Stream) -> None:
+        """Tell the loop (from the event loop), queuing a loop job unless one is queued or running."""
+        with self._lock:
+            self._inbox.append((kind, stream))
+            if self._queued:
+                return
+            self._queued = True
+        try:
+            self.thread.submit(self._drive, timeout=self.step_timeout_s)
+        except BaseException:
+            with self._lock:
+                self._queued = False
+            raise
 
     async def run(self, rid: str, prompt: Sequence[int], params: SamplingParams, budget: int) -> AsyncGenerator[Pick]:
         """Yield the request's ``budget`` picks; closing the iterator retires it between steps."""
-        if self._task is None or self._task.done():
-            raise RuntimeError("the batch scheduler is not running")
-        stream = _Stream(rid, prompt_chunks(prompt), params, budget)
-        self._streams[rid] = stream
-        self._wake.set()
+        stream = _Stream(rid, prompt_chunks(prompt), params, budget, asyncio.get_running_loop())
+        self._post("join", stream)
         try:
             for _ in range(budget):
-                async with asyncio.timeout(self.step_timeout_s * 2):
+                async with asyncio.timeout(self.step_timeout_s):
                     item = await stream.out.get()
-                self._wake.set()  # room in the buffer: the stream may step again
                 if isinstance(item, BaseException):
                     raise item
+                stream.read += 1
+                if stream.position - stream.read >= BUFFER - 1:
+                    self._post("read", stream)  # it may have paused for its reader: room again
                 yield item
         finally:
-            del self._streams[rid]
-            if stream.opened and self.thread.alive:
-                self.thread.submit(self.compute.close, rid, timeout=self.step_timeout_s)
+            if self.thread.alive:
+                self._post("leave", stream)
+
+    # ---- the MLX thread's side ------------------------------------------------------------------------------
+
+    def _drive(self) -> None:
+        try:
+            self._steps()
+        except BaseException as exc:  # a fault outside a step's compute: every reader learns of it
+            with self._lock:
+                self._queued = False
+            for s in self._streams.values():
+                s.failed = True
+                s.hand(exc)
+            raise
+
+    def _steps(self) -> None:
+        for _ in range(STEPS_PER_JOB):
+            self._drain()
+            plan = self._plan()
+            if plan is None:
+                with self._lock:
+                    if not self._inbox:
+                        self._queued = False
+                        return
+                continue
+            self.stats.queue_depth.observe(self.waiting)
+            if plan.decode:
+                self.stats.batch_size.observe(len(plan.decode))
+            self._run_step(plan)
+        self._drain()
+        self.thread.submit(self._drive, timeout=self.step_timeout_s)  # more work: queue behind other jobs
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._inbox:
+                    return
+                kind, stream = self._inbox.popleft()
+            if kind == "join":
+                self._streams[stream.rid] = stream
+            elif kind == "leave" and self._streams.pop(stream.rid, None) is not None:
+                self.compute.close(stream.rid)
 
     def _plan(self) -> _Plan | None:
         streams = list(self._streams.values())
@@ -144,38 +206,24 @@ class BatchScheduler:
         chunks: list[tuple[_Stream, list[int], bool, bool]] = []
         spent = len(decode)
         for s in streams:
-            if not s.reading_prompt:
+            if s.failed or not s.reading_prompt:
                 continue
             chunk = s.chunks[s.chunks_done]
             if chunks and spent + len(chunk) > self.step_tokens:
                 break  # (the first chunk always goes: prompts are never starved)
-            s.opened = True
             chunks.append((s, chunk, s.chunks_done == 0, s.chunks_done == len(s.chunks) - 1))
             spent += len(chunk)
         if not decode and not chunks:
             return None
         return _Plan(chunks, decode)
 
-    async def _loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while (plan := self._plan()) is not None:
-                self.stats.queue_depth.observe(self.waiting)
-                if plan.decode:
-                    self.stats.batch_size.observe(len(plan.decode))
-                await self._run_step(plan)
-
-    async def _run_step(self, plan: _Plan) -> None:
-        chunk_jobs = [(s.rid, chunk, s.params, first, last) for s, chunk, first, last in plan.chunks]
-        rows = [(s.rid, s.last, s.position) for s in plan.decode]
+    def _run_step(self, plan: _Plan) -> None:
         try:
-            firsts, picks = await self.thread.run(self._step, chunk_jobs, rows, timeout=self.step_timeout_s)
+            firsts, picks = self._step(plan)
         except Exception as exc:  # every request of the step learns of it; none is left waiting
             for s in [c[0] for c in plan.chunks] + plan.decode:
-                s.out.put_nowait(exc)
-                s.position = s.budget
-                s.chunks_done = len(s.chunks)
+                s.failed = True
+                s.hand(exc)
             return
         self.stats.steps += 1
         self.stats.decode_rows += len(plan.decode)
@@ -190,28 +238,24 @@ class BatchScheduler:
 
     @staticmethod
     def _deliver(stream: _Stream, picked: Pick) -> None:
-        stream.position += 1
         stream.last = picked.token
-        stream.out.put_nowait(picked)
+        stream.position += 1
+        stream.hand(picked)
 
-    def _step(
-        self,
-        chunks: Sequence[tuple[str, list[int], SamplingParams, bool, bool]],
-        rows: Sequence[tuple[str, int, int]],
-    ) -> tuple[list[Pick | None], list[Pick]]:
-        """One step on the MLX thread: the prompt chunks, each its own forward call, then the decode rows."""
+    def _step(self, plan: _Plan) -> tuple[list[Pick | None], list[Pick]]:
+        """The prompt chunks, each its own forward call, then the decode rows in one."""
         started = time.perf_counter()
         firsts: list[Pick | None] = []
-        for rid, chunk, params, first, last in chunks:
+        for s, chunk, first, last in plan.chunks:
             if first:
-                self.compute.open(rid, params)
-            logits = self.compute.forward(rid, mx.array([chunk], dtype=mx.int32))
-            firsts.append(self.compute.choose(rid, logits, 0) if last else None)
+                self.compute.open(s.rid, s.params)
+            logits = self.compute.forward(s.rid, mx.array([chunk], dtype=mx.int32))
+            firsts.append(self.compute.choose(s.rid, logits, 0) if last else None)
         middle = time.perf_counter()
         self.prefill_seconds += middle - started
         picks: list[Pick] = []
-        if rows:
-            rids, tokens, positions = zip(*rows, strict=True)
-            picks = self.compute.decode_batch(rids, tokens, positions)
+        if plan.decode:
+            rows = plan.decode
+            picks = self.compute.decode_batch([s.rid for s in rows], [s.last for s in rows], [s.position for s in rows])
         self.decode_seconds += time.perf_counter() - middle
         return firsts, picks

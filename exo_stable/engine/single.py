@@ -109,7 +109,6 @@ class SingleDeviceEngine:
             self._scheduler = BatchScheduler(
                 self._compute, self._thread, step_tokens=self.step_tokens, step_timeout_s=self.step_timeout_s
             )
-            self._scheduler.start()
 
     @property
     def batch_limit(self) -> int:
@@ -126,8 +125,6 @@ class SingleDeviceEngine:
         return self._compute.load()
 
     def close(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.cancel()
         self._thread.close()
 
     @property
