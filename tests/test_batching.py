@@ -148,3 +148,33 @@ def test_engine_concurrent_requests_match_lone_runs(tiny: Path, dtype: Dtype) ->
     assert together == alone
     assert left_open == 0
     assert widest >= 2  # steps did batch
+
+
+def test_default_model_concurrent_requests_match_lone_runs(default_gguf: Path) -> None:
+    """The default model (SmolLM2, float32 as a CPU serves it): four chats at once, each as it runs alone."""
+    source = open_model(default_gguf)
+    chats = ["Name three colours.", "What is 2+2?", "Write a haiku about rain.", "Say hello in French."]
+    prompts = [source.tokenizer.encode(text) for text in chats]
+    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(), SamplingParams(seed=2)]
+
+    async def run() -> tuple[list[list[int]], list[list[int]], int]:
+        batched = SingleDeviceEngine(source, dtype=Dtype.FLOAT32, batch_limit=4)
+        await batched.start()
+        try:
+            together = list(
+                await asyncio.gather(*(_collect(batched, p, q, 12) for p, q in zip(prompts, params, strict=True)))
+            )
+            limit = batched.batch_limit
+        finally:
+            batched.close()
+        lone = SingleDeviceEngine(open_model(default_gguf), dtype=Dtype.FLOAT32, batch=BatchMode.OFF)
+        await lone.start()
+        try:
+            alone = [await _collect(lone, p, q, 12) for p, q in zip(prompts, params, strict=True)]
+        finally:
+            lone.close()
+        return together, alone, limit
+
+    together, alone, limit = asyncio.run(run())
+    assert limit == 4, "SmolLM2's float32 products are row-exact at 4 rows on a CPU"
+    assert together == alone
