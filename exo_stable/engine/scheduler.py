@@ -109,8 +109,11 @@ class _Plan:
 class BatchScheduler:
     """Runs requests through a whole-model :class:`StageCompute` on its MLX thread, batching decode steps."""
 
-    def __init__(self, compute: StageCompute, thread: MlxThread, *, step_tokens: int, step_timeout_s: float) -> None:
+    def __init__(
+        self, compute: StageCompute, thread: MlxThread, *, step_tokens: int, step_timeout_s: float, lookahead: bool
+    ) -> None:
         self.compute = compute
+        self.lookahead = lookahead
         self.thread = thread
         self.step_tokens = step_tokens
         self.step_timeout_s = step_timeout_s
@@ -254,7 +257,13 @@ class BatchScheduler:
         middle = time.perf_counter()
         self.prefill_seconds += middle - started
         picks: list[Pick] = []
-        if plan.decode:
+        alone = plan.decode[0] if len(plan.decode) == 1 and not plan.chunks else None
+        if alone is not None and self.lookahead and alone.params.plain_greedy:
+            # One greedy stream and nothing else: its next step is queued on the device before this one's
+            # token is read (StageCompute.pick_ahead; undone if the next step is another kind).
+            more = alone.position + 1 < alone.budget
+            picks = [Pick(self.compute.pick_ahead(alone.rid, [alone.last], queue_next=more))]
+        elif plan.decode:
             rows = plan.decode
             picks = self.compute.decode_batch([s.rid for s in rows], [s.last for s in rows], [s.position for s in rows])
         self.decode_seconds += time.perf_counter() - middle

@@ -107,7 +107,11 @@ class SingleDeviceEngine:
         )
         if self.batch_limit > 1:
             self._scheduler = BatchScheduler(
-                self._compute, self._thread, step_tokens=self.step_tokens, step_timeout_s=self.step_timeout_s
+                self._compute,
+                self._thread,
+                step_tokens=self.step_tokens,
+                step_timeout_s=self.step_timeout_s,
+                lookahead=self.lookahead,
             )
 
     @property
