@@ -41,8 +41,8 @@ class EngineStats:
     requests_active: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # requests stepped one at a time (batching off); a batching engine's
+    decode_seconds: float = 0.0  # scheduler keeps its own (BatchScheduler.prefill_seconds, decode_seconds)
 
 
 @dataclass
