@@ -14,6 +14,11 @@ give each row the same bits whatever else is in the batch. This script measures 
   logits of each row are compared. Also (c) ``bucket``: the same rows stepped inside a fixed batch shape
   with different companions, which says whether a fixed shape makes a row independent of its neighbours.
 
+- ``stage_probe``: what a stage measures when it loads in ``--batch exact`` mode
+  (:meth:`StageCompute.probe_rows`): every distinct matrix product of the default model (SmolLM2-135M), per
+  dtype, at each batch size up to 16 (the default ``--batch-limit``); the engine batches up to the last
+  size before the first that differs.
+
 Each case reports whether every row was bit-identical and the largest absolute difference, plus the
 time of one batched step against B single steps. Saves benchmarks/results/batch_exactness_<device>.json.
 """
@@ -35,6 +40,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 2, 3, 4, 8, 16, 32, 64)
+PROBE_ROWS = 16  # the default --batch-limit
 SHAPES: dict[str, dict[str, int]] = {
     # SmolLM2-135M's widths: what the CPU tests and the default model run.
     "small": {"hidden": 576, "ffn": 1536, "heads": 9, "kv_heads": 3, "layers": 4, "vocab": 49152},
@@ -223,20 +229,49 @@ def decode_cases(shape: dict[str, int], dtype: mx.Dtype) -> list[dict[str, Any]]
     return out
 
 
+def stage_probe_cases(device: str) -> list[dict[str, Any]]:
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from exo_stable.engine.batching import BatchMode, exact_limit
+    from exo_stable.engine.loader import open_model
+    from exo_stable.engine.model import LayerRange
+    from exo_stable.engine.modelspec import Dtype
+    from exo_stable.engine.stagecompute import StageCompute
+    from exo_stable.engine.store import ensure_default_model
+
+    source = open_model(ensure_default_model(progress=False))
+    n = source.spec.num_hidden_layers
+    out = []
+    for dtype in (Dtype.FLOAT32, Dtype.BFLOAT16, Dtype.FLOAT16, Dtype.QUANTIZED):
+        stage = StageCompute(source, LayerRange(0, n, n), dtype, batch=BatchMode.OFF)
+        stage.load()
+        probe = stage.probe_rows(PROBE_ROWS)
+        out += [
+            {"case": "stage_probe", "dtype": str(dtype), "batch": b, "identical": ok, "max_abs_diff": None}
+            for b, ok in probe.items()
+        ]
+        out.append({"case": "stage_probe_limit", "dtype": str(dtype), "batch": exact_limit(probe), "identical": True})
+        print(f"{device} {dtype}: exact up to {exact_limit(probe)} rows", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu" if mx.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--probe-only", action="store_true", help="only the stage_probe rows (the default model)")
     args = parser.parse_args()
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     shape = SHAPES[args.shape]
-    rows = matmul_cases(shape) + quantized_cases(shape)
-    for dtype in (mx.float32, mx.bfloat16):
+    rows = [] if args.probe_only else matmul_cases(shape) + quantized_cases(shape)
+    for dtype in () if args.probe_only else (mx.float32, mx.bfloat16):
         rows += decode_cases(shape, dtype)
+    rows += stage_probe_cases(args.device)
     for r in rows:
         extra = f"  batched {r['batched_step_ms']} ms vs alone {r['alone_steps_ms']} ms" if "speedup" in r else ""
-        mark = "identical" if r["identical"] else f"DIFFERS (max {r['max_abs_diff']:.3g})"
+        mark = "identical" if r["identical"] else f"DIFFERS (max {r.get('max_abs_diff') or 0:.3g})"
         print(f"{r['case']:18} {r['dtype']:14} B={r['batch']:<3} {mark}{extra}")
     result = {
         "device": args.device,
@@ -246,7 +281,8 @@ def main() -> None:
         "device_info": {k: str(v) for k, v in mx.device_info().items()},
         "rows": rows,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"batch_exactness_{args.device}_{args.shape}.json"
+    name = f"batch_exactness_{args.device}_{'probe' if args.probe_only else args.shape}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {out}")

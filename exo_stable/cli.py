@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="requests that may wait for a slot; beyond them a request gets 429 with Retry-After (default 32)",
     )
+    serve.add_argument(
+        "--batch",
+        choices=["off", "exact", "fast"],
+        default="exact",
+        help="decode steps of concurrent requests in one forward call: where rows are bit-exact (exact, the "
+        "default), up to --batch-limit whatever the backend (fast), or never (off); see README 'Batching'",
+    )
+    serve.add_argument("--batch-limit", type=int, default=16, help="most requests one decode step carries")
     serve.add_argument("--node-id", help="this node's name in the cluster (default: HOSTNAME-PORT)")
     serve.add_argument(
         "--peers",
@@ -284,6 +292,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     from exo_stable.api.server import ApiConfig
     from exo_stable.cluster.discovery import parse_static_peers
     from exo_stable.cluster.security import cluster_auth
+    from exo_stable.engine.batching import BatchMode
     from exo_stable.node.node import NodeConfig
     from exo_stable.pipeline.levels import ValidationLevel
     from exo_stable.pipeline.recovery import ReplayMode
@@ -322,6 +331,8 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         adaptive_validation=args.adaptive_validation,
         decode_ahead=args.decode_ahead,
         build_ahead=args.build_ahead,
+        batch=BatchMode(args.batch),
+        batch_limit=args.batch_limit,
         stage_max_restarts=args.stage_max_restarts,
         stage_restart_period_s=args.stage_restart_period,
         suspect_ttl_s=args.suspect_seconds,

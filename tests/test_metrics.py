@@ -7,6 +7,7 @@ injector corrupts and drops frames.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -127,7 +128,9 @@ async def test_kv_cache_bytes_show_an_open_request(single_device: tuple[str, Sin
         body = {"messages": MESSAGES, "max_tokens": 200, "temperature": 0, "stream": True}
         async with http.post(f"{root}/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
-            await resp.content.readline()  # the first event: the request is open and generating
+            events = 0
+            while events < 2:  # the role chunk (sent before the prompt is read), then the first token's
+                events += (await resp.content.readline()).startswith(b"data: ")
             during = await scrape(http, root)
             await resp.read()
         after = await scrape(http, root)
@@ -170,3 +173,20 @@ async def test_cluster_metrics_count_injected_link_faults(tiny_model: Path, monk
     assert token_faults == 2, "each altered token is caught by its checksum at its owner"
     assert sum(value(x, "exo_stable_owner_resend_requests_total") for x in scraped) >= 2
     assert value(owner0, "exo_stable_time_to_first_token_seconds_count") == 1
+
+
+async def test_batch_histograms_follow_concurrent_requests(single_device: tuple[str, SingleDeviceEngine]) -> None:
+    root, engine = single_device
+    assert engine.batch_limit >= 2, "the tiny model's float32 products are row-exact at 2 rows on a CPU"
+    async with aiohttp.ClientSession() as http:
+        before = await scrape(http, root)
+        counts = await asyncio.gather(*(chat(http, root, 12, stream=True) for _ in range(4)))
+        after = await scrape(http, root)
+    steps = value(after, "exo_stable_decode_batch_size_count") - value(before, "exo_stable_decode_batch_size_count")
+    rows = value(after, "exo_stable_decode_batch_size_sum") - value(before, "exo_stable_decode_batch_size_sum")
+    assert rows >= sum(counts) - 4  # every decode position after each request's first token (a few more may run ahead)
+    assert rows > steps > 0  # some steps carried several requests
+    assert value(after, "exo_stable_batch_queue_depth_count") > value(before, "exo_stable_batch_queue_depth_count")
+    assert value(after, "exo_stable_decode_batch_size_bucket", le="+Inf") == value(
+        after, "exo_stable_decode_batch_size_count"
+    )

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from exo_stable.node.node import Node
     from exo_stable.pipeline.service import Service
 
-__all__ = ["CONTENT_TYPE", "Metrics", "NodeCollector", "RequestObserver", "ServiceCollector"]
+__all__ = ["CONTENT_TYPE", "BatchCollector", "Metrics", "NodeCollector", "RequestObserver", "ServiceCollector"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "exo_stable"
@@ -195,6 +195,28 @@ class ServiceCollector(Collector):
         kv = s.kv_cache_bytes()
         if kv is not None:
             yield _gauge("kv_cache_bytes", "Bytes held by the KV caches of open requests on this node", kv)
+
+
+class BatchCollector(Collector):
+    """The service's continuous batching: rows per decode step and prompts waiting, as histograms."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.service.batch_stats()
+        if stats is None:
+            return
+        for name, doc, hist in (
+            ("decode_batch_size", "Requests whose decode positions one forward step carried", stats.batch_size),
+            ("batch_queue_depth", "Admitted requests whose prompt had not started, at each step", stats.queue_depth),
+        ):
+            buckets = [(_bound(b), float(n)) for b, n in hist.cumulative()] + [("+Inf", float(hist.count))]
+            yield HistogramMetricFamily(f"{PREFIX}_{name}", doc, buckets=buckets, sum_value=hist.total)
+
+
+def _bound(value: float) -> str:
+    return str(float(value))
 
 
 class NodeCollector(Collector):

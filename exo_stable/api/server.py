@@ -25,7 +25,7 @@ from exo_stable.api.errors import ApiError, error_json
 from exo_stable.api.guards import RUNNER_STATS_KEY, GuardCollector, LoopLag, Tokenizing, read_body
 from exo_stable.api.logprobs import LogprobCursor
 from exo_stable.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from exo_stable.api.metrics import Metrics, RequestObserver, ServiceCollector
+from exo_stable.api.metrics import BatchCollector, Metrics, RequestObserver, ServiceCollector
 from exo_stable.engine.sampling import SamplingParams
 from exo_stable.engine.textstream import Delta
 from exo_stable.logs import REQUEST_ID
@@ -527,6 +527,7 @@ def create_app(service: Service, config: ApiConfig) -> web.Application:
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics()
     app[METRICS_KEY].register(ServiceCollector(service))
+    app[METRICS_KEY].register(BatchCollector(service))
     app[TRACES_KEY] = TraceRing(config.trace_ring)
     tokenizing = app[TOKENIZING_KEY] = Tokenizing(
         service.tokenizer, service.context_length, timeout_s=config.tokenize_timeout_s

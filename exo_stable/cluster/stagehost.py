@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors import ActorDead, ChildSpec, MailboxFull, Restart, Supervisor
+from exo_stable.engine.batching import BatchMode
 from exo_stable.engine.loader import ModelSource
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.pipeline.placement import ModelFootprint
@@ -36,6 +37,8 @@ class ClusterOptions:
     suspect_ttl_s: float = 60.0
     decode_ahead: bool = True  # a stage holding the whole model queues greedy steps ahead (StageConfig)
     build_ahead: bool = True  # stages build each decode step's graph while the others compute (StageConfig)
+    batch: BatchMode = BatchMode.EXACT  # how stages batch decode steps (StageConfig)
+    batch_limit: int = 16
 
     @property
     def max_requests_per_owner(self) -> int:
@@ -116,6 +119,8 @@ class StageHost:
             load_timeout_s=self.options.load_timeout_s,
             decode_ahead=self.options.decode_ahead,
             build_ahead=self.options.build_ahead,
+            batch=self.options.batch,
+            batch_limit=self.options.batch_limit,
         )
         started = time.perf_counter()
         name = f"stage-{epoch}"

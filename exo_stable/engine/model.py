@@ -20,6 +20,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from exo_stable.engine.batching import RowsCache, RowsGhost
+from exo_stable.engine.batching import install as install_row_attention
 from exo_stable.engine.family import CacheKind, cache_kinds, cast_keeps, is_float, new_model
 from exo_stable.engine.kvcache import GhostCache, RewindableRotatingKVCache
 from exo_stable.engine.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
@@ -221,6 +223,32 @@ class ShardModel:
         written, see :meth:`StageCompute.prepare`)."""
         if len(cache) != self.range.end - self.range.start:
             raise ValueError(f"{len(cache)} caches for shard {self.range}")
+        return self._run(x, self._whole_cache(cache), overlap)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether :meth:`forward_rows` can run this model (full-attention caches only: a sliding-window
+        layer's mask and rotation stay per request)."""
+        return all(kind[0] == "kv" for kind in self.kinds)
+
+    def forward_rows(self, x: mx.array, caches: Sequence[Sequence[KVCache]]) -> mx.array:
+        """One decode position for each of ``len(caches)`` requests: ``x`` is ``[B, 1]`` token ids (first
+        shard) or ``[B, 1, H]`` hidden states, row ``i`` with cache ``caches[i]`` (see
+        :mod:`exo_stable.engine.batching`). Each row's cache advances by one, as a lone call's would."""
+        if not self.batchable:
+            raise ValueError(f"{self.spec.model_type}: sliding-window layers are not batched")
+        width = self.range.end - self.range.start
+        if len(caches) != x.shape[0] or any(len(c) != width for c in caches):
+            raise ValueError(f"{len(caches)} cache lists for {x.shape[0]} rows of shard {self.range}")
+        install_row_attention()
+        views = [RowsCache([c[layer] for c in caches]) for layer in range(width)]
+        whole: list[Any] = [
+            views[index - self.range.start] if self.range.start <= index < self.range.end else RowsGhost(views[0])
+            for index in range(len(self.kinds))
+        ]
+        return self._run(x, whole, True)
+
+    def _run(self, x: mx.array, whole: list[Any], overlap: bool) -> mx.array:
         if self.range.is_first:
             ids = x
         else:
@@ -230,7 +258,6 @@ class ShardModel:
         self._ticker.count = 0
         self._ticker.last = self.range.end - self.range.start
         try:
-            whole = self._whole_cache(cache)
             out: mx.array = self.net(ids, cache=whole) if self.range.is_last else self.net["model"](ids, cache=whole)
         finally:
             self._feed.h = None

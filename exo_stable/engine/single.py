@@ -18,13 +18,15 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from exo_stable.engine.batching import BatchMode
 from exo_stable.engine.device import DeviceKind, activate, chosen, describe
 from exo_stable.engine.loader import ModelSource
 from exo_stable.engine.mlx_thread import MlxThread
 from exo_stable.engine.model import LayerRange
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import Pick, SamplingParams
-from exo_stable.engine.stagecompute import StageCompute
+from exo_stable.engine.scheduler import BatchScheduler, BatchStats
+from exo_stable.engine.stagecompute import PREFILL_CHUNK, StageCompute
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,8 @@ class EngineStats:
     requests_active: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # requests stepped one at a time (batching off); a batching engine's
+    decode_seconds: float = 0.0  # scheduler keeps its own (BatchScheduler.prefill_seconds, decode_seconds)
 
 
 @dataclass
@@ -65,6 +67,9 @@ class SingleDeviceEngine:
         lookahead: bool = True,
         lookahead_depth: int | None = None,
         device: DeviceKind | None = None,
+        batch: BatchMode = BatchMode.EXACT,
+        batch_limit: int = 16,
+        step_tokens: int | None = None,
     ) -> None:
         self.source = source
         self.dtype = dtype
@@ -81,13 +86,43 @@ class SingleDeviceEngine:
         # Greedy requests decoding ahead: their queued steps, still computing. MLX thread only.
         self._ahead: dict[str, _Ahead] = {}
         n = source.spec.num_hidden_layers
-        self._compute = StageCompute(source, LayerRange(0, n, n), dtype, max_requests=max_requests)
+        self._compute = StageCompute(
+            source, LayerRange(0, n, n), dtype, max_requests=max_requests, batch=batch, batch_limit=batch_limit
+        )
         self._thread = MlxThread(f"mlx-{source.name}")
+        # Tokens one step may forward: every decode row plus one prompt chunk (a chunk is never split).
+        self.step_tokens = step_tokens if step_tokens is not None else PREFILL_CHUNK + max_requests
+        self._scheduler: BatchScheduler | None = None
         self._ids = itertools.count()
 
     async def start(self) -> None:
         seconds = await self._thread.run(self._load, timeout=self.load_timeout_s)
-        log.info("loaded %s (%s, %s) in %.2fs", self.source.name, self.dtype, describe(self.device), seconds)
+        log.info(
+            "loaded %s (%s, %s) in %.2fs; decode batch limit %d",
+            self.source.name,
+            self.dtype,
+            describe(self.device),
+            seconds,
+            self.batch_limit,
+        )
+        if self.batch_limit > 1:
+            self._scheduler = BatchScheduler(
+                self._compute,
+                self._thread,
+                step_tokens=self.step_tokens,
+                step_timeout_s=self.step_timeout_s,
+                lookahead=self.lookahead,
+            )
+
+    @property
+    def batch_limit(self) -> int:
+        """Decode rows per forward call (1: requests step one at a time, as without batching)."""
+        return self._compute.batch_limit
+
+    @property
+    def batch_stats(self) -> BatchStats | None:
+        """The scheduler's step, batch size and queue depth figures (None when not batching)."""
+        return None if self._scheduler is None else self._scheduler.stats
 
     def _load(self) -> float:
         activate(self.device)
@@ -173,6 +208,16 @@ class SingleDeviceEngine:
         rid = f"r{next(self._ids)}"
         self.stats.requests_started += 1
         self.stats.requests_active += 1
+        if self._scheduler is not None:
+            try:
+                async with aclosing(self._scheduler.run(rid, list(prompt), params, budget)) as batched:
+                    async for picked in batched:
+                        self.stats.generated_tokens += 1
+                        yield picked
+            finally:
+                self.stats.requests_active -= 1
+                self.stats.prompt_tokens += len(prompt)
+            return
         ahead = self.lookahead and params.plain_greedy
         try:
             if ahead:

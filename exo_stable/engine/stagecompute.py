@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from exo_stable.engine.batching import BatchMode, distinct_products, exact_limit
 from exo_stable.engine.device import activate, chosen
 from exo_stable.engine.grammar import Constraint
 from exo_stable.engine.loader import ModelSource
@@ -116,13 +117,27 @@ class ComputeStats:
     prepared_used: int = 0  # ... whose input then came and ran through the built graph
     prepared_undone: int = 0  # ... undone because another kind of step (or none) came
     prepare_seconds: float = 0.0
+    batched_calls: int = 0  # forward calls over several requests' rows (forward_batch)
+    batched_rows: int = 0  # ... and the rows they carried
 
 
 class StageCompute:
     """A shard plus per-request KV caches. Not thread-safe: call only from the owning MLX thread."""
 
-    def __init__(self, source: ModelSource, layers: LayerRange, dtype: Dtype, *, max_requests: int = 16) -> None:
+    def __init__(
+        self,
+        source: ModelSource,
+        layers: LayerRange,
+        dtype: Dtype,
+        *,
+        max_requests: int = 16,
+        batch: BatchMode = BatchMode.EXACT,
+        batch_limit: int = 16,
+    ) -> None:
         self.source = source
+        self.batch_mode = batch
+        self.requested_batch_limit = batch_limit
+        self.batch_limit = 1  # rows per forward call; set by load() from the backend (see batching.batch_limit)
         self.layers = layers
         self.dtype = dtype
         self.max_requests = max_requests
@@ -136,6 +151,11 @@ class StageCompute:
         activate(chosen())
         self.model = self.source.load_shard(self.layers, self.dtype)
         self.source.release_weights()
+        self.batch_limit = 1
+        if self.model.batchable and self.batch_mode is BatchMode.FAST:
+            self.batch_limit = max(1, self.requested_batch_limit)
+        elif self.model.batchable and self.batch_mode is BatchMode.EXACT:
+            self.batch_limit = exact_limit(self.probe_rows(self.requested_batch_limit))
         return time.perf_counter() - started
 
     def _model(self) -> ShardModel:
@@ -182,6 +202,80 @@ class StageCompute:
         mx.eval(result)
         self._count(request, int(x.shape[1]), started)
         return result
+
+    def forward_batch(self, rids: Sequence[str], xs: Sequence[mx.array]) -> list[mx.array]:
+        """One decode step for several open requests: ``xs[i]`` is request ``rids[i]``'s ``[1, 1]`` token id
+        (first stage) or ``[1, 1, H]`` hidden state. Each request's cache advances by one position and each
+        result is what :meth:`forward` would have returned for that request alone (evaluated).
+
+        Rows go through one forward call, at most :attr:`batch_limit` at a time (see
+        :mod:`exo_stable.engine.batching`); with a limit of 1 (batching off, or not exact on this backend
+        and dtype, or a model with sliding-window layers) each row is a lone :meth:`forward`."""
+        if len(rids) != len(xs):
+            raise ValueError(f"{len(rids)} requests for {len(xs)} inputs")
+        if len(set(rids)) != len(rids):
+            raise ValueError("a request appears twice in one batch")
+        requests = []
+        for rid in rids:
+            request = self.requests.get(rid)
+            if request is None:
+                raise UnknownRequest(rid)
+            requests.append(request)
+        if any(x.shape[:2] != (1, 1) for x in xs):
+            raise ValueError("a batched step takes one position per request")
+        if self.batch_limit == 1 or len(rids) == 1:
+            return [self.forward(rid, x) for rid, x in zip(rids, xs, strict=True)]
+        out: list[mx.array] = []
+        for start in range(0, len(rids), self.batch_limit):
+            part = slice(start, start + self.batch_limit)
+            if len(rids[part]) == 1:
+                out.append(self.forward(rids[start], xs[start]))
+            else:
+                out += self._forward_rows(requests[part], xs[part])
+        return out
+
+    def _forward_rows(self, requests: Sequence[RequestCache], xs: Sequence[mx.array]) -> list[mx.array]:
+        for request in requests:
+            self._drop_queued(request)
+            self._drop_prepared(request)
+        started = time.perf_counter()
+        out = self._model().forward_rows(mx.concatenate(list(xs), axis=0), [r.cache for r in requests])
+        rows = [out[i, -1, :] if self.layers.is_last else out[i : i + 1] for i in range(len(requests))]
+        mx.eval(rows)
+        self.stats.forward_calls += 1
+        self.stats.batched_calls += 1
+        self.stats.batched_rows += len(requests)
+        self.stats.tokens_forwarded += len(requests)
+        self.stats.forward_seconds += time.perf_counter() - started
+        for request in requests:
+            request.tokens_in += 1
+        return rows
+
+    def probe_rows(self, most: int) -> dict[int, bool]:
+        """For each batch size 2..``most``: does every matrix product of the shard give each row of a batch
+        the bits it gives that row alone? (The rest of a batched step is row-wise by construction, see
+        :mod:`exo_stable.engine.batching`.)
+
+        That depends on the backend, the dtype and the matrices' shapes (a BLAS picks its blocking from
+        them), not on the values: so each distinct product of the loaded shard runs on random rows, alone and
+        at every batch size."""
+        model = self._model()
+        if most < 2 or not model.batchable:
+            return {}
+        products = distinct_products(model.net)
+        key = mx.random.key(7)
+        found: dict[int, bool] = {size: True for size in range(2, most + 1)}
+        act = compute_dtype(self.dtype)
+        for width, product in products:
+            key, sub = mx.random.split(key)
+            x = mx.random.normal((most, 1, width), key=sub).astype(act)
+            alone = [product(x[i : i + 1]) for i in range(most)]
+            for size in range(2, most + 1):
+                batched = product(x[:size])
+                mx.eval(batched, alone[:size])
+                if not all(bool(mx.array_equal(batched[i : i + 1], alone[i])) for i in range(size)):
+                    found[size] = False
+        return found
 
     def _count(self, request: RequestCache, tokens: int, started: float) -> None:
         """Book a forward call of ``tokens`` positions that began at ``started``."""
@@ -363,6 +457,17 @@ class StageCompute:
             raise UnknownRequest(rid)
         self._record(request, position - 1, token)
         return self.choose(rid, self.forward(rid, mx.array([[token]], dtype=mx.int32)), position)
+
+    def decode_batch(self, rids: Sequence[str], tokens: Sequence[int], positions: Sequence[int]) -> list[Pick]:
+        """:meth:`decode_pick` for several requests in one forward call (see :meth:`forward_batch`)."""
+        for rid, token, position in zip(rids, tokens, positions, strict=True):
+            request = self.requests.get(rid)
+            if request is None:
+                raise UnknownRequest(rid)
+            self._record(request, position - 1, token)
+        xs = [mx.array([[token]], dtype=mx.int32) for token in tokens]
+        rows = self.forward_batch(rids, xs)
+        return [self.choose(rid, row, position) for rid, row, position in zip(rids, rows, positions, strict=True)]
 
     # ---- greedy decoding one step ahead (the single device's fast path) -----------------------------------
 

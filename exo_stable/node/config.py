@@ -12,6 +12,7 @@ from pathlib import Path
 
 from exo_stable.api.server import ApiConfig
 from exo_stable.cluster.security import SecretSource
+from exo_stable.engine.batching import BatchMode
 from exo_stable.engine.loader import ModelSource
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.pipeline.levels import DEFAULT_SPOT_CHECK_FRACTION, ValidationLevel
@@ -60,6 +61,8 @@ class NodeConfig:
     adaptive_validation: bool = True
     decode_ahead: bool = True
     build_ahead: bool = True
+    batch: BatchMode = BatchMode.EXACT  # --batch: how stages batch concurrent requests' decode steps
+    batch_limit: int = 16
     peer_forget_s: float = 60.0  # a peer down this long leaves nothing behind (cluster/peers.py)
 
 

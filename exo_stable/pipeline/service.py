@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exo_stable.engine.sampling import Pick, SamplingParams
+from exo_stable.engine.scheduler import BatchStats
 from exo_stable.engine.single import ContextOverflow, SingleDeviceEngine
 from exo_stable.engine.textstream import Delta, TextStream
 from exo_stable.pipeline.levels import ValidationLevel
@@ -137,6 +138,10 @@ class Service:
         """Bytes this node's KV caches hold now (for /metrics), or None when unknown."""
         return None
 
+    def batch_stats(self) -> BatchStats | None:
+        """The decode batch sizes and prompt queue depths of this node's batching (for /metrics), or None."""
+        return None
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
@@ -194,6 +199,9 @@ class InferenceService(Service):
 
     def kv_cache_bytes(self) -> int | None:
         return self.engine.kv_cache_bytes()
+
+    def batch_stats(self) -> BatchStats | None:
+        return self.engine.batch_stats
 
     async def stream(self, job: GenerationJob, trace: RequestTrace | None = None) -> AsyncGenerator[Delta]:
         """Yield deltas until one carries the finish reason. The caller must hold an admission slot."""

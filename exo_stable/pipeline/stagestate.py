@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from exo_stable.engine.batching import BatchMode
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.wire.messages import (
@@ -99,6 +100,8 @@ class StageConfig:
     send_timeout_s: float = 30.0
     decode_ahead: bool = True  # a one-stage plan queues each greedy step before its token is read
     build_ahead: bool = True  # build each decode step's graph while the other stages compute (prepare)
+    batch: BatchMode = BatchMode.EXACT  # StageCompute's batching of decode steps (engine.batching)
+    batch_limit: int = 16
 
 
 class Arrival(NamedTuple):

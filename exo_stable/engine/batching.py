@@ -1,0 +1,157 @@
+"""One forward call over several requests' decode steps, each row with its own KV cache.
+
+Batching keeps this project's promise (a request's tokens do not depend on where, or beside whom, it ran)
+only if every row of a batched step is bit for bit the row a lone step computes. The construction here
+batches what is row-wise by nature and keeps apart what is not:
+
+- The matrix products (projections, MLP, head), norms, RoPE and element-wise operations run once over all
+  rows. Their rows equal the lone rows only where the backend's kernels are row-exact, which depends on the
+  backend, the dtype and the matrices' shapes (benchmarks/batch_exactness.py): in ``exact`` mode a stage
+  measures it on its own loaded matrices when it loads (:meth:`StageCompute.probe_rows`) and batches only up
+  to the size found exact.
+- Attention runs per row, on that request's own cache, with the very operations and shapes of a lone decode
+  step (no padding, no mask): a row's attention cannot depend on its neighbours or on their lengths.
+
+The family's own model code runs unchanged. Each layer gets a :class:`RowsCache`, a view over the layer's
+caches of the batch's requests: RoPE reads its per-row offsets, its ``update_and_fetch`` writes each row's
+keys and values into that row's own cache (as a lone step would), and the attention call reaches
+:func:`_attend` through mlx-lm's quantized-cache hook (``cache.bits``), which computes each row alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import mlx.core as mx
+from mlx import nn
+from mlx_lm.models import base as _mlx_base
+from mlx_lm.models.cache import KVCache
+
+
+class BatchMode(enum.Enum):
+    """How a node batches decode steps (``--batch``)."""
+
+    OFF = "off"  # one request per forward call, as before
+    EXACT = "exact"  # batch only up to the size whose rows a probe at load found bit-exact
+    FAST = "fast"  # batch on every backend up to the batch limit; rows may differ in the last bits
+
+
+def exact_limit(probe: dict[int, bool]) -> int:
+    """The largest batch size up to which every size was bit-exact in a probe (1: none was)."""
+    limit = 1
+    for size in sorted(probe):
+        if not probe[size]:
+            break
+        limit = size
+    return limit
+
+
+def distinct_products(net: nn.Module) -> list[tuple[int, Callable[[mx.array], mx.array]]]:
+    """The model's matrix products of distinct kinds and shapes (linear layers, and a tied head), each as
+    its input width and the call."""
+    seen: set[tuple[str, tuple[int, ...]]] = set()
+    out: list[tuple[int, Callable[[mx.array], mx.array]]] = []
+    for _, module in net.named_modules():
+        if isinstance(module, nn.QuantizedLinear | nn.Linear):
+            width = module.weight.shape[1] * (32 // module.bits if isinstance(module, nn.QuantizedLinear) else 1)
+            call: Callable[[mx.array], mx.array] = module
+        elif isinstance(module, nn.QuantizedEmbedding | nn.Embedding) and "weight" in module:
+            width = module.weight.shape[1] * (32 // module.bits if isinstance(module, nn.QuantizedEmbedding) else 1)
+            call = module.as_linear
+        else:
+            continue
+        signature = (type(module).__name__, tuple(module.weight.shape))
+        if signature not in seen:
+            seen.add(signature)
+            out.append((width, call))
+    return out
+
+
+class _Rows:
+    """What :class:`RowsCache` hands mlx-lm's attention hook in place of a quantization width."""
+
+    def __init__(self, view: RowsCache) -> None:
+        self.view = view
+
+
+class RowsCache:
+    """One layer's view over the caches of a batch's requests (row ``i`` is ``caches[i]``)."""
+
+    group_size = 0  # read by mlx-lm's hook alongside ``bits``; unused
+
+    def __init__(self, caches: Sequence[KVCache]) -> None:
+        self.caches = list(caches)
+        self.bits = _Rows(self)
+        self._fetched: list[tuple[mx.array, mx.array]] = []
+        offsets = [int(c.offset) for c in self.caches]
+        # One offset for all rows needs no array (and keeps RoPE on its scalar path).
+        self.offset: int | mx.array = offsets[0] if len(set(offsets)) == 1 else mx.array(offsets, dtype=mx.int32)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if keys.shape[2] != 1:
+            raise ValueError("a batched forward call takes one position per request")
+        self._fetched = [
+            cache.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, cache in enumerate(self.caches)
+        ]
+        return keys, values  # the family passes these to its attention call, which uses the rows' own instead
+
+    def make_mask(self, n: int, window_size: int | None = None, return_array: bool = False) -> Any:
+        if n != 1 or window_size is not None:
+            raise ValueError("a batched forward call decodes one position per request over full-attention caches")
+        return None  # a lone one-position step over a full-attention cache has no mask
+
+    def attend(self, queries: mx.array, scale: float, mask: Any) -> mx.array:
+        if mask is not None or len(self._fetched) != queries.shape[0]:
+            raise RuntimeError("batched attention without its rows' keys and values")
+        rows = [
+            mx.fast.scaled_dot_product_attention(queries[i : i + 1], k, v, scale=scale, mask=None)
+            for i, (k, v) in enumerate(self._fetched)
+        ]
+        self._fetched = []
+        return mx.concatenate(rows, axis=0)
+
+
+class RowsGhost:
+    """The cache of a layer outside the shard, for a batched call: offsets and masks as the shard's own."""
+
+    def __init__(self, reference: RowsCache) -> None:
+        self._reference = reference
+
+    @property
+    def offset(self) -> int | mx.array:
+        return self._reference.offset
+
+    def make_mask(self, n: int, window_size: int | None = None, return_array: bool = False) -> Any:
+        return self._reference.make_mask(n, window_size, return_array)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        raise RuntimeError("a layer outside the shard was asked to write to its cache")
+
+
+_original_quantized_sdpa = _mlx_base.quantized_scaled_dot_product_attention
+
+
+def _attend(
+    queries: mx.array,
+    q_keys: Any,
+    q_values: Any,
+    *,
+    scale: float,
+    mask: Any,
+    group_size: int = 64,
+    bits: Any = 8,
+) -> mx.array:
+    if isinstance(bits, _Rows):
+        return bits.view.attend(queries, scale, mask)
+    out: mx.array = _original_quantized_sdpa(
+        queries, q_keys, q_values, scale=scale, mask=mask, group_size=group_size, bits=bits
+    )
+    return out
+
+
+def install() -> None:
+    """Route mlx-lm's attention of a :class:`RowsCache` to per-row attention (idempotent; any other cache
+    takes mlx-lm's own path unchanged)."""
+    _mlx_base.quantized_scaled_dot_product_attention = _attend

@@ -1,0 +1,180 @@
+"""Continuous batching: a request's tokens are the same whether it ran alone or beside others.
+
+StageCompute.forward_batch's rows are compared bit for bit with lone forward calls on every stage of a split;
+the single-device engine's scheduler runs concurrent requests (greedy and seeded, prompts of different
+lengths, one closed mid-way, one joining mid-way) and each must yield exactly the tokens it yields alone."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from exo_stable.engine.batching import BatchMode, exact_limit
+from exo_stable.engine.loader import open_model
+from exo_stable.engine.model import LayerRange
+from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.sampling import SamplingParams
+from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.engine.stagecompute import StageCompute
+from exo_stable.engine.synthetic import tiny_gguf
+
+N_LAYERS = 4
+BOUNDS = [(0, 4), (0, 2), (2, 3), (3, 4)]
+
+
+@pytest.fixture(scope="module")
+def tiny(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_gguf(tmp_path_factory.mktemp("batching") / "tiny.gguf", default_gguf, layers=N_LAYERS, seed=5)
+
+
+def _input(first: bool, length: int, hidden: int, dtype: Dtype, rng: np.random.Generator) -> mx.array:
+    if first:
+        return mx.array([[int(t) for t in rng.integers(0, 49152, size=length)]], dtype=mx.int32)
+    act = mx.float32 if dtype is Dtype.FLOAT32 else mx.bfloat16
+    return mx.array(rng.standard_normal((1, length, hidden)).astype(np.float32)).astype(act)
+
+
+@pytest.mark.parametrize("dtype", [Dtype.FLOAT32, Dtype.BFLOAT16])
+@pytest.mark.parametrize("bounds", BOUNDS)
+def test_forward_batch_rows_equal_lone_rows(tiny: Path, dtype: Dtype, bounds: tuple[int, int]) -> None:
+    source = open_model(tiny)
+    lone = StageCompute(source, LayerRange(*bounds, N_LAYERS), dtype, batch=BatchMode.OFF)
+    batched = StageCompute(source, LayerRange(*bounds, N_LAYERS), dtype, batch=BatchMode.EXACT, batch_limit=5)
+    lone.load()
+    batched.load()
+    limit = batched.batch_limit
+    assert lone.batch_limit == 1 and 2 <= limit <= 5
+    rng = np.random.default_rng(1)
+    rids = [f"r{i}" for i in range(7)]  # more than the limit: two forward calls
+    for i, rid in enumerate(rids):
+        x = _input(bounds[0] == 0, 3 + 5 * i, 64, dtype, rng)  # each request at its own length
+        for sc in (lone, batched):
+            sc.open(rid, SamplingParams())
+            sc.forward(rid, x)
+    for _ in range(3):
+        xs = [_input(bounds[0] == 0, 1, 64, dtype, rng) for _ in rids]
+        alone = [lone.forward(rid, x) for rid, x in zip(rids, xs, strict=True)]
+        rows = batched.forward_batch(rids, xs)
+        for a, b in zip(alone, rows, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert mx.array_equal(a, b).item(), "a batched row differs from the lone step"
+    parts = [min(limit, 7 - start) for start in range(0, 7, limit)]  # 7 requests, at most ``limit`` a call
+    assert batched.stats.batched_calls == 3 * sum(1 for n in parts if n > 1)
+    assert [r.tokens_in for r in batched.requests.values()] == [r.tokens_in for r in lone.requests.values()]
+
+
+def test_exact_mode_batches_only_what_the_probe_found_exact(tiny: Path) -> None:
+    sc = StageCompute(open_model(tiny), LayerRange(0, N_LAYERS, N_LAYERS), Dtype.FLOAT32, batch_limit=12)
+    sc.load()
+    assert sc.batch_limit == exact_limit(sc.probe_rows(12)) >= 1
+    assert exact_limit({2: True, 3: True, 4: False, 5: True}) == 3
+    assert exact_limit({2: False}) == 1
+
+
+async def _collect(
+    engine: SingleDeviceEngine, prompt: list[int], params: SamplingParams, n: int, decoding: asyncio.Event | None = None
+) -> list[int]:
+    out: list[int] = []
+    async for t in engine.generate(prompt, params, n):
+        out.append(t)
+        if decoding is not None and len(out) == 5:
+            decoding.set()
+    return out
+
+
+async def _cancelled(engine: SingleDeviceEngine, prompt: list[int], params: SamplingParams, n: int) -> list[int]:
+    out: list[int] = []
+    async for t in engine.generate(prompt, params, 40):
+        out.append(t)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("dtype", [Dtype.FLOAT32, Dtype.BFLOAT16])
+def test_engine_concurrent_requests_match_lone_runs(tiny: Path, dtype: Dtype) -> None:
+    rng = np.random.default_rng(2)
+    prompts = [[int(t) for t in rng.integers(0, 49152, size=n)] for n in (5, 40, 700, 13, 1100, 9)]
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.9, top_p=0.95, seed=11),
+        SamplingParams(),
+        SamplingParams(temperature=0.7, seed=3, repetition_penalty=1.2),
+        SamplingParams(temperature=1.0, seed=5),
+        SamplingParams(),
+    ]
+
+    async def run(batch: BatchMode) -> tuple[list[list[int]], int, int]:
+        engine = SingleDeviceEngine(open_model(tiny), dtype=dtype, batch=batch, batch_limit=4, step_timeout_s=300)
+        await engine.start()
+        try:
+            decoding = asyncio.Event()
+
+            async def arrive_late() -> list[int]:
+                async with asyncio.timeout(300):
+                    await decoding.wait()  # joins once the others are decoding
+                return await _collect(engine, prompts[5], params[5], 20)
+
+            late = asyncio.create_task(arrive_late())
+            jobs = [
+                _cancelled(engine, p, q, 7) if i == 2 else _collect(engine, p, q, 24, decoding if i == 0 else None)
+                for i, (p, q) in enumerate(zip(prompts[:5], params[:5], strict=True))
+            ]  # request 2 leaves early
+            out = [*await asyncio.gather(*jobs), await late]
+            await engine.logits([1, 2])  # a job on the MLX thread: runs after the retired requests' closes
+            stats = engine.batch_stats
+            widest = max((b for b, _ in stats.batch_size.cumulative() if _), default=0) if stats else 0
+            return out, engine.open_requests, widest
+        finally:
+            engine.close()
+
+    together, left_open, widest = asyncio.run(run(BatchMode.EXACT))
+    alone = []
+    for p, q, n in zip(prompts, params, (24, 24, 7, 24, 24, 20), strict=True):
+
+        async def one(p: list[int] = p, q: SamplingParams = q, n: int = n) -> list[int]:
+            engine = SingleDeviceEngine(open_model(tiny), dtype=dtype, batch=BatchMode.OFF, step_timeout_s=300)
+            await engine.start()
+            try:
+                return await _collect(engine, p, q, n)
+            finally:
+                engine.close()
+
+        alone.append(asyncio.run(one()))
+    assert together == alone
+    assert left_open == 0
+    assert widest >= 2  # steps did batch
+
+
+def test_default_model_concurrent_requests_match_lone_runs(default_gguf: Path) -> None:
+    """The default model (SmolLM2, float32 as a CPU serves it): four chats at once, each as it runs alone."""
+    source = open_model(default_gguf)
+    chats = ["Name three colours.", "What is 2+2?", "Write a haiku about rain.", "Say hello in French."]
+    prompts = [source.tokenizer.encode(text) for text in chats]
+    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(), SamplingParams(seed=2)]
+
+    async def run() -> tuple[list[list[int]], list[list[int]], int]:
+        batched = SingleDeviceEngine(source, dtype=Dtype.FLOAT32, batch_limit=4)
+        await batched.start()
+        try:
+            together = list(
+                await asyncio.gather(*(_collect(batched, p, q, 12) for p, q in zip(prompts, params, strict=True)))
+            )
+            limit = batched.batch_limit
+        finally:
+            batched.close()
+        lone = SingleDeviceEngine(open_model(default_gguf), dtype=Dtype.FLOAT32, batch=BatchMode.OFF)
+        await lone.start()
+        try:
+            alone = [await _collect(lone, p, q, 12) for p, q in zip(prompts, params, strict=True)]
+        finally:
+            lone.close()
+        return together, alone, limit
+
+    together, alone, limit = asyncio.run(run())
+    assert limit == 4, "SmolLM2's float32 products are row-exact at 4 rows on a CPU"
+    assert together == alone
