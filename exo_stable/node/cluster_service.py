@@ -54,7 +54,7 @@ class ClusterService(Service):
     def _link_counters(self) -> dict[str, tuple[int, int]]:
         """(retransmissions, corrupt frames) summed over both links to each peer."""
         out: dict[str, tuple[int, int]] = {}
-        for peer, _, st in self.node.peers.link_statistics():
+        for peer, _, st in self.node.peers.statistics().links():
             r, c = out.get(peer, (0, 0))
             out[peer] = (r + st.retransmissions, c + st.corrupt_frames)
         return out
@@ -69,19 +69,4 @@ class ClusterService(Service):
         return None
 
     def health(self) -> dict[str, Any]:
-        body = super().health()
-        plan = self.node.coordinator.active
-        body |= {
-            "node_id": self.node.node_id,
-            "plan_epoch": None if plan is None else plan.epoch,
-            "membership_epoch": self.node.coordinator.membership_epoch,
-            "stage": self.node.stage_host.snapshot(),
-            "owner": self.node.owner.snapshot(),
-            "peers": self.node.peers.statistics(),
-            "supervision": {
-                "escalations": self.node.escalations,
-                "stage_restarts": self.node.stage_host.restarts,
-                "suspects": sorted(self.node.coordinator.active_suspects()),
-            },
-        }
-        return body
+        return super().health() | self.node.statistics().as_dict()
