@@ -8,12 +8,12 @@ is :mod:`exo_stable.pipeline.stage`.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from exo_stable import settings
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.stagecompute import ComputeStats
 from exo_stable.pipeline.levels import ValidationLevel
@@ -35,7 +35,7 @@ StageMessage = RequestOpen | StepInput | ActivationChunk | RequestClose | Resend
 MAX_PENDING_HOPS = 1024
 """Trace hops the last stage holds for a request between tokens (prompt chunks, replayed positions)."""
 
-STAGE_FAULTS_ENV = "EXO_STABLE_STAGE_FAULTS"
+STAGE_FAULTS_ENV = settings.STAGE_FAULTS.name
 """Injected stage faults, for chaos tests: ``crash_every_step`` makes every forward step raise (the actor
 crashes, its supervisor restarts it, and past its restart intensity escalates)."""
 
@@ -46,7 +46,7 @@ class InjectedStageCrash(RuntimeError):
 
 def stage_faults(environ: dict[str, str] | None = None) -> frozenset[str]:
     """The stage faults named in the environment; unknown names are refused (a typo must not pass silently)."""
-    raw = (os.environ if environ is None else environ).get(STAGE_FAULTS_ENV, "")
+    raw = settings.STAGE_FAULTS.get(environ)
     names = frozenset(n.strip() for n in raw.split(",") if n.strip())
     unknown = names - {"crash_every_step"}
     if unknown:
