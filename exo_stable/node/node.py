@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -41,6 +41,7 @@ from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.engine.loader import ModelSource, open_model
 from exo_stable.node.cluster_service import ClusterService
 from exo_stable.node.config import BYTES_PER_PARAM, NodeConfig, available_memory, serving_dtype
+from exo_stable.node.parts import NodeParts
 from exo_stable.pipeline.barrier import BarrierActor, Barriers
 from exo_stable.pipeline.fallback import FallbackCoordinator
 from exo_stable.pipeline.levels import AdaptiveConfig, IntegrityCounters
@@ -53,20 +54,6 @@ from exo_stable.wire.messages import Message
 from exo_stable.wire.peerlink import WIRE_PATH, LinkConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeParts:
-    """A running node's components, built once by :meth:`Node.assemble` in dependency order."""
-
-    peers: PeerManager
-    barriers: Barriers
-    stage_host: StageHost
-    coordinator: Coordinator
-    fallback: FallbackCoordinator
-    owner: PipelineOwner
-    gossip: Gossip
-    router: MessageRouter
 
 
 class Node:
@@ -340,7 +327,15 @@ class Node:
         self, stop: asyncio.Event, ready: asyncio.Event | None, system: ActorSystem, sockets: list[socket.socket]
     ) -> None:
         config, parts, port = self.config, self.parts, self.port
-        service = ClusterService(self, max_active=config.max_concurrent, max_queue=config.max_queue)
+        service = ClusterService(
+            parts,
+            self.source,
+            context_length=self.context_length,
+            dtype=config.dtype,
+            statistics=self.statistics,
+            max_active=config.max_concurrent,
+            max_queue=config.max_queue,
+        )
         app = create_app(service, config.api)
         app[METRICS_KEY].register(NodeCollector(self.statistics))
         app.router.add_get("/v1/cluster", self._cluster_route)
