@@ -451,8 +451,9 @@ def link_integrity(peers: PeersStatistics) -> IntegrityCounters:
 
 
 def listen(host: str, port: int) -> list[socket.socket]:
-    """Bind the API's (and the wire's) listening sockets now, as ``loop.create_server`` would: one per address
-    ``host`` resolves to, IPv6 ones IPv6-only; with port 0, every one on the port the first one drew."""
+    """Bind and listen on the API's (and the wire's) sockets now, as ``loop.create_server`` would: one per
+    address ``host`` resolves to, IPv6 ones IPv6-only; with port 0, every one on the port the first one drew.
+    Connections wait in the backlog until the node's site starts serving them."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
@@ -464,6 +465,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             drawn = port == 0 and len(sockets) > 1
             sock.bind((resolved[0], sockets[0].getsockname()[1], *resolved[2:]) if drawn else resolved)
+            sock.listen(128)  # the port is this node's from now on (a second node on it fails here)
             sock.setblocking(False)
     except BaseException:
         for sock in sockets:
