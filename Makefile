@@ -36,6 +36,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports  # the layers contract in pyproject.toml: no package imports one above it
 
 pytest: model vocab-vectors
 	LD_PRELOAD=$(OPENBLAS) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from exo_stable import __version__, eventloop
+from exo_stable import __version__, eventloop, settings
 
 if TYPE_CHECKING:
     from exo_stable.node.node import NodeConfig
 
-ENV_API_KEY = "EXO_STABLE_API_KEY"
+ENV_API_KEY = settings.API_KEY.name
 
 
 def _model_path(arg: str | None) -> Path:
@@ -72,10 +71,10 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exo-stable", description=__doc__)
     parser.add_argument("--version", action="version", version=f"exo-stable {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("EXO_STABLE_LOG", "INFO"))
+    parser.add_argument("--log-level", default=settings.LOG.get())
     log_formats = ["text", "json"]
     log_help = "log lines as text or as JSON objects with the request id (or set EXO_STABLE_LOG_FORMAT)"
-    default_log_format = os.environ.get("EXO_STABLE_LOG_FORMAT", "text").lower()
+    default_log_format = (settings.LOG_FORMAT.get() or "text").lower()
     parser.add_argument("--log-format", default=default_log_format, choices=log_formats, help=log_help)
     sub = parser.add_subparsers(dest="command", required=True)
     dtypes = ["quantized", "float32", "bfloat16", "float16"]
@@ -91,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=dtypes, help="weights in memory (default: fastest for this platform)")
     serve.add_argument(
         "--api-key",
-        default=os.environ.get(ENV_API_KEY),
+        default=settings.API_KEY.get() or None,
         help=f"require this key on /v1/* (or set {ENV_API_KEY})",
     )
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
@@ -114,13 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-id", help="this node's name in the cluster (default: HOSTNAME-PORT)")
     serve.add_argument(
         "--peers",
-        default=os.environ.get("EXO_STABLE_PEERS", ""),
+        default=settings.PEERS.get(),
         help="host:port,... of other nodes to join (for networks without multicast)",
     )
     serve.add_argument(
         "--advertise",
         metavar="HOST[:PORT]",
-        default=os.environ.get("EXO_STABLE_ADVERTISE"),
+        default=settings.ADVERTISE.get() or None,
         help="the address other nodes should dial to reach this one (behind NAT or port forwarding); default: the"
         " bound address, or with --host 0.0.0.0 / :: the address peers reached this node on and its interfaces'",
     )
@@ -244,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--model", help="the model (default: SmolLM2-135M); with --tiny, its tokenizer's source")
     verify.add_argument("--dtype", choices=dtypes)
     verify.add_argument("--nodes", help="URL,URL,... of a running cluster's nodes (compares text through the API)")
-    verify.add_argument("--api-key", default=os.environ.get(ENV_API_KEY), help="for --nodes")
+    verify.add_argument("--api-key", default=settings.API_KEY.get() or None, help="for --nodes")
     verify.add_argument("--stages", default="2,3", help="in-process clusters of these many nodes (default 2,3)")
     verify.add_argument("--all-splits", action="store_true", help="every split point (use a small model: --tiny 6)")
     verify.add_argument("--tiny", type=int, metavar="LAYERS", help="verify a random tiny llama of LAYERS layers")
@@ -437,7 +436,7 @@ def _verify(args: argparse.Namespace) -> int:
         return fail("--max-tokens, --concurrency and --tiny must be >= 1")
     if nodes and (args.all_splits or args.tiny):
         return fail("--all-splits and --tiny need in-process clusters; a running cluster (--nodes) keeps its split")
-    if not nodes and args.log_level.upper() == "INFO" and "EXO_STABLE_LOG" not in os.environ:
+    if not nodes and args.log_level.upper() == "INFO" and not settings.LOG.is_set():
         logging.getLogger().setLevel(logging.WARNING)  # the nodes' chatter would drown the table
     real_stdout = sys.stdout
     with tempfile.TemporaryDirectory(prefix="exo-verify-") as tmp:

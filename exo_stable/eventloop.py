@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+
+from exo_stable import settings
 
 T = TypeVar("T")
 
 CHOICES = ("auto", "uvloop", "asyncio")
-ENV = "EXO_STABLE_EVENT_LOOP"
+ENV = settings.EVENT_LOOP.name
 
 
 class EventLoopUnavailable(RuntimeError):
@@ -26,7 +27,7 @@ class EventLoopUnavailable(RuntimeError):
 
 def resolve(choice: str | None = None) -> str:
     """``uvloop`` or ``asyncio`` for a choice (default: the environment's ``EXO_STABLE_EVENT_LOOP``, else auto)."""
-    choice = (choice or os.environ.get(ENV) or "auto").lower()
+    choice = (choice or settings.EVENT_LOOP.get()).lower()
     if choice not in CHOICES:
         raise ValueError(f"event loop {choice!r}: choose one of {', '.join(CHOICES)}")
     available = importlib.util.find_spec("uvloop") is not None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import re
 import sys
 from contextvars import ContextVar
@@ -23,7 +22,9 @@ from typing import Any, Final, TextIO
 
 import orjson
 
-ENV_LOG_FORMAT: Final = "EXO_STABLE_LOG_FORMAT"
+from exo_stable import settings
+
+ENV_LOG_FORMAT: Final = settings.LOG_FORMAT.name
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("exo_stable_request_id", default=None)
 """The id of the API request the current task works for (the response's ``id``), or None."""
@@ -78,7 +79,7 @@ class LogFormat(enum.StrEnum):
 
 def default_format() -> LogFormat:
     """From ``EXO_STABLE_LOG_FORMAT`` (text when unset); a bad value is refused, not ignored."""
-    raw = os.environ.get(ENV_LOG_FORMAT, "").strip().lower()
+    raw = settings.LOG_FORMAT.get().strip().lower()
     try:
         return LogFormat(raw) if raw else LogFormat.TEXT
     except ValueError:

@@ -8,8 +8,9 @@ Two kinds of figures:
 - **observed** where the latency happens: the API layer sees every request's tokens arrive, whatever the
   backend (single device or pipeline), and feeds :class:`RequestObserver`: time to first token, inter-token
   latency, tokens generated, prefill and decode rates, requests by outcome;
-- **collected** at scrape time from the counters the parts already keep (:class:`ServiceCollector`,
-  :class:`NodeCollector`): active requests, KV cache bytes, per-link RTT, bytes, retransmissions and bad
+- **collected** at scrape time from the typed statistics the parts keep (:class:`ServiceCollector` reads
+  the service's, :class:`NodeCollector` the node's :class:`~exo_stable.pipeline.statistics.NodeStatistics`):
+  active requests, KV cache bytes, per-link RTT, bytes, retransmissions and bad
   frames, stage steps, bad activations and spot-check mismatches, the owner's token checksum and text
   validation findings, recovery events, mechanisms and outcomes. Nothing is counted
   twice: a scrape reads the same counters ``/health`` shows.
@@ -27,8 +28,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from exo_stable.node.node import Node
+    from exo_stable.pipeline.ownerstate import OwnerStatistics
     from exo_stable.pipeline.service import Service
+    from exo_stable.pipeline.stagestate import StageStatistics
+    from exo_stable.pipeline.statistics import NodeStatistics
 
 __all__ = ["CONTENT_TYPE", "BatchCollector", "Metrics", "NodeCollector", "RequestObserver", "ServiceCollector"]
 
@@ -183,7 +186,7 @@ class ServiceCollector(Collector):
         self.service = service
 
     def collect(self) -> Iterable[Metric]:
-        s = self.service
+        s = self.service.statistics()
         yield _gauge("active_requests", "Requests admitted and generating now", s.active)
         yield _gauge("max_active_requests", "Requests that may generate at once", s.max_active)
         yield _gauge("queued_requests", "Requests waiting for a slot (at most --max-queue)", s.queued)
@@ -192,9 +195,10 @@ class ServiceCollector(Collector):
             "Requests refused with 429 because the queue was full",
             s.refused_overloaded,
         )
-        kv = s.kv_cache_bytes()
-        if kv is not None:
-            yield _gauge("kv_cache_bytes", "Bytes held by the KV caches of open requests on this node", kv)
+        if s.kv_cache_bytes is not None:
+            yield _gauge(
+                "kv_cache_bytes", "Bytes held by the KV caches of open requests on this node", s.kv_cache_bytes
+            )
 
 
 class BatchCollector(Collector):
@@ -220,117 +224,97 @@ def _bound(value: float) -> str:
 
 
 class NodeCollector(Collector):
-    """A cluster node's links, stage, owned requests and recoveries, read at scrape time."""
+    """A cluster node's links, stage, owned requests and recoveries: one :class:`NodeStatistics` snapshot per
+    scrape, from the callable the node gives it."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, statistics: Callable[[], NodeStatistics]) -> None:
+        self.statistics = statistics
 
     def collect(self) -> Iterable[Metric]:
         f = _Families()
-        self._links(f)
-        self._stage(f)
-        self._owner(f)
+        node = self.statistics()
+        _links(f, node)
+        if node.stage is not None:
+            _stage(f, node.stage)
+        _owner(f, node.owner)
         yield from f
 
-    def _links(self, f: _Families) -> None:
-        peers = getattr(self.node, "peers", None)
-        if peers is None:  # the API can be scraped before the links are set up
-            return
-        members = self.node.coordinator.members  # only members get labels: strangers cannot grow the scrape
-        for kind, n in sorted(self.node.refusals.by_kind.items()):
-            f.counter("peer_messages_refused", "Peer messages refused (the sender lacks the role)", {"kind": kind}, n)
-        for reason, n in sorted(peers.server.rejections.items()):
-            f.counter("peer_handshakes_refused", "Incoming peer connections refused", {"reason": reason}, n)
-        for peer in peers.connected_peers():
-            if peer in members:
-                f.gauge("peers_connected", "1 for each peer with a connected link", {"peer": peer}, 1.0)
-        for peer, direction, st in peers.link_statistics():
-            if peer not in members:
-                continue
-            labels = {"peer": peer, "link": direction}
-            if st.rtt_s is not None:
-                f.gauge("peer_rtt_seconds", "Smoothed round-trip time of the link's data frames", labels, st.rtt_s)
-            f.counter("peer_bytes_sent", "Frame bytes written to the link's socket", labels, st.bytes_sent)
-            f.counter("peer_bytes_received", "Frame bytes read from the link's socket", labels, st.bytes_received)
-            f.counter("peer_frames_sent", "Frames written to the link's socket", labels, st.frames_sent)
-            f.counter("peer_messages_sent", "Messages queued on the link", labels, st.messages_sent)
-            f.counter(
-                "peer_retransmits", "Data frames sent again (lost, corrupted or late)", labels, st.retransmissions
-            )
-            f.counter("peer_duplicates_suppressed", "Duplicate data frames dropped", labels, st.duplicates_suppressed)
-            f.counter("peer_reconnects", "Connections of the link after its first", labels, max(0, st.connects - 1))
-            for reason, n in st.bad_frames_by_reason.items():
-                f.counter(
-                    "corruptions_detected",
-                    CORRUPTIONS_DOC,
-                    {"kind": f"frame_{reason}", "peer": peer},
-                    n,
-                )
-            if st.undecodable:
-                f.counter(
-                    "corruptions_detected",
-                    CORRUPTIONS_DOC,
-                    {"kind": "message", "peer": peer},
-                    st.undecodable,
-                )
-            for fault, n in (st.faults or {}).items():
-                f.counter(
-                    "faults_injected", "Faults injected on the link's inbound frames", {**labels, "fault": fault}, n
-                )
 
-    def _stage(self, f: _Families) -> None:
-        host = getattr(self.node, "stage_host", None)
-        actor = None if host is None else host.actor
-        if actor is None:
-            return
-        st = actor.stats
-        labels = {"layers": f"{actor.layers.start}-{actor.layers.end}"}
-        f.counter("stage_steps", "Forward steps this node's stage ran", labels, st.steps)
-        f.counter("stage_tokens_sent", "Tokens the last stage sampled and sent", labels, st.tokens_sent)
-        f.counter("stage_stale_steps", "Steps for requests no longer open here (dropped)", labels, st.stale_steps)
-        f.counter("stage_failures", "Requests this stage failed (its owner recovers them)", labels, st.failures)
-        f.counter("stage_tokens_resent", "Tokens sent again on an owner's request", labels, st.resent)
-        f.counter("stage_replayed_steps", "Replay steps fed forward after a failure", labels, st.replayed)
-        for kind, n in (
-            ("activation", st.bad_activations - st.source_checksum_failures),
-            ("activation_source", st.source_checksum_failures),
-            ("spot_check", st.spot_check_mismatches),
-        ):
-            f.counter("corruptions_detected", CORRUPTIONS_DOC, {"kind": kind, "peer": ""}, n)
-        f.counter("stage_spot_checks", "Steps computed twice and compared (strict validation)", labels, st.spot_checks)
+def _links(f: _Families, node: NodeStatistics) -> None:
+    members = node.cluster.members  # only members get labels: strangers cannot grow the scrape
+    peers = node.peers
+    for kind, n in sorted(node.refusals.items()):
+        f.counter("peer_messages_refused", "Peer messages refused (the sender lacks the role)", {"kind": kind}, n)
+    for reason, n in sorted(peers.handshakes_refused.items()):
+        f.counter("peer_handshakes_refused", "Incoming peer connections refused", {"reason": reason}, n)
+    for peer in peers.connected():
+        if peer in members:
+            f.gauge("peers_connected", "1 for each peer with a connected link", {"peer": peer}, 1.0)
+    for peer, direction, st in peers.links():
+        if peer not in members:
+            continue
+        labels = {"peer": peer, "link": direction}
+        if st.rtt_s is not None:
+            f.gauge("peer_rtt_seconds", "Smoothed round-trip time of the link's data frames", labels, st.rtt_s)
+        f.counter("peer_bytes_sent", "Frame bytes written to the link's socket", labels, st.bytes_sent)
+        f.counter("peer_bytes_received", "Frame bytes read from the link's socket", labels, st.bytes_received)
+        f.counter("peer_frames_sent", "Frames written to the link's socket", labels, st.frames_sent)
+        f.counter("peer_messages_sent", "Messages queued on the link", labels, st.messages_sent)
+        f.counter("peer_retransmits", "Data frames sent again (lost, corrupted or late)", labels, st.retransmissions)
+        f.counter("peer_duplicates_suppressed", "Duplicate data frames dropped", labels, st.duplicates_suppressed)
+        f.counter("peer_reconnects", "Connections of the link after its first", labels, max(0, st.connects - 1))
+        for reason, n in st.bad_frames_by_reason.items():
+            f.counter("corruptions_detected", CORRUPTIONS_DOC, {"kind": f"frame_{reason}", "peer": peer}, n)
+        if st.undecodable:
+            f.counter("corruptions_detected", CORRUPTIONS_DOC, {"kind": "message", "peer": peer}, st.undecodable)
+        for fault, n in (st.faults or {}).items():
+            f.counter("faults_injected", "Faults injected on the link's inbound frames", {**labels, "fault": fault}, n)
 
-    def _owner(self, f: _Families) -> None:
-        owner = getattr(self.node, "owner", None)
-        if owner is None:
-            return
-        s = owner.stats
-        f.counter("owner_requests", "Requests owned by this node, by state", {"state": "started"}, s.requests)
-        f.counter("owner_requests", "Requests owned by this node, by state", {"state": "finished"}, s.finished)
-        f.counter("owner_requests", "Requests owned by this node, by state", {"state": "failed"}, s.failed)
-        f.counter("owner_requests", "Requests owned by this node, by state", {"state": "cancelled"}, s.cancelled)
-        f.counter(
-            "owner_resend_requests", "Token positions asked for again (missing or invalid)", {}, s.resend_requests
-        )
-        f.counter("owner_late_messages", "Stage messages for requests already closed", {}, s.late_messages)
-        v = owner.validation
-        for kind, n in (
-            ("token_checksum", v.token_checksum_failures),
-            ("token_rejected", v.tokens_rejected - v.token_checksum_failures),
-            ("invalid_utf8", v.invalid_utf8_deltas),
-            ("suspicious_text", v.suspicious_deltas),
-            ("output_detector", v.output_findings),
-        ):
-            f.counter("corruptions_detected", CORRUPTIONS_DOC, {"kind": kind, "peer": ""}, n)
-        for level, n in v.requests.items():
-            f.counter("validation_requests", "Requests owned here, by validation level", {"level": level}, n)
-        stats = owner.recovery.stats
-        for kind, n in stats.events.items():
-            f.counter("recovery_events", "Failure events seen by the recovery manager, by kind", {"kind": kind}, n)
-        for cls, n in stats.classes.items():
-            f.counter("recovery_decisions", "Failures classified, by class", {"class": cls}, n)
-        for mechanism, n in stats.mechanisms.items():
-            f.counter("recoveries", "Recoveries begun, by the mechanism chosen", {"mechanism": mechanism}, n)
-        for outcome, n in stats.outcomes.items():
-            f.counter("recovery_outcomes", "Recoveries ended, by outcome", {"outcome": outcome}, n)
-        if stats.resume_s:
-            f.gauge("recovery_last_resume_seconds", "How long the last recovered stream paused", {}, stats.resume_s[-1])
+
+def _stage(f: _Families, stage: StageStatistics) -> None:
+    st = stage.counters
+    labels = {"layers": f"{stage.layers[0]}-{stage.layers[1]}"}
+    f.counter("stage_steps", "Forward steps this node's stage ran", labels, st.steps)
+    f.counter("stage_tokens_sent", "Tokens the last stage sampled and sent", labels, st.tokens_sent)
+    f.counter("stage_stale_steps", "Steps for requests no longer open here (dropped)", labels, st.stale_steps)
+    f.counter("stage_failures", "Requests this stage failed (its owner recovers them)", labels, st.failures)
+    f.counter("stage_tokens_resent", "Tokens sent again on an owner's request", labels, st.resent)
+    f.counter("stage_replayed_steps", "Replay steps fed forward after a failure", labels, st.replayed)
+    for kind, n in (
+        ("activation", st.bad_activations - st.source_checksum_failures),
+        ("activation_source", st.source_checksum_failures),
+        ("spot_check", st.spot_check_mismatches),
+    ):
+        f.counter("corruptions_detected", CORRUPTIONS_DOC, {"kind": kind, "peer": ""}, n)
+    f.counter("stage_spot_checks", "Steps computed twice and compared (strict validation)", labels, st.spot_checks)
+
+
+def _owner(f: _Families, owner: OwnerStatistics) -> None:
+    s = owner.counters
+    states = (("started", s.requests), ("finished", s.finished), ("failed", s.failed), ("cancelled", s.cancelled))
+    for state, n in states:
+        f.counter("owner_requests", "Requests owned by this node, by state", {"state": state}, n)
+    f.counter("owner_resend_requests", "Token positions asked for again (missing or invalid)", {}, s.resend_requests)
+    f.counter("owner_late_messages", "Stage messages for requests already closed", {}, s.late_messages)
+    v = owner.validation.counters
+    for kind, n in (
+        ("token_checksum", v.token_checksum_failures),
+        ("token_rejected", v.tokens_rejected - v.token_checksum_failures),
+        ("invalid_utf8", v.invalid_utf8_deltas),
+        ("suspicious_text", v.suspicious_deltas),
+        ("output_detector", v.output_findings),
+    ):
+        f.counter("corruptions_detected", CORRUPTIONS_DOC, {"kind": kind, "peer": ""}, n)
+    for level, n in v.requests.items():
+        f.counter("validation_requests", "Requests owned here, by validation level", {"level": level}, n)
+    r = owner.recovery
+    for kind, n in r.events.items():
+        f.counter("recovery_events", "Failure events seen by the recovery manager, by kind", {"kind": kind}, n)
+    for cls, n in r.classes.items():
+        f.counter("recovery_decisions", "Failures classified, by class", {"class": cls}, n)
+    for mechanism, n in r.mechanisms.items():
+        f.counter("recoveries", "Recoveries begun, by the mechanism chosen", {"mechanism": mechanism}, n)
+    for outcome, n in r.outcomes.items():
+        f.counter("recovery_outcomes", "Recoveries ended, by outcome", {"outcome": outcome}, n)
+    if r.resume_s:
+        f.gauge("recovery_last_resume_seconds", "How long the last recovered stream paused", {}, r.resume_s[-1])

@@ -37,6 +37,7 @@ from exo_stable.pipeline.placement import (
     footprint_from_spec,
     plan_placement,
 )
+from exo_stable.pipeline.statistics import ClusterStatistics
 from exo_stable.wire.handshake import PeerInfo
 from exo_stable.wire.messages import (
     PROTOCOL_VERSION,
@@ -82,15 +83,16 @@ class Coordinator(PlanState):
         stage_host: StageHost,
         barriers: Barriers,
         options: ClusterOptions,
-        wait_links: Callable[[set[str], float], Awaitable[None]] | None = None,
+        wait_links: Callable[[set[str], float], Awaitable[None]],
         refusals: Refusals | None = None,
     ) -> None:
+        """``wait_links(nodes, timeout)``: until this node has a link to each of ``nodes`` (a plan's stages)."""
         super().__init__(
             node_id, memory_bytes=memory_bytes, fingerprint=source.fingerprint, n_layers=source.spec.num_hidden_layers
         )
         self.refusals = refusals or Refusals(node_id)
         self.wait_links = wait_links
-        self.on_commit: Callable[[PlanCommit], None] | None = None
+        self._commit_listeners: list[Callable[[PlanCommit], None]] = []
         self.barriers = barriers
         self.source = source
         self.send = send
@@ -145,6 +147,10 @@ class Coordinator(PlanState):
                 # A stage of the plan being loaded is gone: fail the round now, not at the load deadline.
                 barrier.arrive(node, ok=False, detail=f"node {node} went down")
         self._notify()
+
+    def subscribe(self, on_commit: Callable[[PlanCommit], None]) -> None:
+        """Call ``on_commit`` with every plan this node commits from now on (the request owner's)."""
+        self._commit_listeners.append(on_commit)
 
     def _notify(self) -> None:
         """Wake every waiter of :meth:`wait_recoverable` (each re-checks its condition)."""
@@ -217,6 +223,15 @@ class Coordinator(PlanState):
                 if reason is not None:
                     return reason
                 await pulse.wait()
+
+    def statistics(self) -> ClusterStatistics:
+        return ClusterStatistics(
+            plan=self.active,
+            membership_epoch=self.membership_epoch,
+            members=frozenset(self.members),
+            suspects=self.active_suspects(),
+            refused=dict(self.refused),
+        )
 
     # -- the leader's planning loop --------------------------------------------------------------------
 
@@ -446,15 +461,14 @@ class Coordinator(PlanState):
         self.history.add(message)
         self._committed.set()
         self._notify()
-        if self.on_commit is not None:
-            self.on_commit(message)
+        for listener in self._commit_listeners:
+            listener(message)
 
     async def _load(self, leader: str, proposal: PlanProposal) -> None:
         try:
             seconds = await self.stage_host.apply(proposal.epoch, proposal.stages)
-            if self.wait_links is not None:
-                # Ready means loaded *and* linked to every other stage of the plan (the ring needs them).
-                await self.wait_links({s.node_id for s in proposal.stages}, self.options.load_timeout_s)
+            # Ready means loaded *and* linked to every other stage of the plan (the ring needs them).
+            await self.wait_links({s.node_id for s in proposal.stages}, self.options.load_timeout_s)
             status = StageStatus(epoch=proposal.epoch, node_id=self.node_id, ready=True, load_s=seconds)
         except Exception as exc:  # reported to the leader, whose barrier fails with this reason
             log.exception("%s: loading plan %d failed", self.node_id, proposal.epoch)

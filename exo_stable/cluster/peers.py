@@ -24,8 +24,9 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
@@ -33,14 +34,21 @@ from exo_stable.cluster.addresses import Address, format_host_port, unmap
 from exo_stable.logs import safe
 from exo_stable.wire.handshake import Identity, PeerInfo
 from exo_stable.wire.health import NetworkHealthMonitor
+from exo_stable.wire.linkconfig import PeersStatistics, PeerStatistics
 from exo_stable.wire.messages import Hello, Message
-from exo_stable.wire.peerlink import WIRE_PATH, LinkClosed, LinkConfig, LinkStats, PeerLink
+from exo_stable.wire.peerlink import WIRE_PATH, LinkClosed, LinkConfig, PeerLink
 from exo_stable.wire.server import WireServer
 
 log = logging.getLogger(__name__)
 
-Dispatch = Callable[[str, Message], Awaitable[None]]
-MembershipHook = Callable[[PeerInfo | str, bool], None]
+
+class Inbound(Protocol):
+    """Where a running manager delivers what comes in: messages by sender, and peers going up and down."""
+
+    async def dispatch(self, sender: str, message: Message) -> None: ...
+
+    def on_membership(self, peer: PeerInfo | str, up: bool) -> None: ...
+
 
 _POLL_S = 5.0  # upper bound of one wait in the link watchers; they loop, so it only bounds each wait
 _PROBE_S = 2.0  # how long a TCP connect to one of a peer's candidate addresses may take before the next is tried
@@ -73,8 +81,6 @@ class PeerManager:
         self,
         identity: Identity,
         *,
-        dispatch: Dispatch,
-        on_membership: MembershipHook,
         secret: bytes | None = None,
         config: LinkConfig | None = None,
         forget_after_s: float = 60.0,
@@ -83,8 +89,7 @@ class PeerManager:
         self.node_id = identity.node_id
         self.config = config or LinkConfig.from_env()
         self.monitor = NetworkHealthMonitor()
-        self._dispatch = dispatch
-        self._on_membership = on_membership
+        self._inbound: Inbound | None = None  # what run() delivers to
         self._secret = secret
         self.server = WireServer(identity, secret=secret, config=self.config, on_new_peer=self._accept)
         self._peers: dict[str, _Peer] = {}
@@ -124,8 +129,10 @@ class PeerManager:
         self.reached_on.insert(0, host)
         del self.reached_on[_MAX_REACHED_ON:]
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Own every link task until ``stop`` is set; then close all links (each with its deadline)."""
+    async def run(self, stop: asyncio.Event, inbound: Inbound) -> None:
+        """Own every link task until ``stop`` is set, delivering what comes in to ``inbound``; then close all
+        links (each with its deadline)."""
+        self._inbound = inbound
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -238,7 +245,7 @@ class PeerManager:
                 if link.peer.model_fingerprint != self.identity.model_fingerprint:
                     continue  # its watcher is about to refuse it: nothing it sent counts
                 self._connected(link, link.peer)  # its watcher has not run yet: the sender is up before its message
-            await self._dispatch(sender, message)
+            await self._deliver(sender, message)
 
     async def _watch(self, link: PeerLink) -> None:
         """Turn the link's connections into membership events."""
@@ -294,7 +301,8 @@ class PeerManager:
             assert peer.info is not None
             log.info("%s: peer %s is %s", self.node_id, node_id, "up" if up else "down")
             self._membership.set()
-            self._on_membership(peer.info if up else node_id, up)
+            assert self._inbound is not None, "PeerManager.run() is not running"
+            self._inbound.on_membership(peer.info if up else node_id, up)
 
     async def _sweep(self, now: float) -> None:
         """Forget peers down for ``forget_after_s`` and dialed addresses that never answered for as long."""
@@ -363,7 +371,7 @@ class PeerManager:
     async def send(self, node_id: str, message: Message, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Queue ``message`` for ``node_id`` (this node: dispatched in process)."""
         if node_id == self.node_id:
-            await self._dispatch(node_id, message)
+            await self._deliver(node_id, message)
             return
         peer = self._peers.get(node_id)
         for link in (peer.out, peer.inbound) if peer else ():
@@ -378,34 +386,18 @@ class PeerManager:
         self.unroutable += 1
         raise PeerUnreachable(f"no link from {self.node_id} to {node_id}")
 
-    def link_statistics(self) -> list[tuple[str, str, LinkStats]]:
-        """(peer, direction ``out``/``in``, the link's snapshot) for every link this node holds (for /metrics)."""
-        out = []
-        for nid, p in self._peers.items():
-            for direction, link in (("out", p.out), ("in", p.inbound)):
-                if link is not None:
-                    out.append((nid, direction, link.statistics()))
-        return out
+    async def _deliver(self, sender: str, message: Message) -> None:
+        assert self._inbound is not None, "PeerManager.run() is not running"
+        await self._inbound.dispatch(sender, message)
 
-    def statistics(self) -> dict[str, object]:
-        """Per peer: membership, health, RTT, and each of its links' integrity counters (for /health)."""
-        out: dict[str, object] = {}
+    def statistics(self) -> PeersStatistics:
+        """Per peer: membership, health and each of its links' counters; the connections refused."""
+        peers = []
         for nid, p in self._peers.items():
-            links = {}
-            for direction, link in (("out", p.out), ("in", p.inbound)):
-                if link is None:
-                    continue
-                st = link.statistics()
-                links[direction] = {
-                    "connected": st.connected,
-                    "rtt_ms": None if st.rtt_s is None else round(1000 * st.rtt_s, 3),
-                    "retransmissions": st.retransmissions,
-                    "duplicates_suppressed": st.duplicates_suppressed,
-                    "corrupt_frames": st.corrupt_frames,
-                    "faults_injected": st.faults,
-                }
-            out[nid] = {"up": p.up, "health": self.monitor.state(nid).value, "links": links}
-        return out
+            links = {d: link.statistics() for d, link in (("out", p.out), ("in", p.inbound)) if link is not None}
+            peers.append(PeerStatistics(nid, up=p.up, health=self.monitor.state(nid).value, links=links))
+        refused = dict(self.refused)
+        return PeersStatistics(tuple(peers), handshakes_refused=dict(self.server.rejections), refused=refused)
 
 
 def _url(host: str, port: int) -> str:

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from exo_stable import settings
+
 SECRET_FILE = "cluster-secret"
-STATE_ENV = "EXO_STABLE_STATE_DIR"
+STATE_ENV = settings.STATE_DIR.name
 
 SecretSource = Literal["given", "file", "created", "loopback", "insecure"]
 
@@ -38,11 +40,10 @@ class ClusterAuth:
 
 
 def state_dir(environ: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    if env.get(STATE_ENV):
-        return Path(env[STATE_ENV]).expanduser()
-    if env.get("XDG_STATE_HOME"):
-        return Path(env["XDG_STATE_HOME"]).expanduser() / "exo-stable"
+    if state := settings.STATE_DIR.get(environ):
+        return Path(state).expanduser()
+    if xdg := settings.XDG_STATE_HOME.get(environ):
+        return Path(xdg).expanduser() / "exo-stable"
     return Path.home() / ".local" / "state" / "exo-stable"
 
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from actors import ActorDead, ChildSpec, MailboxFull, Restart, Supervisor
@@ -19,6 +19,7 @@ from exo_stable.engine.loader import ModelSource
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.pipeline.placement import ModelFootprint
 from exo_stable.pipeline.stage import Send, StageActor, StageConfig
+from exo_stable.pipeline.stagestate import StageStatistics
 from exo_stable.wire.messages import RequestClose, ResendTokens, StageFailure, StageRange
 
 log = logging.getLogger(__name__)
@@ -266,10 +267,9 @@ class StageHost:
         await ref.tell(message, timeout=30.0)
         return True
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def statistics(self) -> StageStatistics | None:
+        """This node's current stage, with its plan's epoch and the stages still draining; None without one."""
         if self.actor is None:
             return None
-        return self.actor.snapshot() | {
-            "epoch": None if self.current is None else self.current[0],
-            "draining": sorted(self._draining),
-        }
+        epoch = None if self.current is None else self.current[0]
+        return replace(self.actor.stage_statistics(), epoch=epoch, draining=tuple(sorted(self._draining)))

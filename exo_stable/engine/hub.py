@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from exo_stable import settings
 from exo_stable.engine.modelspec import ModelSpec, UnsupportedModelError
 
 __all__ = ["META_PATTERNS", "fetch_files", "files_for", "is_repo_id", "snapshot_meta"]
@@ -40,11 +40,11 @@ def is_repo_id(text: str) -> bool:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return settings.HF_HUB_OFFLINE.get().strip().lower() in ("1", "true", "yes", "on")
 
 
 def _cache() -> str | None:
-    return os.environ.get("HF_HUB_CACHE") or None
+    return settings.HF_HUB_CACHE.get() or None
 
 
 def snapshot_meta(repo_id: str, revision: str | None = None) -> Path:

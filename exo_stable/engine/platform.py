@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from exo_stable import settings
 from exo_stable.engine.modelspec import Dtype
 
 OPENBLAS_CANDIDATES = (
@@ -30,7 +31,7 @@ def find_openblas() -> str | None:
 
 
 def openblas_loaded() -> bool:
-    return "openblas" in os.environ.get("LD_PRELOAD", "")
+    return "openblas" in settings.LD_PRELOAD.get()
 
 
 def gpu_index(argv: list[str]) -> int | None:

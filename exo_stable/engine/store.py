@@ -8,7 +8,6 @@ verify its sha256, and keep it under ``$EXO_STABLE_HOME/models``.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from exo_stable import settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,7 @@ class ModelStoreError(RuntimeError):
 
 def home() -> Path:
     """The exo-stable cache directory (``$EXO_STABLE_HOME``, default ``~/.cache/exo-stable``)."""
-    env = os.environ.get("EXO_STABLE_HOME")
+    env = settings.HOME.get()
     return Path(env).expanduser() if env else Path.home() / ".cache" / "exo-stable"
 
 

@@ -5,16 +5,17 @@ availability questions from the node's coordinator, stage host and peer links.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from exo_stable.engine.loader import ModelSource
+from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.textstream import Delta
+from exo_stable.node.parts import NodeParts
 from exo_stable.pipeline.service import GenerationJob, Service
+from exo_stable.pipeline.statistics import NodeStatistics
 from exo_stable.pipeline.trace import RequestTrace
-
-if TYPE_CHECKING:
-    from exo_stable.node.node import Node
 
 
 class ClusterService(Service):
@@ -22,24 +23,35 @@ class ClusterService(Service):
 
     backend = "pipeline"
 
-    def __init__(self, node: Node, *, max_active: int, max_queue: int = 32) -> None:
-        source = node.source
+    def __init__(
+        self,
+        parts: NodeParts,
+        source: ModelSource,
+        *,
+        context_length: int,
+        dtype: Dtype,
+        statistics: Callable[[], NodeStatistics],
+        max_active: int,
+        max_queue: int = 32,
+    ) -> None:
+        """``statistics``: the node's snapshot, which ``/health`` shows beside the service's own."""
         super().__init__(
             source.tokenizer,
             model_name=source.name,
-            context_length=node.context_length,
-            dtype=str(node.config.dtype),
+            context_length=context_length,
+            dtype=str(dtype),
             max_active=max_active,
             max_queue=max_queue,
         )
-        self.node = node
+        self.parts = parts
+        self.node_statistics = statistics
 
     async def stream(self, job: GenerationJob, trace: RequestTrace | None = None) -> AsyncGenerator[Delta]:
         self.requests_started += 1
         links_before = self._link_counters()
         generated = 0
         try:
-            async with aclosing(self.node.owner.stream(job, trace)) as deltas:
+            async with aclosing(self.parts.owner.stream(job, trace)) as deltas:
                 async for delta in deltas:
                     generated = delta.completion_tokens
                     yield delta
@@ -57,34 +69,19 @@ class ClusterService(Service):
     def _link_counters(self) -> dict[str, tuple[int, int]]:
         """(retransmissions, corrupt frames) summed over both links to each peer."""
         out: dict[str, tuple[int, int]] = {}
-        for peer, _, st in self.node.peers.link_statistics():
+        for peer, _, st in self.parts.peers.statistics().links():
             r, c = out.get(peer, (0, 0))
             out[peer] = (r + st.retransmissions, c + st.corrupt_frames)
         return out
 
     def kv_cache_bytes(self) -> int | None:
-        actor = self.node.stage_host.actor
+        actor = self.parts.stage_host.actor
         return None if actor is None else actor.kv_cache_bytes()
 
     def unavailable(self) -> str | None:
-        if self.node.coordinator.active is None:
+        if self.parts.coordinator.active is None:
             return "the cluster has no pipeline plan yet (the model is loading or peers are joining)"
         return None
 
     def health(self) -> dict[str, Any]:
-        body = super().health()
-        plan = self.node.coordinator.active
-        body |= {
-            "node_id": self.node.node_id,
-            "plan_epoch": None if plan is None else plan.epoch,
-            "membership_epoch": self.node.coordinator.membership_epoch,
-            "stage": self.node.stage_host.snapshot(),
-            "owner": self.node.owner.snapshot(),
-            "peers": self.node.peers.statistics(),
-            "supervision": {
-                "escalations": self.node.escalations,
-                "stage_restarts": self.node.stage_host.restarts,
-                "suspects": sorted(self.node.coordinator.active_suspects()),
-            },
-        }
-        return body
+        return super().health() | self.node_statistics().as_dict()

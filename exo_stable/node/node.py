@@ -6,9 +6,10 @@ The actor tree of a node::
      ├─ barriers  BarrierActor      named barriers (plan loads, request starts)
      └─ stages    Supervisor        the StageActor of this node's layers, restarted on a crash
 
-beside them the PeerManager (links and membership), the Coordinator (placement and plan commits) and the
-PipelineOwner (requests owned here), all owned by the node's TaskGroup. A node alone is a one-stage
-pipeline over the same code path; more nodes split the layers between them.
+beside them the PeerManager (links and membership), the Coordinator (placement and plan commits), the
+PipelineOwner (requests owned here), Gossip (the peer directory) and the MessageRouter (each peer message to
+its receiver, by type), all built by :meth:`Node.assemble` and run by the node's TaskGroup. A node alone is a
+one-stage pipeline over the same code path; more nodes split the layers between them.
 """
 
 from __future__ import annotations
@@ -31,53 +32,33 @@ from exo_stable.api.metrics import NodeCollector
 from exo_stable.api.server import METRICS_KEY, create_app, json_response
 from exo_stable.cluster import addresses as addr
 from exo_stable.cluster.coordinator import Coordinator
-from exo_stable.cluster.exposure import interface_ips, is_ip, peer_addresses, say_who_may_join
+from exo_stable.cluster.exposure import interface_ips, is_ip, say_who_may_join
+from exo_stable.cluster.gossip import Gossip
 from exo_stable.cluster.peers import PeerManager
-from exo_stable.cluster.roles import (
-    MAX_DIRECTORY,
-    Bounds,
-    Refusals,
-    activation_refusal,
-    request_open_refusal,
-    step_refusal,
-    token_refusal,
-)
+from exo_stable.cluster.roles import Bounds, Refusals
+from exo_stable.cluster.router import MessageRouter
 from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.engine.loader import ModelSource, open_model
-from exo_stable.logs import safe
 from exo_stable.node.cluster_service import ClusterService
 from exo_stable.node.config import BYTES_PER_PARAM, NodeConfig, available_memory, serving_dtype
+from exo_stable.node.parts import NodeParts
 from exo_stable.pipeline.barrier import BarrierActor, Barriers
 from exo_stable.pipeline.fallback import FallbackCoordinator
 from exo_stable.pipeline.levels import AdaptiveConfig, IntegrityCounters
 from exo_stable.pipeline.owner import OwnerConfig, PipelineOwner
 from exo_stable.pipeline.recovery import FailureKind
-from exo_stable.wire.handshake import Identity, PeerInfo, new_session_id
-from exo_stable.wire.messages import (
-    ActivationChunk,
-    BarrierArrive,
-    Message,
-    PeerAddress,
-    PeerDirectory,
-    PlanCommit,
-    PlanProposal,
-    RequestClose,
-    RequestOpen,
-    ResendTokens,
-    StageFailure,
-    StageRange,
-    StageStatus,
-    StepInput,
-    SuspectNode,
-    TokenChunk,
-)
+from exo_stable.pipeline.statistics import NodeStatistics
+from exo_stable.wire.handshake import Identity, new_session_id
+from exo_stable.wire.linkconfig import PeersStatistics
+from exo_stable.wire.messages import Message
 from exo_stable.wire.peerlink import WIRE_PATH, LinkConfig
 
 log = logging.getLogger(__name__)
 
 
 class Node:
-    """Wires the parts of a node together and routes every incoming message to its handler."""
+    """One node: what its configuration implies at once, then (in :meth:`run`) its parts, built by
+    :meth:`assemble` from the config and the port it listens on, serving until told to stop."""
 
     def __init__(self, config: NodeConfig, source: ModelSource) -> None:
         self.config = config
@@ -85,11 +66,8 @@ class Node:
         self.node_id = config.node_id or f"{socket.gethostname()}-{config.port or secrets.token_hex(3)}"
         self.memory_bytes = config.memory_bytes or available_memory()
         self.context_length = min(config.max_context or source.spec.context_length, source.spec.context_length)
-        self.unexpected = 0
         self._peers_ready = asyncio.Event()
-        self._directory_changed = asyncio.Event()
         self.port = config.port
-        self._interface_ips: list[str] = []
         self.options = ClusterOptions(
             split=config.split,
             max_stages=config.max_stages,
@@ -102,19 +80,126 @@ class Node:
             batch_limit=config.batch_limit,
             suspect_ttl_s=config.suspect_ttl_s,
         )
-        # Built in run(), once the actor system is up:
-        self.peers: PeerManager
-        self.coordinator: Coordinator
-        self.stage_host: StageHost
-        self.owner: PipelineOwner
-        self.barriers: Barriers
-        self.fallback: FallbackCoordinator
         self.escalations = 0
         self.refusals = Refusals(self.node_id)
         spec = source.spec
         self.bounds = Bounds(context_length=spec.context_length, vocab_size=spec.vocab_size)
         self.slots_per_owner = self.options.max_requests_per_owner
         self._escalated: asyncio.Queue[BaseException] = asyncio.Queue(maxsize=16)
+        self._parts: NodeParts | None = None
+
+    # -- the parts, once run() built them --------------------------------------------------------------
+
+    @property
+    def parts(self) -> NodeParts:
+        assert self._parts is not None, "the node is not running"
+        return self._parts
+
+    @property
+    def peers(self) -> PeerManager:
+        return self.parts.peers
+
+    @property
+    def coordinator(self) -> Coordinator:
+        return self.parts.coordinator
+
+    @property
+    def stage_host(self) -> StageHost:
+        return self.parts.stage_host
+
+    @property
+    def owner(self) -> PipelineOwner:
+        return self.parts.owner
+
+    @property
+    def fallback(self) -> FallbackCoordinator:
+        return self.parts.fallback
+
+    async def assemble(self, system: ActorSystem, port: int) -> NodeParts:
+        """Build every part of this node, each from what it needs, in dependency order: links first (every
+        other part sends through them), then the stage host, the coordinator, the fallback, the request
+        owner, gossip, and the router that hands each peer message to its receiver."""
+        config, source, node_id = self.config, self.source, self.node_id
+        barriers = Barriers(await system.spawn(BarrierActor(), name="barriers"))
+        stages = self._stage_supervisor()
+        await system.spawn(stages, name="stages")
+        interfaces = interface_ips() if addr.is_wildcard(config.host) else []
+        advertised = addr.advertised_addresses(
+            config.host,
+            port,
+            advertise=None if config.advertise is None else (config.advertise[0], config.advertise[1] or port),
+            interface_ips=interfaces,
+        )
+        identity = Identity(
+            node_id=node_id,
+            session_id=new_session_id(),
+            capabilities=("mlx", *addr.api_capabilities(advertised)),
+            memory_bytes=self.memory_bytes,
+            model_fingerprint=source.fingerprint,
+        )
+        peers = PeerManager(
+            identity,
+            secret=config.cluster_secret,
+            config=LinkConfig.from_env(
+                heartbeat_interval_s=config.peer_timeout_s / 4, heartbeat_timeout_s=config.peer_timeout_s
+            ),
+            forget_after_s=config.peer_forget_s,
+        )
+        stage_host = StageHost(
+            source, dtype=config.dtype, node_id=node_id, send=peers.send, supervisor=stages, options=self.options
+        )
+        coordinator = Coordinator(
+            node_id,
+            source=source,
+            memory_bytes=self.memory_bytes,
+            send=peers.send,
+            stage_host=stage_host,
+            barriers=barriers,
+            options=self.options,
+            wait_links=peers.wait_connected_to,
+            refusals=self.refusals,
+        )
+        fallback = FallbackCoordinator(
+            source,
+            node_id=node_id,
+            dtype=config.dtype,
+            memory_bytes=self.memory_bytes,
+            bytes_per_param=self.options.bytes_per_param,
+            footprint=self.options.footprint,
+        )
+        owner = PipelineOwner(
+            node_id,
+            tokenizer=source.tokenizer,
+            send=peers.send,
+            plans=coordinator,
+            barriers=barriers,
+            config=OwnerConfig(
+                replay=config.replay,
+                validation=config.validation,
+                spot_check_fraction=config.spot_check_fraction,
+                adaptive=AdaptiveConfig(enabled=config.adaptive_validation),
+            ),
+            fallback=fallback,
+            link_integrity=lambda: link_integrity(peers.statistics()),
+        )
+        gossip = Gossip(
+            node_id, peers=peers, host=config.host, port=port, advertise=config.advertise, interface_ips=interfaces
+        )
+        router = MessageRouter(
+            node_id,
+            coordinator=coordinator,
+            stage_host=stage_host,
+            owner=owner,
+            barriers=barriers,
+            gossip=gossip,
+            send=peers.send,
+            refusals=self.refusals,
+            bounds=self.bounds,
+            slots_per_owner=self.slots_per_owner,
+        )
+        return NodeParts(peers, barriers, stage_host, coordinator, fallback, owner, gossip, router)
+
+    # -- supervision -----------------------------------------------------------------------------------
 
     def _stage_supervisor(self) -> StageSupervisor:
         return StageSupervisor(
@@ -158,171 +243,37 @@ class Node:
             await self.coordinator.mark_suspect(self.node_id, decision.reason)
 
     async def dispatch(self, sender: str, message: Message) -> None:
-        """Route a peer's message to its handler if the sender holds the role it needs (cluster/roles.py)."""
-        if sender != self.node_id and sender not in self.coordinator.members:
-            self.refusals.refuse(sender, "not_a_member", message)
-            return
-        refusal = self._refusal(sender, message)
-        if refusal is not None:
-            self.refusals.refuse(sender, refusal, message)
-            if isinstance(message, RequestOpen) and sender == message.owner:
-                # The owner's request fails now, not at its open deadline.
-                no = BarrierArrive(name=message.barrier, member=self.node_id, ok=False, detail=f"refused: {refusal}")
-                await self.send(message.owner, no)
-            return
-        match message:
-            case PlanProposal() | StageStatus() | PlanCommit() | SuspectNode():
-                await self.coordinator.handle(sender, message)
-            case PeerDirectory(peers=entries):
-                candidates: dict[str, list[addr.Address]] = {}
-                for entry in entries:
-                    candidates.setdefault(entry.node_id, []).append((entry.host, entry.port))
-                connected = self.peers.connected_peers()
-                for node_id, found in candidates.items():
-                    if node_id != self.node_id and node_id not in connected:
-                        self.peers.dial_any(node_id, addr.dial_candidates(found))
-            case BarrierArrive():
-                await self.barriers.arrive(message)
-            case TokenChunk() | StageFailure():
-                self.owner.deliver(message)
-            case RequestOpen():
-                if not await self.stage_host.deliver(message):
-                    no = BarrierArrive(name=message.barrier, member=self.node_id, ok=False, detail="no stage loaded")
-                    await self.send(message.owner, no)
-            case StepInput() | ActivationChunk() | RequestClose() | ResendTokens():
-                if not await self.stage_host.deliver(message):
-                    self.unexpected += 1
-            case _:
-                self.unexpected += 1
-                log.warning("%s: unexpected %s from %s", self.node_id, type(message).__name__, safe(sender))
+        """Hand a peer's message to the router (as the links do)."""
+        await self.parts.router.dispatch(sender, message)
 
-    def _plan_stages(self, epoch: int) -> tuple[StageRange, ...] | None:
-        plan = self.coordinator.history.plans.get(epoch)
-        return plan.stages if plan is not None else self.stage_host.stages_of(epoch)
+    # -- what the node reports -------------------------------------------------------------------------
 
-    def _refusal(self, sender: str, message: Message) -> str | None:
-        """Why a member's message is not for it to send (cluster/roles.py), or None."""
-        host = self.stage_host
-        match message:
-            case PeerDirectory(peers=entries):
-                return "directory_too_large" if len(entries) > MAX_DIRECTORY else None
-            case BarrierArrive(member=member):
-                return None if member == sender else "barrier_for_another_node"
-            case TokenChunk(plan_epoch=epoch):
-                return token_refusal(sender, self._plan_stages(epoch))
-            case StageFailure(node_id=node, plan_epoch=epoch):
-                plans = (
-                    [self.coordinator.history.plans.get(epoch)]
-                    if epoch != -1
-                    else self.coordinator.history.plans.values()
-                )
-                if node != sender or not any(p is not None and sender in {s.node_id for s in p.stages} for p in plans):
-                    return "failure_not_from_stage"
-                return None
-            case RequestOpen():
-                stages = host.stages_of(message.plan_epoch)
-                if stages is None or all(s.node_id != self.node_id for s in stages):
-                    return "request_open_without_stage"
-                refusal = request_open_refusal(message, sender, self.bounds)
-                full = host.owner_of(message.request_id) != sender and host.requests_of(sender) >= self.slots_per_owner
-                return "request_slots_per_owner_full" if refusal is None and full else refusal
-            case StepInput():
-                return step_refusal(
-                    message,
-                    sender,
-                    node_id=self.node_id,
-                    stages=host.stages_of(message.plan_epoch),
-                    owner=host.owner_of(message.request_id),
-                    bounds=self.bounds,
-                )
-            case ActivationChunk():
-                return activation_refusal(
-                    message, sender, node_id=self.node_id, stages=host.stages_of(message.plan_epoch)
-                )
-            case RequestClose(request_id=rid) | ResendTokens(request_id=rid):
-                owner = host.owner_of(rid)
-                return None if owner is None or owner == sender else "request_not_owned_by_sender"
-        return None
-
-    def _on_membership(self, peer: PeerInfo | str, up: bool) -> None:
-        self.coordinator.on_membership(peer, up)
-        if up:
-            self._directory_changed.set()
-        else:
-            node = peer if isinstance(peer, str) else peer.node_id
-            self.owner.on_peer_down(node)
-            closed = self.stage_host.owner_gone(node)
-            if closed:
-                log.warning("%s: closed %d requests of %s, which is gone", self.node_id, closed, node)
-
-    def addresses(self) -> list[addr.Address]:
-        """Where peers should dial this node, best first: never a wildcard (see cluster/addresses.py)."""
-        config = self.config
-        advertise = None
-        if config.advertise is not None:
-            host, port = config.advertise
-            advertise = (host, self.port if port is None else port)
-        return addr.advertised_addresses(
-            config.host,
-            self.port,
-            advertise=advertise,
-            reached_on=self.peers.reached_on,
-            interface_ips=self._interface_ips,
+    def statistics(self) -> NodeStatistics:
+        """One typed snapshot of everything this node reports (``/health``, ``/metrics``, ``/v1/cluster``)."""
+        parts = self.parts
+        return NodeStatistics(
+            node_id=self.node_id,
+            cluster=parts.coordinator.statistics(),
+            peers=parts.peers.statistics(),
+            owner=parts.owner.statistics(),
+            stage=parts.stage_host.statistics(),
+            refusals=dict(self.refusals.by_kind),
+            escalations=self.escalations,
+            stage_restarts=parts.stage_host.restarts,
         )
 
-    def peer_addresses(self, node_id: str, info: PeerInfo) -> list[addr.Address]:
-        return peer_addresses(self.peers, node_id, info)
-
-    def directory(self) -> PeerDirectory:
-        """This node and every peer it knows, with the addresses each one can be dialed on."""
-        entries = [PeerAddress(self.node_id, h, p) for h, p in self.addresses()]
-        for node_id, info in self.peers.connected_peers().items():
-            entries += [PeerAddress(node_id, h, p) for h, p in self.peer_addresses(node_id, info)]
-        return PeerDirectory(peers=tuple(entries))
-
-    async def _gossip(self, stop: asyncio.Event) -> None:
-        """Tell every peer about every other one whenever someone joins, so that members form a full mesh."""
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(5.0):
-                    await self._directory_changed.wait()
-            except TimeoutError:
-                continue
-            self._directory_changed.clear()
-            if stop.is_set():
-                return
-            directory = self.directory()
-            for node_id in list(self.peers.connected_peers()):
-                try:
-                    await self.peers.send(node_id, directory, timeout=5.0)
-                except (ConnectionError, TimeoutError) as exc:
-                    log.info("%s: could not send the peer directory to %s: %r", self.node_id, node_id, exc)
-
-    async def send(self, node_id: str, message: Message) -> None:
-        await self.peers.send(node_id, message)
-
-    def integrity_counters(self) -> IntegrityCounters:
-        """What adaptive strictness reads: the owner's findings plus this node's links' corrupt frames and
-        retransmits."""
-        own = self.owner.own_integrity()
-        corrupt = retransmits = 0
-        for peer in self.peers.statistics().values():
-            links = peer.get("links", {}) if isinstance(peer, dict) else {}
-            for link in links.values():
-                corrupt += int(link.get("corrupt_frames", 0))
-                retransmits += int(link.get("retransmissions", 0))
-        return IntegrityCounters(corruptions=own.corruptions + corrupt, retransmits=own.retransmits + retransmits)
-
     def cluster_view(self) -> dict[str, Any]:
-        plan = self.coordinator.active
+        """``/v1/cluster``: the members (addresses, health, layers, memory), the refused peers and the plan."""
+        stats, gossip = self.statistics(), self.parts.gossip
+        plan = stats.cluster.plan
         layers = {s.node_id: [s.start, s.end] for s in plan.stages} if plan else {}
         peers = self.peers.connected_peers()
         nodes = []
-        for node_id in sorted(self.coordinator.members):
+        for node_id in sorted(stats.cluster.members):
             info = peers.get(node_id)
-            found = self.addresses() if info is None else self.peer_addresses(node_id, info)
+            found = gossip.addresses() if info is None else gossip.peer_addresses(node_id, info)
             shown = [addr.format_host_port(h, p) for h, p in found]
-            health = "alive" if node_id == self.node_id else self.peers.monitor.state(node_id).value
+            health = "alive" if node_id == self.node_id else stats.peers.health(node_id) or "unknown"
             memory = info.memory_bytes if info else self.memory_bytes if node_id == self.node_id else None
             nodes.append(
                 {
@@ -337,7 +288,7 @@ class Node:
         return {
             "node_id": self.node_id,  # the node that answered
             "nodes": nodes,
-            "refused": dict(self.peers.refused),
+            "refused": dict(stats.peers.refused),
             "plan": None
             if plan is None
             else {
@@ -348,79 +299,47 @@ class Node:
             },
         }
 
+    # -- running ---------------------------------------------------------------------------------------
+
     async def run(
         self, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None, handle_signals: bool = True
     ) -> None:
         """Run until ``stop`` is set (or SIGINT/SIGTERM arrives, when ``handle_signals``)."""
-        config = self.config
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, stop.set)
+        sockets = listen(self.config.host, self.config.port)  # the port first: peers are told where to dial
         try:
+            self.port = int(sockets[0].getsockname()[1])
             async with ActorSystem(f"node {self.node_id}", shutdown_timeout=30.0) as system:
-                self.barriers = Barriers(await system.spawn(BarrierActor(), name="barriers"))
-                stages = self._stage_supervisor()
-                await system.spawn(stages, name="stages")
-                self.stage_host = StageHost(
-                    self.source,
-                    dtype=config.dtype,
-                    node_id=self.node_id,
-                    send=self.send,
-                    supervisor=stages,
-                    options=self.options,
-                )
-                self.coordinator = Coordinator(
-                    self.node_id,
-                    source=self.source,
-                    memory_bytes=self.memory_bytes,
-                    send=self.send,
-                    stage_host=self.stage_host,
-                    barriers=self.barriers,
-                    options=self.options,
-                    refusals=self.refusals,
-                )
-                self.fallback = FallbackCoordinator(
-                    self.source,
-                    node_id=self.node_id,
-                    dtype=config.dtype,
-                    memory_bytes=self.memory_bytes,
-                    bytes_per_param=self.options.bytes_per_param,
-                    footprint=self.options.footprint,
-                )
-                self.owner = PipelineOwner(
-                    self.node_id,
-                    tokenizer=self.source.tokenizer,
-                    send=self.send,
-                    plan=lambda: self.coordinator.active,
-                    barriers=self.barriers,
-                    wait_plan=self.coordinator.wait_recoverable,
-                    healthy=self.coordinator.healthy,
-                    config=OwnerConfig(
-                        replay=config.replay,
-                        validation=config.validation,
-                        spot_check_fraction=config.spot_check_fraction,
-                        adaptive=AdaptiveConfig(enabled=config.adaptive_validation),
-                    ),
-                    fallback=self.fallback,
-                    on_suspect=self.coordinator.mark_suspect,
-                )
-                self.coordinator.on_commit = self.owner.on_plan_committed
-                self.owner.integrity = self.integrity_counters
+                self._parts = await self.assemble(system, self.port)
                 try:
-                    await self._serve(stop, ready, system)
+                    await self._serve(stop, ready, system, sockets)
                 finally:
-                    self.fallback.close()
+                    self._parts.fallback.close()
         finally:
+            for sock in sockets:
+                sock.close()
             for sig in signals:
                 loop.remove_signal_handler(sig)
 
-    async def _serve(self, stop: asyncio.Event, ready: asyncio.Event | None, system: ActorSystem) -> None:
-        config = self.config
-        service = ClusterService(self, max_active=config.max_concurrent, max_queue=config.max_queue)
+    async def _serve(
+        self, stop: asyncio.Event, ready: asyncio.Event | None, system: ActorSystem, sockets: list[socket.socket]
+    ) -> None:
+        config, parts, port = self.config, self.parts, self.port
+        service = ClusterService(
+            parts,
+            self.source,
+            context_length=self.context_length,
+            dtype=config.dtype,
+            statistics=self.statistics,
+            max_active=config.max_concurrent,
+            max_queue=config.max_queue,
+        )
         app = create_app(service, config.api)
-        app[METRICS_KEY].register(NodeCollector(self))
+        app[METRICS_KEY].register(NodeCollector(self.statistics))
         app.router.add_get("/v1/cluster", self._cluster_route)
         app.router.add_get(WIRE_PATH, self._wire_route)
         runner = ApiRunner(
@@ -432,35 +351,8 @@ class Node:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, config.host, config.port)
-            await site.start()
-            port = int(runner.addresses[0][1]) if runner.addresses else config.port
-            self.port = port
-            self._interface_ips = interface_ips() if addr.is_wildcard(config.host) else []
-            advertised = addr.advertised_addresses(
-                config.host,
-                port,
-                advertise=None if config.advertise is None else (config.advertise[0], config.advertise[1] or port),
-                interface_ips=self._interface_ips,
-            )
-            self.identity = Identity(
-                node_id=self.node_id,
-                session_id=new_session_id(),
-                capabilities=("mlx", *addr.api_capabilities(advertised)),
-                memory_bytes=self.memory_bytes,
-                model_fingerprint=self.source.fingerprint,
-            )
-            self.peers = PeerManager(
-                self.identity,
-                dispatch=self.dispatch,
-                on_membership=self._on_membership,
-                secret=config.cluster_secret,
-                config=LinkConfig.from_env(
-                    heartbeat_interval_s=config.peer_timeout_s / 4, heartbeat_timeout_s=config.peer_timeout_s
-                ),
-                forget_after_s=config.peer_forget_s,
-            )
-            self.coordinator.wait_links = self.peers.wait_connected_to
+            for sock in sockets:
+                await web.SockSite(runner, sock).start()
             say_who_may_join(
                 config.host,
                 port,
@@ -468,25 +360,25 @@ class Node:
                 auth=config.cluster_auth,
                 secret=config.cluster_secret,
                 secret_path=config.cluster_secret_path,
-                seed=self.addresses()[0],
+                seed=parts.gossip.addresses()[0],
             )
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.peers.run(stop), name="peers")
-                tg.create_task(self.coordinator.run(stop), name="coordinator")
-                tg.create_task(self._gossip(stop), name="gossip")
+                tg.create_task(parts.peers.run(stop, parts.router), name="peers")
+                tg.create_task(parts.coordinator.run(stop), name="coordinator")
+                tg.create_task(parts.gossip.run(stop), name="gossip")
                 tg.create_task(self._supervise(system, stop), name="supervise")
-                await self.peers.wait_ready(timeout=10.0)
+                await parts.peers.wait_ready(timeout=10.0)
                 self._peers_ready.set()
                 for host, peer_port in config.peers:
                     if (host, peer_port) != (config.host, port):
-                        self.peers.dial(host, peer_port)
+                        parts.peers.dial(host, peer_port)
                 if config.discovery:
                     tg.create_task(self._discover(port, stop), name="discovery")
                 tg.create_task(self._announce(port, ready, stop), name="announce")
                 await stop.wait()
                 # Wake the loops that wait for changes so they see the stop now, not at their next deadline.
-                self._directory_changed.set()
-                self.coordinator.wake()
+                parts.gossip.wake()
+                parts.coordinator.wake()
                 print("exo-stable: shutting down", file=sys.stderr, flush=True)
         finally:
             await runner.cleanup()
@@ -518,7 +410,7 @@ class Node:
         # Advertise only on the interfaces this node is bound to, and only addresses peers can dial.
         bound = self.config.host
         interfaces = None if addr.is_wildcard(bound) else [bound]
-        hosts = [h for h, _ in self.addresses() if addr.is_dialable(h) and is_ip(h)]
+        hosts = [h for h, _ in self.parts.gossip.addresses() if addr.is_dialable(h) and is_ip(h)]
         async with Discovery(
             self.node_id,
             port,
@@ -550,6 +442,38 @@ class Node:
 
     async def _cluster_route(self, request: web.Request) -> web.Response:
         return json_response(self.cluster_view())
+
+
+def link_integrity(peers: PeersStatistics) -> IntegrityCounters:
+    """The corrupt frames and retransmits of every link (what adaptive strictness adds to the owner's own)."""
+    links = [st for _, _, st in peers.links()]
+    return IntegrityCounters(
+        corruptions=sum(st.corrupt_frames for st in links), retransmits=sum(st.retransmissions for st in links)
+    )
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Bind and listen on the API's (and the wire's) sockets now, as ``loop.create_server`` would: one per
+    address ``host`` resolves to, IPv6 ones IPv6-only; with port 0, every one on the port the first one drew.
+    Connections wait in the backlog until the node's site starts serving them."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, resolved in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            drawn = port == 0 and len(sockets) > 1
+            sock.bind((resolved[0], sockets[0].getsockname()[1], *resolved[2:]) if drawn else resolved)
+            sock.listen(128)  # the port is this node's from now on (a second node on it fails here)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class StageSupervisor(Supervisor):

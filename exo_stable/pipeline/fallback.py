@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from exo_stable.engine.loader import ModelSource
 from exo_stable.engine.mlx_thread import MlxThread
@@ -43,6 +43,29 @@ class FallbackStats:
     replayed_tokens: int = 0
     refused: int = 0
     load_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackStatistics:
+    """Whether this node could run the whole model now, whether it holds it, and what it served so."""
+
+    available: bool
+    loaded: bool
+    needed_bytes: int
+    counters: FallbackStats
+
+    def as_dict(self) -> dict[str, object]:
+        st = self.counters
+        return {
+            "available": self.available,
+            "loaded": self.loaded,
+            "needed_mib": round(self.needed_bytes / 2**20, 1),
+            "requests": st.requests,
+            "tokens": st.tokens,
+            "replayed_tokens": st.replayed_tokens,
+            "refused": st.refused,
+            "load_s": None if st.load_s is None else round(st.load_s, 3),
+        }
 
 
 class FallbackCoordinator:
@@ -150,14 +173,13 @@ class FallbackCoordinator:
             self._thread.close()
             self._thread, self._compute = None, None
 
+    def statistics(self) -> FallbackStatistics:
+        return FallbackStatistics(
+            available=self.unavailable() is None,
+            loaded=self._compute is not None,
+            needed_bytes=self.needed_bytes,
+            counters=replace(self.stats),
+        )
+
     def snapshot(self) -> dict[str, object]:
-        return {
-            "available": self.unavailable() is None,
-            "loaded": self._compute is not None,
-            "needed_mib": round(self.needed_bytes / 2**20, 1),
-            "requests": self.stats.requests,
-            "tokens": self.stats.tokens,
-            "replayed_tokens": self.stats.replayed_tokens,
-            "refused": self.stats.refused,
-            "load_s": None if self.stats.load_s is None else round(self.stats.load_s, 3),
-        }
+        return self.statistics().as_dict()

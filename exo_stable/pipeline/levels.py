@@ -241,6 +241,30 @@ class AdaptiveConfig:
             raise ValueError("raise thresholds must be at least 1")
 
 
+@dataclass(frozen=True, slots=True)
+class AdaptiveStatistics:
+    """Where adaptive strictness stands: the node's base level, the raised floor, what a new request gets."""
+
+    enabled: bool
+    base: str
+    floor: str
+    effective: str
+    raises: int
+    lowers: int
+    last_reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "enabled": self.enabled,
+            "base": self.base,
+            "floor": self.floor,
+            "effective": self.effective,
+            "raises": self.raises,
+            "lowers": self.lowers,
+            "last_reason": self.last_reason,
+        }
+
+
 class AdaptiveStrictness:
     """Raises the validation level of new requests when integrity counters move; lowers it after a clean
     window. Pure: the caller passes the time and the cumulative counters to :meth:`observe`.
@@ -312,13 +336,16 @@ class AdaptiveStrictness:
             self.last_trigger = now  # the next step down needs another clean window
         return self.floor
 
+    def statistics(self) -> AdaptiveStatistics:
+        return AdaptiveStatistics(
+            enabled=self.config.enabled,
+            base=self.base.value,
+            floor=self.floor.value,
+            effective=self.effective().value,
+            raises=self.raises,
+            lowers=self.lowers,
+            last_reason=self.last_reason,
+        )
+
     def snapshot(self) -> dict[str, object]:
-        return {
-            "enabled": self.config.enabled,
-            "base": self.base.value,
-            "floor": self.floor.value,
-            "effective": self.effective().value,
-            "raises": self.raises,
-            "lowers": self.lowers,
-            "last_reason": self.last_reason,
-        }
+        return self.statistics().as_dict()

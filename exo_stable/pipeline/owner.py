@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -41,10 +41,13 @@ from exo_stable.pipeline.ownerstate import (
     NoPlan,
     Owned,
     OwnerConfig,
+    OwnerStatistics,
     OwnerStats,
     PipelineFailed,
+    Plans,
     Send,
     ValidationCounters,
+    ValidationStatistics,
     drain,
     failure_kind,
     trace_token,
@@ -78,25 +81,21 @@ class PipelineOwner:
         *,
         tokenizer: Tokenizer,
         send: Send,
-        plan: Callable[[], PlanCommit | None],
+        plans: Plans,
         barriers: Barriers,
-        wait_plan: Callable[[Callable[[PlanCommit], bool], float], Awaitable[PlanCommit | str]],
-        healthy: Callable[[PlanCommit], bool],
         config: OwnerConfig | None = None,
         fallback: FallbackCoordinator | None = None,
-        on_suspect: Callable[[str, str], Awaitable[None]] | None = None,
+        link_integrity: Callable[[], IntegrityCounters] | None = None,
     ) -> None:
-        """``wait_plan(predicate, timeout)``: a committed plan satisfying ``predicate``, or why none fits the
-        surviving nodes. ``on_suspect(node, reason)``: a node keeps failing; plans should leave it out."""
+        """``plans``: the committed plans (the node's coordinator); ``link_integrity``: the corrupt frames and
+        retransmits of this node's links, which adaptive strictness adds to the owner's own findings."""
         self.node_id = node_id
         self.tokenizer = tokenizer
         self.send = send
-        self.plan = plan
-        self.wait_plan = wait_plan
-        self.healthy = healthy
+        self.plans = plans
         self.config = config or OwnerConfig()
         self.fallback = fallback
-        self.on_suspect = on_suspect
+        self.link_integrity = link_integrity
         self.requests: dict[str, Owned] = {}
         self.barriers = barriers
         self.recovery = RecoveryManager()
@@ -105,8 +104,7 @@ class PipelineOwner:
         self._ids = itertools.count()
         self.validation = ValidationCounters(requests={level.value: 0 for level in ValidationLevel})
         self.adaptive = AdaptiveStrictness(self.config.validation, self.config.adaptive, clock=time.monotonic)
-        self.integrity: Callable[[], IntegrityCounters] = self.own_integrity
-        """Where adaptive strictness reads its counters (the node adds its links' to the owner's own)."""
+        plans.subscribe(self.on_plan_committed)
 
     # -- messages from stages --------------------------------------------------------------------------
 
@@ -133,7 +131,7 @@ class PipelineOwner:
         each (the same forward calls as the original run), so the stages' caches are rebuilt bit for bit
         and the stream goes on from the next position with nothing lost or repeated.
         """
-        plan = self.plan()
+        plan = self.plans.active
         if plan is None:
             raise NoPlan("the cluster has no pipeline plan yet")
         rid = f"{self.node_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
@@ -207,10 +205,9 @@ class PipelineOwner:
                     if (
                         decision.failure_class is FailureClass.PERSISTENT
                         and exc.kind in SUSPECT_KINDS
-                        and self.on_suspect is not None
                         and any(s.node_id == exc.node_id for s in failed.stages)
                     ):
-                        await self.on_suspect(exc.node_id, decision.reason)
+                        await self.plans.mark_suspect(exc.node_id, decision.reason)
                     try:
                         found = await self._healthy_plan(rid, failed)
                         if isinstance(found, str):
@@ -387,7 +384,7 @@ class PipelineOwner:
         """A committed plan whose every stage is a live member (a new one if ``failed`` lost a node), or why no
         plan fits the surviving nodes."""
         try:
-            return await self.wait_plan(self.healthy, self.config.recovery_timeout_s)
+            return await self.plans.wait_recoverable(self.plans.healthy, self.config.recovery_timeout_s)
         except TimeoutError as exc:
             raise PipelineFailed(
                 f"request {rid}: no healthy plan within {self.config.recovery_timeout_s:.0f}s after plan "
@@ -481,24 +478,19 @@ class PipelineOwner:
                 # The stage is gone or unreachable: its caches went with it, or its link will deliver later.
                 log.warning("request %s: could not tell %s to close: %r", rid, node, exc)
 
+    def statistics(self) -> OwnerStatistics:
+        return OwnerStatistics(
+            active=len(self.requests),
+            counters=replace(self.stats),
+            replay=self.config.replay.value,
+            step_deadline_s=self.step_deadline.deadline(),
+            recovery=self.recovery.statistics(),
+            validation=self.validation_statistics(),
+            fallback=None if self.fallback is None else self.fallback.statistics(),
+        )
+
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "active": len(self.requests),
-            "requests": self.stats.requests,
-            "finished": self.stats.finished,
-            "failed": self.stats.failed,
-            "cancelled": self.stats.cancelled,
-            "late_messages": self.stats.late_messages,
-            "resend_requests": self.stats.resend_requests,
-            "recoveries": self.stats.recoveries,
-            "fallbacks": self.stats.fallbacks,
-            "kept_plan": self.stats.kept_plan,
-            "replay": self.config.replay.value,
-            "fallback": None if self.fallback is None else self.fallback.snapshot(),
-            "step_deadline_s": round(self.step_deadline.deadline(), 3),
-            "recovery": self.recovery.snapshot(),
-            "validation": self.validation_snapshot(),
-        }
+        return self.statistics().as_dict()
 
     # -- validation levels -----------------------------------------------------------------------------
 
@@ -509,6 +501,16 @@ class PipelineOwner:
         level = self.adaptive.effective(requested)
         self.validation.requests[level.value] += 1
         return level
+
+    def integrity(self) -> IntegrityCounters:
+        """What adaptive strictness reads: this owner's findings plus its node's links' (when it was given them)."""
+        own = self.own_integrity()
+        if self.link_integrity is None:
+            return own
+        links = self.link_integrity()
+        return IntegrityCounters(
+            corruptions=own.corruptions + links.corruptions, retransmits=own.retransmits + links.retransmits
+        )
 
     def own_integrity(self) -> IntegrityCounters:
         """Corruption this owner saw: tokens failing their checksum, invalid deltas, and the stages' reports of
@@ -543,20 +545,15 @@ class PipelineOwner:
             self.validation.suspicious_deltas += 1
             log.warning("request %s: suspicious delta: %s", rid, found.result.detail)
 
-    def validation_snapshot(self) -> dict[str, object]:
+    def validation_statistics(self) -> ValidationStatistics:
         self.adaptive.observe(self.integrity())  # the adaptive level as of now, not as of the last request
         v = self.validation
-        return {
-            "default": self.config.validation.value,
-            "spot_check_fraction": self.config.spot_check_fraction,
-            "requests_by_level": dict(v.requests),
-            "token_checksum_failures": v.token_checksum_failures,
-            "tokens_rejected": v.tokens_rejected,
-            "invalid_utf8_deltas": v.invalid_utf8_deltas,
-            "suspicious_deltas": v.suspicious_deltas,
-            "output_findings": v.output_findings,
-            "adaptive": self.adaptive.snapshot(),
-        }
+        return ValidationStatistics(
+            default=self.config.validation.value,
+            spot_check_fraction=self.config.spot_check_fraction,
+            counters=replace(v, requests=dict(v.requests)),
+            adaptive=self.adaptive.statistics(),
+        )
 
 
-__all__ = ["CorruptOutput", "NoPlan", "OwnerConfig", "OwnerStats", "PipelineFailed", "PipelineOwner", "Send"]
+__all__ = ["CorruptOutput", "NoPlan", "OwnerConfig", "OwnerStats", "PipelineFailed", "PipelineOwner", "Plans", "Send"]

@@ -1,8 +1,9 @@
 """What the request owner keeps and decides without IO: its errors (:class:`NoPlan`, :class:`PipelineFailed`,
 :class:`CorruptOutput`), its settings (:class:`OwnerConfig`), one owned request's state (:class:`Owned`), its
-counters (:class:`OwnerStats`, :class:`ValidationCounters`) and the rules it applies to a failure: which kind a
-stage's report is (:func:`failure_kind`), whether a new plan moved any stage (:func:`stages_changed`), which
-kinds make a node suspect (:data:`SUSPECT_KINDS`). The owner itself is :mod:`exo_stable.pipeline.owner`.
+counters (:class:`OwnerStats`, :class:`ValidationCounters`), what it reports (:class:`OwnerStatistics`) and the
+rules it applies to a failure: which kind a stage's report is (:func:`failure_kind`), whether a new plan moved
+any stage (:func:`stages_changed`), which kinds make a node suspect (:data:`SUSPECT_KINDS`). The owner itself is
+:mod:`exo_stable.pipeline.owner`.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from exo_stable.pipeline.assembler import AssemblyStep, StreamAssembler
+from exo_stable.pipeline.fallback import FallbackStatistics
 from exo_stable.pipeline.levels import (
     DEFAULT_SPOT_CHECK_FRACTION,
     AdaptiveConfig,
+    AdaptiveStatistics,
     DeltaChecker,
     OutputWatch,
     ValidationLevel,
 )
-from exo_stable.pipeline.recovery import FailureKind, ReplayMode
+from exo_stable.pipeline.recovery import FailureKind, RecoveryStatistics, ReplayMode
 from exo_stable.pipeline.service import ServiceUnavailable
 from exo_stable.pipeline.trace import RequestTrace
 from exo_stable.wire.messages import (
@@ -30,6 +34,35 @@ from exo_stable.wire.messages import (
 )
 
 Send = Callable[[str, Message], Awaitable[None]]
+
+
+class Plans(Protocol):
+    """What the owner needs of the cluster's plans (the node's coordinator implements it)."""
+
+    @property
+    def active(self) -> PlanCommit | None:
+        """The plan new requests run on (None before the first commit)."""
+        ...
+
+    async def wait_recoverable(
+        self,
+        predicate: Callable[[PlanCommit], bool],
+        timeout: float,  # noqa: ASYNC109
+    ) -> PlanCommit | str:
+        """A committed plan satisfying ``predicate``, or why no plan fits the surviving nodes."""
+        ...
+
+    def healthy(self, plan: PlanCommit) -> bool:
+        """Every stage of ``plan`` is a live member, none suspect."""
+        ...
+
+    async def mark_suspect(self, node_id: str, reason: str) -> None:
+        """``node_id`` keeps failing: plans should leave it out for a while."""
+        ...
+
+    def subscribe(self, on_commit: Callable[[PlanCommit], None]) -> None:
+        """Call ``on_commit`` with every plan committed from now on."""
+        ...
 
 
 class NoPlan(ServiceUnavailable):
@@ -104,6 +137,64 @@ class OwnerStats:
     recoveries: int = 0
     fallbacks: int = 0
     kept_plan: int = 0  # running requests that kept their plan while a newer one was committed
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationStatistics:
+    """The owner's validation: the node's default level, what was found, and adaptive strictness."""
+
+    default: str
+    spot_check_fraction: float
+    counters: ValidationCounters
+    adaptive: AdaptiveStatistics
+
+    def as_dict(self) -> dict[str, object]:
+        v = self.counters
+        return {
+            "default": self.default,
+            "spot_check_fraction": self.spot_check_fraction,
+            "requests_by_level": dict(v.requests),
+            "token_checksum_failures": v.token_checksum_failures,
+            "tokens_rejected": v.tokens_rejected,
+            "invalid_utf8_deltas": v.invalid_utf8_deltas,
+            "suspicious_deltas": v.suspicious_deltas,
+            "output_findings": v.output_findings,
+            "adaptive": self.adaptive.as_dict(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerStatistics:
+    """A snapshot of the requests this node owns (``PipelineOwner.statistics()``); counters are copies."""
+
+    active: int
+    counters: OwnerStats
+    replay: str
+    step_deadline_s: float
+    recovery: RecoveryStatistics
+    validation: ValidationStatistics
+    fallback: FallbackStatistics | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """As ``/health`` shows it."""
+        st = self.counters
+        return {
+            "active": self.active,
+            "requests": st.requests,
+            "finished": st.finished,
+            "failed": st.failed,
+            "cancelled": st.cancelled,
+            "late_messages": st.late_messages,
+            "resend_requests": st.resend_requests,
+            "recoveries": st.recoveries,
+            "fallbacks": st.fallbacks,
+            "kept_plan": st.kept_plan,
+            "replay": self.replay,
+            "fallback": None if self.fallback is None else self.fallback.as_dict(),
+            "step_deadline_s": round(self.step_deadline_s, 3),
+            "recovery": self.recovery.as_dict(),
+            "validation": self.validation.as_dict(),
+        }
 
 
 SUSPECT_KINDS = frozenset(

@@ -22,7 +22,7 @@ import enum
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from exo_stable.wire.messages import RecoveryAction
@@ -105,6 +105,36 @@ class RecoveryStats:
     resume_s: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
     resume_by_mode: dict[str, deque[float]] = field(default_factory=dict)
     replan_s: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryStatistics:
+    """A snapshot of the recovery manager: events, classes, mechanisms and outcomes by name, and the
+    recent times to resume (per replay mode) and to find a new plan."""
+
+    events: Mapping[str, int]
+    classes: Mapping[str, int]
+    outcomes: Mapping[str, int]
+    mechanisms: Mapping[str, int]
+    resume_s: tuple[float, ...] = ()
+    resume_by_mode: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    replan_s: tuple[float, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        """As ``/health`` shows it: the counters and the times' quantiles."""
+        return {
+            "events": dict(self.events),
+            "classes": dict(self.classes),
+            "outcomes": dict(self.outcomes),
+            "mechanisms": dict(self.mechanisms),
+            "resume_p50_s": _quantile(sorted(self.resume_s), 0.5),
+            "resume_p99_s": _quantile(sorted(self.resume_s), 0.99),
+            "replan_p50_s": _quantile(sorted(self.replan_s), 0.5),
+            "resume_by_mode": {
+                mode: {"n": len(v), "p50_s": _quantile(sorted(v), 0.5), "p99_s": _quantile(sorted(v), 0.99)}
+                for mode, v in self.resume_by_mode.items()
+            },
+        }
 
 
 class RecoveryManager:
@@ -196,21 +226,20 @@ class RecoveryManager:
         """A failed request found a healthy plan ``seconds`` after its failure (before its replay)."""
         self.stats.replan_s.append(seconds)
 
+    def statistics(self) -> RecoveryStatistics:
+        st = self.stats
+        return RecoveryStatistics(
+            events=dict(st.events),
+            classes=dict(st.classes),
+            outcomes=dict(st.outcomes),
+            mechanisms=dict(st.mechanisms),
+            resume_s=tuple(st.resume_s),
+            resume_by_mode={mode: tuple(v) for mode, v in st.resume_by_mode.items()},
+            replan_s=tuple(st.replan_s),
+        )
+
     def snapshot(self) -> dict[str, object]:
-        resume = sorted(self.stats.resume_s)
-        return {
-            "events": dict(self.stats.events),
-            "classes": dict(self.stats.classes),
-            "outcomes": dict(self.stats.outcomes),
-            "mechanisms": dict(self.stats.mechanisms),
-            "resume_p50_s": _quantile(resume, 0.5),
-            "resume_p99_s": _quantile(resume, 0.99),
-            "replan_p50_s": _quantile(sorted(self.stats.replan_s), 0.5),
-            "resume_by_mode": {
-                mode: {"n": len(v), "p50_s": _quantile(sorted(v), 0.5), "p99_s": _quantile(sorted(v), 0.99)}
-                for mode, v in self.stats.resume_by_mode.items()
-            },
-        }
+        return self.statistics().as_dict()
 
 
 class StepDeadline:

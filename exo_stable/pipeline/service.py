@@ -45,6 +45,33 @@ class ServiceUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceStatistics:
+    """What any service knows of its requests (``Service.statistics()``: ``/health`` and ``/metrics``)."""
+
+    model: str
+    dtype: str
+    active: int
+    max_active: int
+    queued: int
+    refused_overloaded: int
+    requests_started: int
+    generated_tokens: int
+    kv_cache_bytes: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """As ``/health`` shows it."""
+        return {
+            "status": "ok",
+            "model": self.model,
+            "dtype": self.dtype,
+            "active_requests": self.active,
+            "queued_requests": self.queued,
+            "requests_started": self.requests_started,
+            "generated_tokens": self.generated_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationJob:
     prompt_ids: Sequence[int]
     params: SamplingParams
@@ -142,16 +169,21 @@ class Service:
         """The decode batch sizes and prompt queue depths of this node's batching (for /metrics), or None."""
         return None
 
+    def statistics(self) -> ServiceStatistics:
+        return ServiceStatistics(
+            model=self.model_name,
+            dtype=self.dtype,
+            active=self.active,
+            max_active=self.max_active,
+            queued=self.queued,
+            refused_overloaded=self.refused_overloaded,
+            requests_started=self.requests_started,
+            generated_tokens=self.generated_tokens,
+            kv_cache_bytes=self.kv_cache_bytes(),
+        )
+
     def health(self) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": self.model_name,
-            "dtype": self.dtype,
-            "active_requests": self.active,
-            "queued_requests": self.queued,
-            "requests_started": self.requests_started,
-            "generated_tokens": self.generated_tokens,
-        }
+        return self.statistics().as_dict()
 
     async def admit(self) -> None:
         """Wait (with a deadline) for a free slot; pair with :meth:`release`.

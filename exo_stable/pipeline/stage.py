@@ -19,6 +19,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
@@ -43,6 +44,7 @@ from exo_stable.pipeline.stagestate import (
     StageConfig,
     StageMessage,
     StageRequest,
+    StageStatistics,
     StageStats,
     Timing,
     stage_faults,
@@ -517,33 +519,20 @@ class StageActor(Actor[StageMessage]):
         """Bytes held by this stage's request caches (any thread; see StageCompute.kv_cache_bytes)."""
         return self._compute.kv_cache_bytes()
 
+    def stage_statistics(self) -> StageStatistics:
+        """This stage's counters (``statistics()`` is the actor's own: its mailbox and restarts)."""
+        return StageStatistics(
+            layers=(self.layers.start, self.layers.end),
+            open_requests=len(self._requests),
+            kv_cache_bytes=self.kv_cache_bytes(),
+            load_s=self.load_s,
+            counters=replace(self.stats),
+            compute=replace(self._compute.stats),
+            faults_injected=self.integrity_faults.counts.as_dict() if self.integrity_faults.enabled else None,
+        )
+
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "layers": [self.layers.start, self.layers.end],
-            "open_requests": len(self._requests),
-            "kv_cache_bytes": self.kv_cache_bytes(),
-            "load_s": round(self.load_s, 3),
-            "steps": self.stats.steps,
-            "tokens_sent": self.stats.tokens_sent,
-            "stale_steps": self.stats.stale_steps,
-            "replayed": self.stats.replayed,
-            "decode_ahead": {"steps": self._compute.stats.steps_ahead, "undone": self._compute.stats.steps_undone},
-            "build_ahead": {
-                "prepared": self._compute.stats.steps_prepared,
-                "used": self._compute.stats.prepared_used,
-                "undone": self._compute.stats.prepared_undone,
-                "prepare_s": round(self._compute.stats.prepare_seconds, 3),
-                "skipped_busy": self.stats.build_ahead_busy,
-            },
-            "replay_divergences": self.stats.replay_divergences,
-            "validation": {
-                "bad_activations": self.stats.bad_activations,
-                "source_checksum_failures": self.stats.source_checksum_failures,
-                "spot_checks": self.stats.spot_checks,
-                "spot_check_mismatches": self.stats.spot_check_mismatches,
-                "faults_injected": self.integrity_faults.counts.as_dict() if self.integrity_faults.enabled else None,
-            },
-        }
+        return self.stage_statistics().as_dict()
 
 
 __all__ = ["Send", "StageActor", "StageConfig", "StageMessage"]

@@ -25,14 +25,14 @@ variable ``EXO_STABLE_INTEGRITY_FAULTS``, e.g. ``act_memory=1,stage=0,skip=3,lim
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from typing import Final
 
+from exo_stable import settings
 from exo_stable.wire.faults import parse_spec
 
-ENV_VAR: Final = "EXO_STABLE_INTEGRITY_FAULTS"
+ENV_VAR: Final = settings.INTEGRITY_FAULTS.name
 
 _ELEMENT_BYTES: Final = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -69,8 +69,7 @@ class StageFaultConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> StageFaultConfig | None:
-        env = os.environ if environ is None else environ
-        spec = env.get(ENV_VAR, "").strip()
+        spec = settings.INTEGRITY_FAULTS.get(environ).strip()
         return cls.parse(spec) if spec else None
 
 

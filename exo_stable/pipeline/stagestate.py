@@ -1,20 +1,22 @@
 """What a stage keeps and is set up with, apart from the actor that does the work: its settings
 (:class:`StageConfig`), one request's state on the stage (:class:`StageRequest`), its counters
-(:class:`StageStats`), the timing records of a step (:class:`Arrival`, :class:`Timing`), the chaos tests'
-stage faults named in the environment (:func:`stage_faults`) and the request level as the owner sent it
-(:func:`wire_level`). No IO, no MLX; the actor is :mod:`exo_stable.pipeline.stage`.
+(:class:`StageStats`) and what it reports (:class:`StageStatistics`), the timing records of a step
+(:class:`Arrival`, :class:`Timing`), the chaos tests' stage faults named in the environment
+(:func:`stage_faults`) and the request level as the owner sent it (:func:`wire_level`). No IO, no MLX; the actor
+is :mod:`exo_stable.pipeline.stage`.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from exo_stable import settings
 from exo_stable.engine.batching import BatchMode
 from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.stagecompute import ComputeStats
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.wire.messages import (
     ActivationChunk,
@@ -34,7 +36,7 @@ StageMessage = RequestOpen | StepInput | ActivationChunk | RequestClose | Resend
 MAX_PENDING_HOPS = 1024
 """Trace hops the last stage holds for a request between tokens (prompt chunks, replayed positions)."""
 
-STAGE_FAULTS_ENV = "EXO_STABLE_STAGE_FAULTS"
+STAGE_FAULTS_ENV = settings.STAGE_FAULTS.name
 """Injected stage faults, for chaos tests: ``crash_every_step`` makes every forward step raise (the actor
 crashes, its supervisor restarts it, and past its restart intensity escalates)."""
 
@@ -45,7 +47,7 @@ class InjectedStageCrash(RuntimeError):
 
 def stage_faults(environ: dict[str, str] | None = None) -> frozenset[str]:
     """The stage faults named in the environment; unknown names are refused (a typo must not pass silently)."""
-    raw = (os.environ if environ is None else environ).get(STAGE_FAULTS_ENV, "")
+    raw = settings.STAGE_FAULTS.get(environ)
     names = frozenset(n.strip() for n in raw.split(",") if n.strip())
     unknown = names - {"crash_every_step"}
     if unknown:
@@ -84,6 +86,54 @@ class StageStats:
     spot_check_mismatches: int = 0  # ... whose two results differed
     refused_per_owner: int = 0  # request opens past the per-owner share of the slots
     build_ahead_busy: int = 0  # next steps not built ahead because the stage served other requests too
+
+
+@dataclass(frozen=True, slots=True)
+class StageStatistics:
+    """A snapshot of this node's stage (``StageActor.statistics()``; the host adds its plan and draining
+    stages): the counters are copies, taken when the snapshot was."""
+
+    layers: tuple[int, int]
+    open_requests: int
+    kv_cache_bytes: int
+    load_s: float
+    counters: StageStats
+    compute: ComputeStats
+    faults_injected: Mapping[str, int] | None = None
+    epoch: int | None = None
+    draining: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """As ``/health`` shows it."""
+        st, c = self.counters, self.compute
+        return {
+            "layers": list(self.layers),
+            "open_requests": self.open_requests,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "load_s": round(self.load_s, 3),
+            "steps": st.steps,
+            "tokens_sent": st.tokens_sent,
+            "stale_steps": st.stale_steps,
+            "replayed": st.replayed,
+            "decode_ahead": {"steps": c.steps_ahead, "undone": c.steps_undone},
+            "build_ahead": {
+                "prepared": c.steps_prepared,
+                "used": c.prepared_used,
+                "undone": c.prepared_undone,
+                "prepare_s": round(c.prepare_seconds, 3),
+                "skipped_busy": st.build_ahead_busy,
+            },
+            "replay_divergences": st.replay_divergences,
+            "validation": {
+                "bad_activations": st.bad_activations,
+                "source_checksum_failures": st.source_checksum_failures,
+                "spot_checks": st.spot_checks,
+                "spot_check_mismatches": st.spot_check_mismatches,
+                "faults_injected": None if self.faults_injected is None else dict(self.faults_injected),
+            },
+            "epoch": self.epoch,
+            "draining": list(self.draining),
+        }
 
 
 @dataclass(frozen=True, slots=True)

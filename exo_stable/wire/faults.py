@@ -22,12 +22,13 @@ seed       seed of the random generator (default 0)
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field, fields
 from typing import Final
 
-ENV_VAR: Final = "EXO_STABLE_FAULTS"
+from exo_stable import settings
+
+ENV_VAR: Final = settings.FAULTS.name
 
 
 def parse_spec(spec: str, config: type, what: str) -> dict[str, float | int]:
@@ -74,8 +75,7 @@ class FaultConfig:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> FaultConfig | None:
-        env = os.environ if environ is None else environ
-        spec = env.get(ENV_VAR, "").strip()
+        spec = settings.FAULTS.get(environ).strip()
         return cls.parse(spec) if spec else None
 
 

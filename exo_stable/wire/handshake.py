@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -34,15 +33,15 @@ from typing import Final
 
 import msgspec
 
+from exo_stable import settings
 from exo_stable.wire.messages import PROTOCOL_VERSION, Auth, Challenge, Hello, Rejected, Welcome
 
-SECRET_ENV: Final = "EXO_STABLE_CLUSTER_SECRET"
+SECRET_ENV: Final = settings.CLUSTER_SECRET.name
 NONCE_BYTES: Final = 16
 
 
 def secret_from_env(environ: dict[str, str] | None = None) -> bytes | None:
-    env = os.environ if environ is None else environ
-    value = env.get(SECRET_ENV, "")
+    value = settings.CLUSTER_SECRET.get(environ)
     return value.encode() if value else None
 
 

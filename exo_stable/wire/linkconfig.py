@@ -1,11 +1,13 @@
 """What a peer link is set up with and what it reports: :class:`LinkConfig` (windows, timers, frame limit,
-fault injection), :class:`LinkStats` (one link's counters) and :class:`LinkClosed`. Pure data, no IO; the
+fault injection), :class:`LinkStats` (one link's counters), :class:`PeerStatistics` and
+:class:`PeersStatistics` (every link of a node, per peer) and :class:`LinkClosed`. Pure data, no IO; the
 link itself is :class:`~exo_stable.wire.peerlink.PeerLink`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
@@ -85,3 +87,52 @@ class LinkStats:
     """Frame bytes written to the socket (data, acks, heartbeats, retransmissions; handshakes aside)."""
     bytes_received: int = 0
     """Frame bytes read from the socket (before fault injection), bad frames included."""
+
+    def as_dict(self) -> dict[str, object]:
+        """The link's integrity counters as ``/health`` shows them."""
+        return {
+            "connected": self.connected,
+            "rtt_ms": None if self.rtt_s is None else round(1000 * self.rtt_s, 3),
+            "retransmissions": self.retransmissions,
+            "duplicates_suppressed": self.duplicates_suppressed,
+            "corrupt_frames": self.corrupt_frames,
+            "faults_injected": self.faults,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatistics:
+    """One peer of a node: whether it is up, its health state and each of its links (``out``: dialed by
+    this node, ``in``: dialed by the peer)."""
+
+    node_id: str
+    up: bool
+    health: str
+    links: Mapping[str, LinkStats]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"up": self.up, "health": self.health, "links": {d: st.as_dict() for d, st in self.links.items()}}
+
+
+@dataclass(frozen=True, slots=True)
+class PeersStatistics:
+    """Every peer of a node (``PeerManager.statistics()``), and the connections it refused."""
+
+    peers: tuple[PeerStatistics, ...] = ()
+    handshakes_refused: Mapping[str, int] = field(default_factory=dict)
+    """Incoming connections refused before a link existed, by reason."""
+    refused: Mapping[str, str] = field(default_factory=dict)
+    """Peers whose links this node closed (another model), with the reason."""
+
+    def connected(self) -> list[str]:
+        return [p.node_id for p in self.peers if p.up]
+
+    def links(self) -> list[tuple[str, str, LinkStats]]:
+        """(peer, direction, the link's counters) for every link."""
+        return [(p.node_id, d, st) for p in self.peers for d, st in p.links.items()]
+
+    def health(self, node_id: str) -> str | None:
+        return next((p.health for p in self.peers if p.node_id == node_id), None)
+
+    def as_dict(self) -> dict[str, object]:
+        return {p.node_id: p.as_dict() for p in self.peers}
