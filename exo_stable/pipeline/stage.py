@@ -71,14 +71,22 @@ class StageActor(Actor[StageMessage]):
     """Holds layers ``stages[index]`` of the plan; see the module docstring for the data path."""
 
     mailbox_size = 4096
+    _compute: StageCompute
 
-    def __init__(self, source: ModelSource, config: StageConfig, send: Send) -> None:
+    def __init__(self, source: ModelSource, config: StageConfig, send: Send, *, keep: StageActor | None = None) -> None:
+        """``keep``: the stage this one replaces on the node (a new plan); the layers it built are taken over."""
         self.source = source
         self.config = config
         me = config.stages[config.index]
         self.layers = LayerRange(me.start, me.end, source.spec.num_hidden_layers)
         self._send = send
-        self._compute = StageCompute(source, self.layers, config.dtype, max_requests=config.max_requests)
+        self._compute = StageCompute(
+            source,
+            self.layers,
+            config.dtype,
+            max_requests=config.max_requests,
+            keep=None if keep is None else keep._compute,
+        )
         self._thread: MlxThread | None = None
         self._requests: dict[str, StageRequest] = {}
         self._assembler = ActivationAssembler(max_pending=config.max_requests * 4)
@@ -326,6 +334,16 @@ class StageActor(Actor[StageMessage]):
                 # The next stage is unreachable: this request cannot go on here; its owner recovers it.
                 await self._fail(rid, request, f"cannot reach {self._next_node()}: {exc!r}", step)
                 return
+            if final and self.is_first and position < len(request.history):
+                # An exact replay: the token at this position is known (the owner's history), so the step that
+                # consumes it starts here now, not when the last stage sends the token round. The replay's
+                # steps then flow through the stages back to back; each stage runs the same forward calls in
+                # the same order as before, so the caches are the same.
+                try:
+                    await self._continue(rid, request, step, position, request.history[position])
+                except (ConnectionError, TimeoutError) as exc:
+                    await self._fail(rid, request, f"cannot reach this node's own stage: {exc!r}", step)
+                    return
             if final and not ahead:
                 await self._build_ahead(rid, request, position)
             return
@@ -347,7 +365,8 @@ class StageActor(Actor[StageMessage]):
                     "request %s: replay picked %d at position %d, history has %d", rid, out.token, position, known
                 )
             try:
-                await self._continue(rid, request, step, position, known)
+                if self.is_first:  # a one-stage plan: nobody else feeds the next step (see above otherwise)
+                    await self._continue(rid, request, step, position, known)
             except (ConnectionError, TimeoutError) as exc:
                 await self._fail(rid, request, f"cannot reach stage 0: {exc!r}", step)
                 return
