@@ -334,16 +334,6 @@ class StageActor(Actor[StageMessage]):
                 # The next stage is unreachable: this request cannot go on here; its owner recovers it.
                 await self._fail(rid, request, f"cannot reach {self._next_node()}: {exc!r}", step)
                 return
-            if final and self.is_first and position < len(request.history):
-                # An exact replay: the token at this position is known (the owner's history), so the step that
-                # consumes it starts here now, not when the last stage sends the token round. The replay's
-                # steps then flow through the stages back to back; each stage runs the same forward calls in
-                # the same order as before, so the caches are the same.
-                try:
-                    await self._continue(rid, request, step, position, request.history[position])
-                except (ConnectionError, TimeoutError) as exc:
-                    await self._fail(rid, request, f"cannot reach this node's own stage: {exc!r}", step)
-                    return
             if final and not ahead:
                 await self._build_ahead(rid, request, position)
             return
@@ -365,8 +355,7 @@ class StageActor(Actor[StageMessage]):
                     "request %s: replay picked %d at position %d, history has %d", rid, out.token, position, known
                 )
             try:
-                if self.is_first:  # a one-stage plan: nobody else feeds the next step (see above otherwise)
-                    await self._continue(rid, request, step, position, known)
+                await self._continue(rid, request, step, position, known)
             except (ConnectionError, TimeoutError) as exc:
                 await self._fail(rid, request, f"cannot reach stage 0: {exc!r}", step)
                 return
