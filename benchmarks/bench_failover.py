@@ -1,7 +1,8 @@
 """Failover stall on namespaces: what a stream's longest pause around a fault is made of.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 .venv/bin/python benchmarks/bench_failover.py \
-        [--runs 5] [--faults kill partition sigstop] [--model PATH] [--label before] [--node-arg=--flag ...]
+        [--runs 5] [--faults kill partition sigstop] [--model PATH] [--label before] [--node-arg=--flag ...] \
+        [--log-dir DIR] [--baseline-tree DIR]
 
 Three machines (network namespaces on a bridge, tests/netns.py), each running ``exo-stable serve --host
 0.0.0.0`` on the default model, nodes 1 and 2 joined through node 0 (which leads and owns the requests).
@@ -17,18 +18,25 @@ host) and the client's monotonic clock: ``detect`` (fault → the owner sees the
 (→ the leader proposes the new plan), ``load`` (→ the plan is committed: the survivors loaded their new
 layers), ``replay`` (→ the next new token reaches the client). Every answer is compared with the
 uninterrupted one. Prints p50/p99 per fault and part; saves benchmarks/results/failover[-LABEL].json.
+
+``--baseline-tree DIR`` compares two versions of the code under the same conditions: every run is made
+twice, back to back, once with the nodes running DIR's code (e.g. ``git worktree add --detach DIR HEAD~1``)
+and once with this tree's; the baseline's figures go to failover[-LABEL]-baseline.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import re
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -61,14 +69,33 @@ def _quantile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
+@contextlib.contextmanager
+def source_tree(tree: Path) -> Iterator[None]:
+    """Node processes started inside run the code of ``tree`` (``python -m`` looks in the working directory
+    first, then PYTHONPATH)."""
+    cwd, path = Path.cwd(), os.environ.get("PYTHONPATH")
+    os.chdir(tree)
+    os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        if path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = path
+
+
 def one_run(
-    fabric: Fabric, fault: str, args: argparse.Namespace, reference: str | None, log_dir: Path
+    fabric: Fabric, fault: str, args: argparse.Namespace, reference: str | None, log_dir: Path, *, tree: Path = ROOT
 ) -> dict[str, Any]:
     base = ("--cluster-secret", "bench", "--no-discovery", *args.node_args)
     if args.model:
         base = (*base, "--model", args.model)
     seed = ("--peers", f"{fabric.addr(0)}:{PORT}")
-    with Cluster.start(fabric, log_dir, [base, (*base, *seed), (*base, *seed)]) as cluster:
+    with source_tree(tree):
+        cluster = Cluster.start(fabric, log_dir, [base, (*base, *seed), (*base, *seed)])
+    with cluster:
         fabric.wait_plan(cluster.ids, [0, 1, 2], 300)
         if reference is None:
             stream = Stream(fabric, 0, BODY)
@@ -131,25 +158,45 @@ def main() -> int:
     parser.add_argument("--stop-seconds", type=float, default=1.0, help="how long sigstop freezes the stage")
     parser.add_argument("--label", default="", help="saved as failover-LABEL.json")
     parser.add_argument("--node-arg", dest="node_args", action="append", default=[], help="extra serve argument")
+    parser.add_argument("--log-dir", type=Path, help="keep the nodes' logs here (default: a temporary directory)")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="another checkout (e.g. a git worktree of the commit before a change): each run is made on its code "
+        "too, alternating with this tree's, and saved as failover-LABEL-baseline.json",
+    )
     args = parser.parse_args()
     reason = unavailable()
     if reason:
         print(f"bench_failover: {reason}", file=sys.stderr)
         return 2
     fabric = Fabric.create(3)
-    rows: list[dict[str, Any]] = []
+    trees = {"": ROOT} if args.baseline_tree is None else {"baseline": args.baseline_tree.resolve(), "": ROOT}
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     reference: str | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="exo-failover-") as tmp:
+            log_dir = args.log_dir or Path(tmp)
+            log_dir.mkdir(parents=True, exist_ok=True)
             for fault in args.faults:
                 for run in range(args.runs):
-                    row = one_run(fabric, fault, args, reference, Path(tmp))
-                    reference = row.pop("reference")
-                    rows.append(row | {"run": run})
-                    print(json.dumps(rows[-1]), flush=True)
+                    for name, tree in trees.items():
+                        row = one_run(fabric, fault, args, reference, log_dir, tree=tree)
+                        reference = row.pop("reference")
+                        rows[name].append(row | {"run": run})
+                        print(json.dumps(rows[name][-1] | ({"tree": name} if name else {})), flush=True)
     finally:
         fabric.close()
+    for name, tree in trees.items():
+        label = "-".join(part for part in (args.label, name) if part)
+        save(args, rows[name], label, tree)
+    return 0
+
+
+def save(args: argparse.Namespace, rows: list[dict[str, Any]], label: str, tree: Path) -> None:
+    """Print p50/p99 per fault and part; save failover[-LABEL].json."""
     summary: dict[str, Any] = {}
+    print(f"code of {tree}:")
     for fault in args.faults:
         mine = [r for r in rows if r["fault"] == fault]
         part = {}
@@ -164,15 +211,16 @@ def main() -> int:
             f"{k.removesuffix('_s')} {v['p50']}/{v['p99']}" for k, v in part.items() if isinstance(v, dict)
         )
         print(f"{fault:10s} p50/p99 s: {cells}  identical {part['identical']}/{len(mine)}  re-plans {part['replans']}")
-    out = ROOT / "benchmarks" / "results" / (f"failover-{args.label}.json" if args.label else "failover.json")
+    out = ROOT / "benchmarks" / "results" / (f"failover-{label}.json" if label else "failover.json")
     out.write_text(
         json.dumps(
             {
                 "machine": platform.machine(),
-                "cpus": __import__("os").cpu_count(),
+                "cpus": os.cpu_count(),
                 "model": args.model or "SmolLM2-135M (default)",
                 "node_args": args.node_args,
                 "stop_seconds": args.stop_seconds,
+                "code": "baseline tree" if tree != ROOT else "this tree",
                 "summary": summary,
                 "runs": rows,
             },
@@ -180,7 +228,6 @@ def main() -> int:
         )
     )
     print(f"saved {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -332,3 +332,76 @@ def test_rebalance_spreads_the_overflow_closest_to_proportional() -> None:
     assert plan(nodes(a=100, b=100, c=100), fp(30, per_layer=5, head=60)).describe() == "a[0,11) b[11,22) c[22,30)"
     # the overflow spreads in proportion to memory: b has twice a's memory and takes 3 of the 5
     assert plan(nodes(a=100, b=200, c=100), fp(40, per_layer=2, head=90)).describe() == "a[0,12) b[12,35) c[35,40)"
+
+
+# ---------------------------------------------------------------------------------------------- sticky re-plans
+
+
+def stages(text: str) -> tuple[StageAssignment, ...]:
+    """``"a[0,10) b[10,30)"`` as stages."""
+    out = []
+    for part in text.split():
+        node, rest = part.split("[")
+        start, end = rest.rstrip(")").split(",")
+        out.append(StageAssignment(node, int(start), int(end)))
+    return tuple(out)
+
+
+@pytest.mark.parametrize(
+    ("memory", "previous", "expected"),
+    [
+        # the last stage left: the one before takes its layers; the first keeps its range
+        ({"a": 100, "b": 100}, "a[0,10) b[10,20) c[20,30)", "a[0,10) b[10,30)"),
+        # the first stage left: the next one takes its layers
+        ({"b": 100, "c": 100}, "a[0,10) b[10,20) c[20,30)", "b[0,20) c[20,30)"),
+        # a middle stage left: its neighbours split its layers, the first half to the one before
+        ({"a": 100, "c": 100}, "a[0,10) b[10,20) c[20,30)", "a[0,15) c[15,30)"),
+        ({"a": 100, "c": 100}, "a[0,10) b[10,19) c[19,30)", "a[0,15) c[15,30)"),
+        # two neighbouring stages left: their layers together, split between the survivors around them
+        ({"a": 100, "d": 100}, "a[0,5) b[5,10) c[10,20) d[20,30)", "a[0,13) d[13,30)"),
+        # only one survivor: it takes everything
+        ({"b": 100}, "a[0,10) b[10,20) c[20,30)", "b[0,30)"),
+        # nobody left: the plan in force stays, even where a fresh plan would balance it
+        ({"a": 100, "b": 100}, "a[0,10) b[10,30)", "a[0,10) b[10,30)"),
+        # the survivors keep the previous pipeline order
+        ({"a": 100, "b": 100}, "b[0,10) c[10,20) a[20,30)", "b[0,15) a[15,30)"),
+        # a node joined: a fresh plan by memory
+        ({"a": 100, "b": 100, "c": 100, "d": 300}, "a[0,10) b[10,20) c[20,30)", "a[0,5) b[5,10) c[10,15) d[15,30)"),
+        # the sticky plan does not fit b (20 layers > 15): a fresh plan by memory
+        ({"a": 100, "b": 15}, "a[0,10) b[10,20) c[20,30)", "a[0,26) b[26,30)"),
+        # another model (the previous plan covers another layer count): a fresh plan
+        ({"a": 100, "b": 100}, "a[0,5) b[5,10)", "a[0,15) b[15,30)"),
+    ],
+)
+def test_sticky_replan_extends_neighbours(memory: dict[str, int], previous: str, expected: str) -> None:
+    p = plan(nodes(**memory), fp(30), previous=stages(previous))
+    assert p.describe() == expected
+
+
+def test_sticky_replan_ignores_a_forced_split() -> None:
+    p = plan(nodes(a=100, b=100), fp(30), split=[20, 10], previous=stages("a[0,10) b[10,20) c[20,30)"))
+    assert p.describe() == "a[0,20) b[20,30)"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(node_ids, min_size=1, max_size=8, unique=True),
+    st.integers(min_value=1, max_value=60),
+    st.data(),
+)
+def test_sticky_replan_properties(ids: list[str], n_layers: int, data: st.DataObject) -> None:
+    """A re-plan after stages leave keeps every survivor's old layers (its range only grows), covers the
+    model, gives the departed layers only to survivors, and is the same whatever order the nodes come in."""
+    k = min(len(ids), n_layers)
+    previous = plan([NodeResources(i, 1000) for i in ids], fp(n_layers, per_layer=1)).stages
+    assert len(previous) == k
+    gone = data.draw(st.sets(st.sampled_from([s.node_id for s in previous]), max_size=k - 1))
+    survivors = [NodeResources(s.node_id, 1000) for s in previous if s.node_id not in gone]
+    p = plan(survivors, fp(n_layers, per_layer=1), previous=previous)
+    _check_shape(p, n_layers)
+    assert p.nodes == tuple(s.node_id for s in previous if s.node_id not in gone)
+    old = {s.node_id: s for s in previous}
+    for s in p.stages:
+        assert s.start <= old[s.node_id].start and old[s.node_id].end <= s.end
+    shuffled = data.draw(st.permutations(survivors))
+    assert plan(list(shuffled), fp(n_layers, per_layer=1), previous=previous) == p

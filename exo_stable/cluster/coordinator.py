@@ -34,6 +34,7 @@ from exo_stable.pipeline.barrier import BarrierError, Barriers, DistributedBarri
 from exo_stable.pipeline.placement import (
     NodeResources,
     PlacementError,
+    StageAssignment,
     footprint_from_spec,
     plan_placement,
 )
@@ -327,6 +328,10 @@ class Coordinator(PlanState):
             # A member that cannot hold one layer (or says so) serves no stage; it does not stop the others'.
             usable = [m for m in usable if m.memory_bytes >= footprint.per_layer or m.node_id == self.node_id]
         nodes = [NodeResources(m.node_id, m.memory_bytes) for m in usable]
+        # Sticky: when stages left the plan in force, the survivors keep their layers and their neighbours
+        # take over the departed ranges (each survivor builds only what it lacks).
+        active = self.active
+        previous = None if active is None else tuple(StageAssignment(s.node_id, s.start, s.end) for s in active.stages)
         plan = plan_placement(
             nodes,
             footprint,
@@ -334,6 +339,7 @@ class Coordinator(PlanState):
             model_fingerprint=self.fingerprint,
             max_stages=len(split) if split is not None else self.options.max_stages,
             split=split,
+            previous=previous,
         )
         return tuple(StageRange(s.node_id, s.start, s.end) for s in plan.stages)
 

@@ -104,6 +104,9 @@ class StageHost:
             self._plans[epoch] = stages
             return 0.0
         old = self._child
+        # The new stage takes over the layers the replaced one built (the first incarnation only: a restart
+        # after a crash builds afresh).
+        keep = [] if old is None or (replaced := self._actors.get(old)) is None else [replaced]
         self.actor, self.current, self._child = None, None, None
         if old is not None:
             await self._retire(old, epoch)
@@ -127,7 +130,7 @@ class StageHost:
         name = f"stage-{epoch}"
 
         def factory() -> StageActor:
-            actor = StageActor(self.source, config, self.send)
+            actor = StageActor(self.source, config, self.send, keep=keep.pop() if keep else None)
             self._actors[name] = actor
             if self._child == name:
                 self.actor = actor

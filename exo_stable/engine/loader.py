@@ -21,7 +21,14 @@ from exo_stable.engine import random_model
 from exo_stable.engine.family import check_supported
 from exo_stable.engine.gguf import spec_from_metadata
 from exo_stable.engine.gguf_file import GGUFIndex, open_gguf, read_tensors
-from exo_stable.engine.model import LayerRange, ShardModel, build_shard, refuse_half_experts_on_cpu, shard_weight_names
+from exo_stable.engine.model import (
+    LayerRange,
+    ShardModel,
+    build_shard,
+    kept_weights,
+    refuse_half_experts_on_cpu,
+    shard_weight_names,
+)
 from exo_stable.engine.modelspec import Dtype, ModelFootprint, ModelSpec, QuantSpec, UnsupportedModelError
 from exo_stable.tokenizer import Tokenizer
 
@@ -106,18 +113,25 @@ class ModelSource:
         """The whole model's tensors (for tools and tests; a stage reads only its own)."""
         return self.read_tensors(self.tensor_names())
 
-    def load_shard(self, layers: LayerRange, dtype: Dtype) -> ShardModel:
-        """Build layers ``layers`` (embedding/head included where they belong). Call on the MLX thread."""
+    def load_shard(self, layers: LayerRange, dtype: Dtype, *, keep: ShardModel | None = None) -> ShardModel:
+        """Build layers ``layers`` (embedding/head included where they belong). Call on the MLX thread.
+
+        ``keep``: a shard this node built earlier of this model in ``dtype``: the layers and top-level modules
+        it holds are taken over as built, and only the tensors of the others are read (a re-plan that moves
+        a stage's boundary builds only the layers it gains)."""
         if layers.total != self.spec.num_hidden_layers:
             raise ValueError(f"{self.name} has {self.spec.num_hidden_layers} layers, not {layers.total}")
+        kept = None if keep is None or keep.spec != self.spec else kept_weights(keep, layers)
         if self.random is not None:
             # Only this shard's tensors are drawn; the whole model never exists on this node.
             names = shard_weight_names(self.spec, layers, list(random_model.tensor_shapes(self.spec)))
+            names = [n for n in names if kept is None or not kept.covers(n)]
             draw = mx.float32 if dtype is Dtype.FLOAT32 else mx.float16 if dtype is Dtype.FLOAT16 else mx.bfloat16
             weights, quant = random_model.generate(self.random, names, dtype=draw, quantize=dtype is Dtype.QUANTIZED)
-            return build_shard(self.spec, layers, weights, quant, dtype)
+            return build_shard(self.spec, layers, weights, quant, dtype, kept=kept)
         names = _untied(shard_weight_names(self.spec, layers, self.tensor_names()), layers)
-        shard = build_shard(self.spec, layers, self.read_tensors(names), self.quant, dtype)
+        names = [n for n in names if kept is None or not kept.covers(n)]
+        shard = build_shard(self.spec, layers, self.read_tensors(names), self.quant, dtype, kept=kept)
         mx.clear_cache()  # the buffers of raw tensors that were converted go back to the system
         return shard
 

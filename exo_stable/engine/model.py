@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx import nn
@@ -309,19 +309,70 @@ def shard_weight_names(spec: ModelSpec, layers: LayerRange, names: Sequence[str]
     return wanted
 
 
+@dataclass(frozen=True, slots=True)
+class KeptWeights:
+    """The built parameters of a node's shard that its next shard (same model, same dtype) takes over.
+
+    ``params`` are in their final form (converted, sanitized) under the whole model's names; ``quant`` says
+    which of their modules are quantized and how; ``layers`` are the layer indices held whole, ``modules``
+    the top-level modules (embedding, final norm, head) held. See :func:`kept_weights`.
+    """
+
+    params: dict[str, mx.array]
+    quant: dict[str, QuantSpec]
+    layers: frozenset[int]
+    modules: frozenset[str]
+
+    def covers(self, name: str) -> bool:
+        """Whether the file tensor ``name`` need not be read: its layer or top-level module is kept."""
+        index = layer_index(name)
+        return index in self.layers if index is not None else name.rsplit(".", 1)[0] in self.modules
+
+
+def kept_weights(old: ShardModel, layers: LayerRange) -> KeptWeights | None:
+    """What of the built shard ``old`` a shard of ``layers`` can keep: the layers both ranges hold, and the
+    top-level modules ``old`` holds (a new shard takes only those it needs). None when ``old`` is of another
+    model shape. Nothing is copied: the new shard shares the arrays, which are never written."""
+    if old.range.total != layers.total:
+        return None
+    common = frozenset(range(max(old.range.start, layers.start), min(old.range.end, layers.end)))
+    params: dict[str, mx.array] = {}
+    for item in tree_flatten(old.parameters()):
+        name, value = str(item[0]), cast("mx.array", item[1])
+        index = layer_index(name)
+        if index is None or index in common:
+            params[name] = value
+    modules = {name.rsplit(".", 1)[0] for name in params}
+    quant = {
+        path: QuantSpec(bits=int(module.bits), group_size=int(module.group_size))
+        for path, module in old.net.named_modules()
+        if path in modules and isinstance(getattr(module, "bits", None), int)
+    }
+    top = frozenset(m for m in modules if layer_index(f"{m}.") is None)
+    return KeptWeights(params, quant, common, top)
+
+
 def build_shard(
     spec: ModelSpec,
     layers: LayerRange,
     weights: Mapping[str, mx.array],
     quant: Mapping[str, QuantSpec],
     dtype: Dtype,
+    *,
+    kept: KeptWeights | None = None,
 ) -> ShardModel:
     """Build the shard and load its weights, dequantizing or keeping them quantized per ``dtype``.
 
     ``weights`` and ``quant`` use the whole model's names (``model.layers.<global index>...``), as the files
-    and the family's model do; the family's ``sanitize`` runs on the shard's part of them first.
+    and the family's model do; the family's ``sanitize`` runs on the shard's part of them first. ``kept``:
+    parameters an earlier shard of this node built in the same ``dtype`` (see :func:`kept_weights`); they
+    stand in for the file tensors they came from (which the caller need not read) and go through the same
+    steps, which leave them as they are.
     """
     net = new_model(spec)
+    if kept is not None:
+        weights = {**kept.params, **weights}
+        quant = {**quant, **kept.quant}
     local = {name: weights[name] for name in shard_weight_names(spec, layers, list(weights))}
     if hasattr(net, "sanitize"):
         local = net.sanitize(local)  # a family may stack experts, drop unused tensors, or tie its head here

@@ -133,6 +133,7 @@ class StageCompute:
         max_requests: int = 16,
         batch: BatchMode = BatchMode.EXACT,
         batch_limit: int = 16,
+        keep: StageCompute | None = None,
     ) -> None:
         self.source = source
         self.batch_mode = batch
@@ -144,12 +145,16 @@ class StageCompute:
         self.model: ShardModel | None = None
         self.requests: dict[str, RequestCache] = {}
         self.stats = ComputeStats()
+        # The stage this one replaces on the node: its built layers are taken over at load (same dtype only).
+        self._keep = keep.model if keep is not None and keep.dtype == dtype and keep.source is source else None
 
     def load(self) -> float:
-        """Build the shard (only its layers are kept); returns seconds taken."""
+        """Build the shard (only its layers are kept); returns seconds taken. Layers the replaced stage
+        (``keep``) had built are taken over, not read again."""
         started = time.perf_counter()
         activate(chosen())
-        self.model = self.source.load_shard(self.layers, self.dtype)
+        keep, self._keep = self._keep, None
+        self.model = self.source.load_shard(self.layers, self.dtype, keep=keep)
         self.source.release_weights()
         self.batch_limit = 1
         if self.model.batchable and self.batch_mode is BatchMode.FAST:

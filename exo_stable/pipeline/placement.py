@@ -18,10 +18,17 @@ Rules:
   room; only when no split fits is the plan refused with :class:`PlacementError`, whose message names
   every node, its memory and what it would need.
 - ``split`` forces exact layer counts; it is checked the same way and never rebalanced.
+- ``previous`` (the plan in force) makes placement sticky when stages left it: if every node the rules
+  above would use held a stage of ``previous``, the survivors keep their ranges, in ``previous``'s order,
+  and the layers of each run of departed stages go to its neighbours (split in half between the stage
+  before and the one after, the first half to the one before; all to the one neighbour at either end).
+  A survivor then builds only the layers it lacks and the others keep theirs, instead of everyone
+  reloading a reshuffled split. When that plan does not fit (or a node joined), the rules above apply.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -129,8 +136,10 @@ def plan_placement(
     max_stages: int | None = None,
     split: Sequence[int] | None = None,
     order: Sequence[str] | None = None,
+    previous: Sequence[StageAssignment] | None = None,
 ) -> Plan:
-    """Split ``footprint``'s layers over ``nodes`` (see the module docstring for the rules).
+    """Split ``footprint``'s layers over ``nodes`` (see the module docstring for the rules; ``previous``:
+    the stages of the plan in force, for a sticky re-plan).
 
     Raises :class:`PlacementError` when the model does not fit, ``ValueError`` for malformed arguments
     (duplicate node ids, negative memory, an ``order`` that is not a permutation of the node ids, a bad
@@ -174,6 +183,9 @@ def plan_placement(
         if not _fits(chosen, footprint, counts):
             raise PlacementError(_refusal(chosen, footprint, counts, "the forced split does not fit"))
     else:
+        sticky = None if previous is None else _sticky(chosen, footprint, previous)
+        if sticky is not None:
+            return Plan(epoch=epoch, model_fingerprint=model_fingerprint, n_layers=n, stages=sticky)
         counts = _proportional(memories, n)
         if not _fits(chosen, footprint, counts):
             counts = _rebalance(chosen, footprint, counts, memories)
@@ -184,6 +196,45 @@ def plan_placement(
         stages.append(StageAssignment(node.node_id, start, start + count))
         start += count
     return Plan(epoch=epoch, model_fingerprint=model_fingerprint, n_layers=n, stages=tuple(stages))
+
+
+def _sticky(
+    chosen: Sequence[NodeResources], footprint: ModelFootprint, previous: Sequence[StageAssignment]
+) -> tuple[StageAssignment, ...] | None:
+    """The survivors of ``previous`` keep their ranges and take over their departed neighbours' layers; None
+    when ``chosen`` is not a subset of ``previous``'s nodes, ``previous`` does not cover the model, or the
+    result does not fit."""
+    ids = {nd.node_id for nd in chosen}
+    if not ids <= {s.node_id for s in previous}:
+        return None
+    if not previous or previous[0].start != 0 or previous[-1].end != footprint.n_layers:
+        return None
+    if any(a.end != b.start for a, b in itertools.pairwise(previous)):
+        return None
+    kept = [s for s in previous if s.node_id in ids]
+    ranges = {s.node_id: [s.start, s.end] for s in kept}
+    i = 0
+    while i < len(previous):
+        if previous[i].node_id in ids:
+            i += 1
+            continue
+        j = i
+        while j < len(previous) and previous[j].node_id not in ids:
+            j += 1
+        lo, hi = previous[i].start, previous[j - 1].end  # the departed run's layers [lo, hi)
+        before = previous[i - 1].node_id if i > 0 else None
+        after = previous[j].node_id if j < len(previous) else None
+        middle = lo + (hi - lo + 1) // 2 if before is not None and after is not None else None
+        if before is not None:
+            ranges[before][1] = hi if middle is None else middle
+        if after is not None:
+            ranges[after][0] = lo if middle is None else middle
+        i = j
+    stages = tuple(StageAssignment(s.node_id, *ranges[s.node_id]) for s in kept)
+    by_id = {nd.node_id: nd for nd in chosen}
+    if not _fits([by_id[s.node_id] for s in stages], footprint, [s.n_layers for s in stages]):
+        return None
+    return stages
 
 
 def _proportional(weights: Sequence[int], n: int) -> list[int]:

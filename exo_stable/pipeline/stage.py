@@ -74,14 +74,22 @@ class StageActor(Actor[StageMessage]):
     """Holds layers ``stages[index]`` of the plan; see the module docstring for the data path."""
 
     mailbox_size = 4096
+    _compute: StageCompute
 
-    def __init__(self, source: ModelSource, config: StageConfig, send: Send) -> None:
+    def __init__(self, source: ModelSource, config: StageConfig, send: Send, *, keep: StageActor | None = None) -> None:
+        """``keep``: the stage this one replaces on the node (a new plan); the layers it built are taken over."""
         self.source = source
         self.config = config
         me = config.stages[config.index]
         self.layers = LayerRange(me.start, me.end, source.spec.num_hidden_layers)
         self._send = send
-        self._compute = StageCompute(source, self.layers, config.dtype, max_requests=config.max_requests)
+        self._compute = StageCompute(
+            source,
+            self.layers,
+            config.dtype,
+            max_requests=config.max_requests,
+            keep=None if keep is None else keep._compute,
+        )
         self._thread: MlxThread | None = None
         self._requests: dict[str, StageRequest] = {}
         self._assembler = ActivationAssembler(max_pending=config.max_requests * 4)
