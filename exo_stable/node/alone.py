@@ -88,7 +88,8 @@ def advice(
             f"{kv / GiB:.2f} GiB now) cannot make them fit"
         )
     if quantized_bytes is not None:
-        out.append(f"keep the weights quantized: --dtype quantized needs {quantized_bytes / GiB:.2f} GiB")
+        enough = "" if quantized_bytes <= memory_bytes else ", not enough by itself"
+        out.append(f"keep the weights quantized: --dtype quantized needs {quantized_bytes / GiB:.2f} GiB{enough}")
     out.append(
         "or run it over more nodes: start others with --peers HOST:PORT of this one (or on a network where "
         "zeroconf reaches); --join-timeout waits longer for them"
