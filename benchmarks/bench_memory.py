@@ -1,7 +1,9 @@
 """Memory of a model split over three node processes, each with a budget too small for the whole model.
 
-Writes a random-weight llama model (default 4 GB in bfloat16) as an MLX safetensors directory (sharded, with
-an index) and as a Q8_0 GGUF, in a temporary directory (the disk is checked first). For each format:
+Writes a random-weight llama model as an MLX safetensors directory (bfloat16, sharded, with an index) and as
+a Q8_0 GGUF, each sized so that its file takes ``--gb`` (default 4 GiB), in a temporary directory (the disk
+is checked first; the GGUF's codes and scales are drawn directly, never quantized from floats). For each
+format:
 
 1. one node with the per-node ``--memory-gb`` must refuse the model, naming what each node needs and has;
 2. three nodes with that budget load it; each node's peak RSS (``VmHWM``) once the plan is loaded, and its
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,12 +71,18 @@ class NodeMemory:
     ok: bool
 
 
-def shape_for(gigabytes: float) -> ModelSpec:
-    """A llama shape whose bfloat16 weights take about ``gigabytes`` (hidden 2048 from 1 GB up, else 512)."""
+BYTES_PER_PARAM = {"mlx": 2.0, "gguf": 34 / 32}  # bfloat16; Q8_0: a float16 scale and 32 int8 per block
+
+
+def shape_for(gigabytes: float, bytes_per_param: float = 2.0) -> ModelSpec:
+    """A llama shape whose weights take about ``gigabytes`` GiB at ``bytes_per_param`` (hidden 2048 from 1 GiB
+    up, else 512)."""
     hidden, inter, heads, kv = (2048, 5632, 16, 4) if gigabytes >= 1 else (512, 1408, 8, 4)
     base = llama_spec(layers=1, hidden=hidden, intermediate=inter, heads=heads, kv_heads=kv, vocab=49152)
-    one = model_bytes(base, 2)
-    two = model_bytes(llama_spec(layers=2, hidden=hidden, intermediate=inter, heads=heads, kv_heads=kv, vocab=49152), 2)
+    one = model_bytes(base, bytes_per_param)
+    two = model_bytes(
+        llama_spec(layers=2, hidden=hidden, intermediate=inter, heads=heads, kv_heads=kv, vocab=49152), bytes_per_param
+    )
     per_layer, fixed = two - one, 2 * one - two
     layers = max(3, -(-(int(gigabytes * 2**30) - fixed) // per_layer))
     return llama_spec(layers=layers, hidden=hidden, intermediate=inter, heads=heads, kv_heads=kv, vocab=49152)
@@ -217,28 +225,33 @@ async def whole_run(model: Path, fmt: str, dtype: str, workdir: Path, timeout_s:
 
 
 def run(
-    gigabytes: float, workdir: Path, *, timeout: float = 1800, formats: Sequence[str] = ("mlx", "gguf")
+    gigabytes: float,
+    workdir: Path,
+    *,
+    timeout: float = 1800,
+    formats: Sequence[str] = ("mlx", "gguf"),
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Write the model, measure both formats, and return the results (the CI test calls this too)."""
-    spec = shape_for(gigabytes)
-    bf16 = model_bytes(spec, 2)
-    check_disk(workdir, bf16 + model_bytes(spec, 34 / 32))
+    """Write the model, measure both formats, and return the results (the CI test calls this too).
+    ``progress`` gets the results so far after each split run (a failed whole-model run keeps them)."""
+    specs = {fmt: shape_for(gigabytes, BYTES_PER_PARAM[fmt]) for fmt in formats}
+    check_disk(workdir, sum(model_bytes(spec, BYTES_PER_PARAM[fmt]) for fmt, spec in specs.items()))
     tok = tokenizer_source_metadata(ensure_default_model(progress=False))
-    written: dict[str, tuple[Path, str]] = {}
-    if "mlx" in formats:
-        written["mlx"] = (write_mlx_stream(workdir / "mlx", spec, tok, shard_bytes=512 * MB), "bfloat16")
-    if "gguf" in formats:
-        written["gguf"] = (write_gguf_stream(workdir / "model.Q8_0.gguf", spec, tok, kind="Q8_0"), "quantized")
     out: dict[str, Any] = {
         "machine": platform.machine(),
         "system": platform.system(),
-        "layers": spec.num_hidden_layers,
-        "hidden": spec.hidden_size,
         "goal": "peak RSS <= 1.15 x share + 300 MB on every node",
         "tokens": TOKENS,
         "formats": {},
     }
-    for fmt, (model, dtype) in written.items():
+    for fmt, spec in specs.items():
+        # One format on disk at a time: the next is written once this one's runs are over.
+        started = time.monotonic()
+        if fmt == "mlx":
+            model, dtype = write_mlx_stream(workdir / "mlx", spec, tok, shard_bytes=512 * MB), "bfloat16"
+        else:
+            model, dtype = write_gguf_stream(workdir / "model.Q8_0.gguf", spec, tok, kind="Q8_0"), "quantized"
+        write_s = time.monotonic() - started
         source = open_model(model)
         whole = source.footprint(Dtype(dtype), kv_tokens=MAX_CONTEXT)
         whole_bytes = whole.stage_bytes(0, 1, whole.n_layers)
@@ -248,9 +261,14 @@ def run(
         rows, split_tokens = asyncio.run(
             split_run(model, fmt, dtype, memory_gb=memory_gb, workdir=workdir, timeout_s=timeout)
         )
+        if progress is not None:
+            progress(out | {"partial": {"format": fmt, "refusal": refused, "nodes": [asdict(r) for r in rows]}})
         whole_tokens, whole_peak = asyncio.run(whole_run(model, fmt, dtype, workdir, timeout))
         out["formats"][fmt] = {
             "dtype": dtype,
+            "layers": spec.num_hidden_layers,
+            "hidden": spec.hidden_size,
+            "write_s": round(write_s, 1),
             "file_mb": round(
                 sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / MB
                 if model.is_dir()
@@ -264,7 +282,17 @@ def run(
             "split_equals_whole": split_tokens == whole_tokens,
             "whole_peak_mb": round(whole_peak, 1),
         }
+        _remove(model)
     return out
+
+
+def _remove(model: Path) -> None:
+    if model.is_dir():
+        for f in model.iterdir():
+            f.unlink()
+        model.rmdir()
+    else:
+        model.unlink()
 
 
 def table(result: dict[str, Any]) -> str:
@@ -283,17 +311,32 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gb", type=float, default=4.0, help="model size in bfloat16 (GB)")
+    parser.add_argument("--gb", type=float, default=4.0, help="size of each format's model file (GiB)")
     parser.add_argument("--dir", type=Path, help="where to write the model (default: a temporary directory)")
     parser.add_argument("--formats", default="mlx,gguf")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        result = run(args.gb, Path(tmp), formats=args.formats.split(","))
+        partial = RESULTS / "memory.partial.json"
+        result = run(
+            args.gb,
+            Path(tmp),
+            formats=args.formats.split(","),
+            progress=lambda r: partial.write_text(json.dumps(r, indent=2)),
+        )
+        partial.unlink(missing_ok=True)
     print(table(result))
     for fmt, data in result["formats"].items():
         print(f"{fmt}: split == whole: {data['split_equals_whole']}; one node refuses: {data['single_node_refusal']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(result, indent=2))
+    saved = RESULTS / "memory.json"
+    if saved.exists():  # formats not run this time keep their last figures
+        before = json.loads(saved.read_text())
+        earlier = before.get("formats", {})
+        for data in earlier.values():  # results saved before the shape was recorded per format
+            data.setdefault("layers", before.get("layers"))
+            data.setdefault("hidden", before.get("hidden"))
+        result["formats"] = {**{k: v for k, v in earlier.items() if k not in result["formats"]}, **result["formats"]}
+    saved.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -192,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a peer silent this long (no data, no heartbeat) is taken as gone and planned around (default 1.5;"
         " a node frozen for less, e.g. a long GC pause or SIGSTOP, stays in its plan)",
+    )
+    serve.add_argument(
+        "--join-timeout",
+        type=_non_negative_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with no --peers, how long a node whose memory cannot hold the model alone waits for a peer to"
+        " join before it exits with what would fit (default 60; inf: wait for ever). A node with --peers, or"
+        " one a peer has joined, keeps waiting for more nodes",
     )
     serve.add_argument(
         "--suspect-seconds",
@@ -336,6 +352,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         stage_restart_period_s=args.stage_restart_period,
         suspect_ttl_s=args.suspect_seconds,
         peer_timeout_s=args.peer_timeout,
+        join_timeout_s=args.join_timeout,
     )
 
 

@@ -103,6 +103,8 @@ class Coordinator(PlanState):
         self.membership_epoch = 0
         self.history = PlanHistory()
         self.last_error = ""
+        self.refusal: str | None = None
+        """Why the last planning round found no plan for these members (None once one fits)."""
         self._changed = asyncio.Event()
         self._changed.set()  # plan once at start (a single node plans for itself)
         self._committed = asyncio.Event()
@@ -261,7 +263,15 @@ class Coordinator(PlanState):
                     try:
                         await self._plan_round()
                         self._failed_rounds = 0
-                    except (PlacementError, ValueError, BarrierError, ConnectionError, TimeoutError) as exc:
+                        self.refusal = None
+                    except PlacementError as exc:
+                        # No plan fits these members: only a change of membership or suspects can change that,
+                        # and either wakes this loop. Said once per new reason, not once per wake.
+                        self.last_error = str(exc)
+                        if self.refusal != str(exc):
+                            self.refusal = str(exc)
+                            log.warning("%s: no plan fits; waiting for more nodes: %s", self.node_id, exc)
+                    except (ValueError, BarrierError, ConnectionError, TimeoutError) as exc:
                         self.last_error = str(exc)
                         self._failed_rounds += 1
                         delay = min(10.0, self.options.settle_s * 2**self._failed_rounds)
@@ -306,6 +316,12 @@ class Coordinator(PlanState):
         self.options = replace(self.options, split=split)
         self._changed.set()
 
+    async def wait_change(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait (at most ``timeout`` seconds) for the next commit, membership change or suspect change."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._pulse.wait()
+
     async def wait_plan_where(self, predicate: Callable[[PlanCommit], bool], timeout: float) -> PlanCommit:  # noqa: ASYNC109
         """Wait until the active plan satisfies ``predicate`` (e.g. it has three stages)."""
         async with asyncio.timeout(timeout):
@@ -321,7 +337,6 @@ class Coordinator(PlanState):
         if not usable:
             raise PlacementError(f"every member is suspect: {sorted(self.active_suspects())}")
         if split is not None and len(usable) < len(split):
-            log.info("%s: split %s waits for %d nodes (%d so far)", self.node_id, split, len(split), len(usable))
             return None
         footprint = self.options.footprint or footprint_from_spec(self.source.spec, self.options.bytes_per_param)
         if split is None:
@@ -347,6 +362,14 @@ class Coordinator(PlanState):
         epoch = self.next_epoch()
         stages = self.compute_plan(epoch)
         if stages is None:
+            split = self.options.split
+            log.info(
+                "%s: split %s waits for %d nodes (%d so far)",
+                self.node_id,
+                split,
+                len(split or ()),
+                len(self._plannable()),
+            )
             return
         active = self.active
         if (

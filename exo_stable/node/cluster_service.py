@@ -79,7 +79,11 @@ class ClusterService(Service):
         return None if actor is None else actor.kv_cache_bytes()
 
     def unavailable(self) -> str | None:
-        if self.parts.coordinator.active is None:
+        coordinator = self.parts.coordinator
+        if coordinator.active is None:
+            why = coordinator.infeasible()
+            if why is not None:
+                return f"the cluster has no pipeline plan: {why}\nwaiting for more nodes (or more memory) to join"
             return "the cluster has no pipeline plan yet (the model is loading or peers are joining)"
         return None
 

@@ -47,6 +47,8 @@ class NodeConfig:
     """No ``--dtype`` given: :func:`serving_dtype` may keep a quantized model quantized."""
     """``--max-context``: the longest request (prompt + answer) served; the KV reserve of placement is sized
     for ``max_concurrent`` requests of this many tokens (default: the model's context)."""
+    join_timeout_s: float = 60.0
+    """With no ``--peers``: how long a node too small for the model alone waits for a peer before it exits."""
     split: tuple[int, ...] | None = None
     max_stages: int | None = None
     shutdown_timeout_s: float = 10.0

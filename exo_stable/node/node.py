@@ -39,6 +39,7 @@ from exo_stable.cluster.roles import Bounds, Refusals
 from exo_stable.cluster.router import MessageRouter
 from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.engine.loader import ModelSource, open_model
+from exo_stable.node.alone import ModelTooLarge, watch_alone
 from exo_stable.node.cluster_service import ClusterService
 from exo_stable.node.config import BYTES_PER_PARAM, NodeConfig, available_memory, serving_dtype
 from exo_stable.node.parts import NodeParts
@@ -66,6 +67,7 @@ class Node:
         self.node_id = config.node_id or f"{socket.gethostname()}-{config.port or secrets.token_hex(3)}"
         self.memory_bytes = config.memory_bytes or available_memory()
         self.context_length = min(config.max_context or source.spec.context_length, source.spec.context_length)
+        self.gave_up: str | None = None  # why this node stopped on its own (node/alone.py)
         self._peers_ready = asyncio.Event()
         self.port = config.port
         self.options = ClusterOptions(
@@ -375,6 +377,7 @@ class Node:
                 if config.discovery:
                     tg.create_task(self._discover(port, stop), name="discovery")
                 tg.create_task(self._announce(port, ready, stop), name="announce")
+                tg.create_task(watch_alone(self, stop), name="alone")
                 await stop.wait()
                 # Wake the loops that wait for changes so they see the stop now, not at their next deadline.
                 parts.gossip.wake()
@@ -498,7 +501,10 @@ async def serve(config: NodeConfig, *, ready: asyncio.Event | None = None) -> No
     if config.dtype_auto:
         config = replace(config, dtype=serving_dtype(source, config))
     source.check_dtype(config.dtype, chosen())
-    await Node(config, source).run(ready=ready)
+    node = Node(config, source)
+    await node.run(ready=ready)
+    if node.gave_up is not None:
+        raise ModelTooLarge(node.gave_up)
 
 
 __all__ = ["ClusterService", "Node", "NodeConfig", "StageSupervisor", "available_memory", "serve", "serving_dtype"]
