@@ -183,6 +183,20 @@ class StageCompute:
         self._count(request, int(x.shape[1]), started)
         return result
 
+    def forward_batch(self, rids: Sequence[str], xs: Sequence[mx.array]) -> list[mx.array]:
+        """One step for several open requests: row ``i`` is ``xs[i]`` through request ``rids[i]``'s cache, and
+        each result is what ``forward(rids[i], xs[i])`` returns alone (each cache advances by its row).
+
+        This is the fallback: a loop over :meth:`forward`, exact by construction, with no batching gain. The
+        stage's batch loop is written against this contract, so an engine that computes the rows in one
+        batched call (with each row bit for bit its unbatched result) replaces this body and nothing else.
+        """
+        if len(rids) != len(xs):
+            raise ValueError(f"{len(rids)} requests but {len(xs)} inputs")
+        if len(set(rids)) != len(rids):
+            raise ValueError("a request appears twice in one batch")
+        return [self.forward(rid, x) for rid, x in zip(rids, xs, strict=True)]
+
     def _count(self, request: RequestCache, tokens: int, started: float) -> None:
         """Book a forward call of ``tokens`` positions that began at ``started``."""
         self.stats.forward_calls += 1

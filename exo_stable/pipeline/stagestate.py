@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.pipeline.levels import ValidationLevel
+from exo_stable.pipeline.stagebatch import BATCH_BUCKETS, QUEUE_BUCKETS, SmallHistogram
 from exo_stable.wire.messages import (
     ActivationChunk,
     Message,
@@ -83,6 +84,9 @@ class StageStats:
     spot_check_mismatches: int = 0  # ... whose two results differed
     refused_per_owner: int = 0  # request opens past the per-owner share of the slots
     build_ahead_busy: int = 0  # next steps not built ahead because the stage served other requests too
+    batched_rows: int = 0  # decode steps computed in a forward call shared with other requests' steps
+    batch_size: SmallHistogram = field(default_factory=lambda: SmallHistogram(BATCH_BUCKETS))  # rows per call
+    queue_depth: SmallHistogram = field(default_factory=lambda: SmallHistogram(QUEUE_BUCKETS))  # steps waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,9 @@ class StageConfig:
     send_timeout_s: float = 30.0
     decode_ahead: bool = True  # a one-stage plan queues each greedy step before its token is read
     build_ahead: bool = True  # build each decode step's graph while the other stages compute (prepare)
+    max_batch: int = 16  # decode steps of this many requests share one forward call (1: one at a time)
+    step_token_budget: int = 512  # positions per compute step: decode rows plus prompt chunks (one at least)
+    max_queued_steps: int = 64  # ready steps waiting for the compute thread; past it, the stage takes no more
 
 
 class Arrival(NamedTuple):
