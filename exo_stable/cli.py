@@ -59,6 +59,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "gpu"], help="compute on this device (default: the best available)")
     p.add_argument(
@@ -205,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a stage builds each decode step's graph only when its input comes, not while other stages compute",
     )
     serve.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=16,
+        help="a stage runs the ready decode steps of up to this many requests as one forward call "
+        "(default 16; 1: one request's step at a time)",
+    )
+    serve.add_argument(
         "--no-adaptive-validation",
         dest="adaptive_validation",
         action="store_false",
@@ -322,6 +336,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         adaptive_validation=args.adaptive_validation,
         decode_ahead=args.decode_ahead,
         build_ahead=args.build_ahead,
+        max_batch=args.max_batch,
         stage_max_restarts=args.stage_max_restarts,
         stage_restart_period_s=args.stage_restart_period,
         suspect_ttl_s=args.suspect_seconds,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -197,6 +197,30 @@ class ServiceCollector(Collector):
             yield _gauge("kv_cache_bytes", "Bytes held by the KV caches of open requests on this node", kv)
 
 
+def stage_batching(node: Node) -> Iterator[Metric]:
+    """The node's stage's continuous batching: rows per forward call, and steps queued when each compute step
+    began (both histograms), and the steps queued now."""
+    host = getattr(node, "stage_host", None)
+    actor = None if host is None else host.actor
+    if actor is None:
+        return
+    layers = f"{actor.layers.start}-{actor.layers.end}"
+    for name, doc, hist in (
+        ("stage_batch_size", "Requests' steps per forward call on this node's stage", actor.stats.batch_size),
+        (
+            "stage_queue_depth",
+            "Ready steps queued at this node's stage when a compute step began",
+            actor.stats.queue_depth,
+        ),
+    ):
+        family = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=["layers"])
+        family.add_metric([layers], hist.cumulative(), sum_value=hist.total)
+        yield family
+    yield GaugeMetricFamily(
+        f"{PREFIX}_stage_queued_steps", "Ready steps waiting for the stage's compute thread", value=actor.queued_steps
+    )
+
+
 class NodeCollector(Collector):
     """A cluster node's links, stage, owned requests and recoveries, read at scrape time."""
 
@@ -209,6 +233,7 @@ class NodeCollector(Collector):
         self._stage(f)
         self._owner(f)
         yield from f
+        yield from stage_batching(self.node)
 
     def _links(self, f: _Families) -> None:
         peers = getattr(self.node, "peers", None)

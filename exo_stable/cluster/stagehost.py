@@ -36,6 +36,7 @@ class ClusterOptions:
     suspect_ttl_s: float = 60.0
     decode_ahead: bool = True  # a stage holding the whole model queues greedy steps ahead (StageConfig)
     build_ahead: bool = True  # stages build each decode step's graph while the others compute (StageConfig)
+    max_batch: int = 16  # decode steps of this many requests share one forward call on a stage (StageConfig)
 
     @property
     def max_requests_per_owner(self) -> int:
@@ -116,6 +117,8 @@ class StageHost:
             load_timeout_s=self.options.load_timeout_s,
             decode_ahead=self.options.decode_ahead,
             build_ahead=self.options.build_ahead,
+            max_batch=self.options.max_batch,
+            max_queued_steps=4 * self.options.max_requests,
         )
         started = time.perf_counter()
         name = f"stage-{epoch}"

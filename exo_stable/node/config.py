@@ -60,6 +60,7 @@ class NodeConfig:
     adaptive_validation: bool = True
     decode_ahead: bool = True
     build_ahead: bool = True
+    max_batch: int = 16  # a stage's decode steps of this many requests share one forward call (1: one at a time)
     peer_forget_s: float = 60.0  # a peer down this long leaves nothing behind (cluster/peers.py)
 
 

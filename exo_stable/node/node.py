@@ -98,6 +98,7 @@ class Node:
             footprint=source.footprint(config.dtype, kv_tokens=config.max_concurrent * self.context_length),
             decode_ahead=config.decode_ahead,
             build_ahead=config.build_ahead,
+            max_batch=config.max_batch,
             suspect_ttl_s=config.suspect_ttl_s,
         )
         # Built in run(), once the actor system is up:

@@ -107,6 +107,11 @@ class StageActor(Actor[StageMessage]):
     def open_requests(self) -> int:
         return len(self._requests)
 
+    @property
+    def queued_steps(self) -> int:
+        """Ready steps waiting for the compute thread."""
+        return len(self._queue)
+
     def owner_of(self, request_id: str) -> str | None:
         request = self._requests.get(request_id)
         return None if request is None else request.owner
@@ -549,6 +554,15 @@ class StageActor(Actor[StageMessage]):
                 "skipped_busy": self.stats.build_ahead_busy,
             },
             "replay_divergences": self.stats.replay_divergences,
+            "batching": {
+                "max_batch": self.config.max_batch,
+                "queued": len(self._queue),
+                "batched_rows": self.stats.batched_rows,
+                "forward_calls": self.stats.batch_size.count,
+                "mean_batch": round(self.stats.batch_size.mean(), 3),
+                "batch_size": dict(self.stats.batch_size.cumulative()),
+                "queue_depth": dict(self.stats.queue_depth.cumulative()),
+            },
             "validation": {
                 "bad_activations": self.stats.bad_activations,
                 "source_checksum_failures": self.stats.source_checksum_failures,
