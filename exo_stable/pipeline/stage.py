@@ -5,6 +5,10 @@ stage); every other stage takes hidden states from the stage before it, as check
 The last stage picks each token with the request's own sampler and sends it, sealed with its checksum, to
 the request owner and (unless the request's token budget is spent) to stage 0 as the next step.
 
+Steps are batched: a step taken in is checked and queued (bounded, :mod:`exo_stable.pipeline.stagebatch`);
+the stage's batch loop runs the ready decode steps of several requests as one forward call and sends each
+row's result on exactly as a step computed alone (:mod:`exo_stable.pipeline.stagework` holds the MLX side).
+
 The owner decides when a request is over and says so with RequestClose; a step that arrives for a request
 this stage no longer holds is dropped and counted (the pipeline may run a token ahead of the owner).
 
@@ -270,7 +274,7 @@ class StageActor(Actor[StageMessage]):
         chunks, one call each; requests open and close between turns."""
         while True:
             await self._queue.wait_ready()
-            work = self._queue.take(max_batch=self.config.max_batch, token_budget=self.config.step_token_budget)
+            work = self._queue.take(max_batch=self._batch_limit(), token_budget=self.config.step_token_budget)
             self.stats.queue_depth.observe(work.depth)
             rows = [r for r in work.decode if self._current(r)]
             if len(rows) > 1:
@@ -280,6 +284,13 @@ class StageActor(Actor[StageMessage]):
             for chunk in work.chunks:
                 if self._current(chunk):
                     await self._forward(chunk)
+
+    def _batch_limit(self) -> int:
+        """Rows for this compute step: the open requests split over as many micro-batches as the plan has
+        stages (at most ``max_batch``). One batch of every request would move round the ring as one block,
+        with a single stage busy at a time; as many blocks as stages keep every stage computing at once."""
+        stages = len(self.config.stages)
+        return max(1, min(self.config.max_batch, -(-len(self._requests) // stages)))
 
     def _current(self, ready: ReadyStep) -> bool:
         """Whether the request the step was taken in for is still open here (not closed, failed or reopened
@@ -560,6 +571,7 @@ class StageActor(Actor[StageMessage]):
                 "batched_rows": self.stats.batched_rows,
                 "forward_calls": self.stats.batch_size.count,
                 "mean_batch": round(self.stats.batch_size.mean(), 3),
+                "compute_s": round(self._compute.stats.forward_seconds, 3),  # forward calls' seconds so far
                 "batch_size": dict(self.stats.batch_size.cumulative()),
                 "queue_depth": dict(self.stats.queue_depth.cumulative()),
             },
