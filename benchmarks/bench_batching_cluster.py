@@ -1,10 +1,11 @@
 """Continuous batching in the stages: aggregate tokens/s at 1, 4 and 8 streams over 2 and 3 local stages,
 batched (``--max-batch 16``) against one step at a time (``--max-batch 1``), in the same run.
 
-    python benchmarks/bench_batching_cluster.py [--nodes 2 3] [--streams 1 4 8] [--max-tokens 48]
+    python benchmarks/bench_batching_cluster.py [--nodes 2 3] [--streams 1 4 8] [--max-tokens 48] [--repeats 2]
 
 Starts real node processes on 127.0.0.1 (the default model, float32) for each (stages, mode), streams
-greedy requests through the OpenAI API, and reads each stage's counters from ``/health`` before and after
+greedy requests through the OpenAI API (the two modes' clusters run side by side and are measured in
+alternation, round by round), and reads each stage's counters from ``/health`` before and after
 every measurement: the mean rows per forward call, and how busy each stage's compute thread was. The sum
 of the stages' busy fractions is how many stages computed at once on average (above 1: the requests'
 micro-batches overlap across stages). Saves benchmarks/results/batching_cluster.json.
@@ -71,26 +72,38 @@ async def streams(session: aiohttp.ClientSession, cluster: Cluster, c: int, max_
     }
 
 
-async def measure(n: int, mode: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    cluster = Cluster(n, args.dtype, log_dir, MODES[mode])
+async def measure(n: int, args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
+    """Both modes' clusters up at once (idle nodes cost little), measured alternately, round by round, so
+    that the load of a shared machine falls on both alike."""
+    clusters = {mode: Cluster(n, args.dtype, log_dir, MODES[mode]) for mode in MODES}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
-            await cluster.wait_ready(session)
-            await one_stream(session, cluster.ports[0], PROMPTS[0], 8)  # warm-up
-            row: dict[str, Any] = {"stages": n, "mode": mode, "streams": {}}
+            for cluster in clusters.values():
+                await cluster.wait_ready(session)
+                await one_stream(session, cluster.ports[0], PROMPTS[0], 8)  # warm-up
+            runs: dict[tuple[str, int], list[dict[str, Any]]] = {(m, c): [] for m in MODES for c in args.streams}
             for c in args.streams:
-                runs = [await streams(session, cluster, c, args.max_tokens) for _ in range(args.repeats)]
-                best = max(runs, key=lambda r: r["tok_s"])
-                row["streams"][str(c)] = {
-                    "tok_s": round(statistics.median(r["tok_s"] for r in runs), 2),
-                    "tok_s_runs": [round(r["tok_s"], 2) for r in runs],
-                    "stages_at_once": best["stages_at_once"],
-                    "busy": best["busy"],
-                    "rows_per_call": best["rows_per_call"],
-                }
-            return row
+                for _ in range(args.repeats):
+                    for mode, cluster in clusters.items():
+                        runs[mode, c].append(await streams(session, cluster, c, args.max_tokens))
+            rows = []
+            for mode in MODES:
+                row: dict[str, Any] = {"stages": n, "mode": mode, "streams": {}}
+                for c in args.streams:
+                    done = runs[mode, c]
+                    best = max(done, key=lambda r: r["tok_s"])
+                    row["streams"][str(c)] = {
+                        "tok_s": round(statistics.median(r["tok_s"] for r in done), 2),
+                        "tok_s_runs": [round(r["tok_s"], 2) for r in done],
+                        "stages_at_once": best["stages_at_once"],
+                        "busy": best["busy"],
+                        "rows_per_call": best["rows_per_call"],
+                    }
+                rows.append(row)
+            return rows
     finally:
-        cluster.stop()
+        for cluster in clusters.values():
+            cluster.stop()
 
 
 def main() -> None:
@@ -100,13 +113,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--code", default="", help="what code ran (commits), recorded in the JSON")
+    parser.add_argument("--out", default="batching_cluster.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="exo-bench-batch-") as tmp:
         for n in args.nodes:
-            for mode in MODES:
-                rows.append(asyncio.run(measure(n, mode, args, Path(tmp))))
-                print(json.dumps(rows[-1]), flush=True)
+            for row in asyncio.run(measure(n, args, Path(tmp))):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print(
         f"\n{'stages':>6} {'streams':>7} {'batched':>9} {'one-at-a-time':>14} {'ratio':>6}"
         f" {'rows/call':>9} {'at once':>8}"
@@ -131,12 +146,13 @@ def main() -> None:
         "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": args.code,
         "results": rows,
         "batched_over_one_at_a_time": ratios,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "batching_cluster.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"saved {RESULTS / 'batching_cluster.json'}")
+    (RESULTS / args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"saved {RESULTS / args.out}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class Cluster:
                 "--port",
                 str(port),
                 "--node-id",
-                f"b{n}-{i}",
+                f"b{n}{''.join(extra).replace('-', '')}-{i}",
                 "--no-discovery",
                 "--dtype",
                 dtype,
