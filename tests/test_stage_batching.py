@@ -30,7 +30,7 @@ from exo_stable.node.node import Node, NodeConfig
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.pipeline.service import GenerationJob, GenerationResult
 from exo_stable.pipeline.stagebatch import ReadyStep, SmallHistogram, StepQueue
-from exo_stable.wire.messages import TensorPayload
+from exo_stable.wire.messages import StepHop, TensorPayload
 
 N_LAYERS = 6
 PROMPTS = [
@@ -108,6 +108,15 @@ async def test_an_activation_step_is_as_wide_as_its_tensor() -> None:
     payload = TensorPayload.from_bytes("float32", (1, 3, 2), bytes(24))
     step = ReadyStep("a", None, 0, 0, True, 0.0, 0.0, tensor=payload)
     assert step.width == 3 and not step.is_decode and step.wire == ("float32", (1, 3, 2), bytes(24))
+
+
+async def test_a_hop_from_a_peer_without_batching_reads_as_a_step_computed_alone() -> None:
+    import msgspec
+
+    old = {"node_id": "n", "stage": 0, "start": 0, "end": 2, "step": 1, "position": 0, "tokens": 1, "stage_s": 0.1}
+    hop = msgspec.json.decode(msgspec.json.encode(old), type=StepHop)
+    assert hop.batch == 1
+    assert msgspec.json.decode(msgspec.json.encode(msgspec.structs.replace(hop, batch=4)), type=StepHop).batch == 4
 
 
 async def test_histogram_buckets_are_cumulative() -> None:

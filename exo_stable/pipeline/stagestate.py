@@ -1,6 +1,6 @@
 """What a stage keeps and is set up with, apart from the actor that does the work: its settings
 (:class:`StageConfig`), one request's state on the stage (:class:`StageRequest`), its counters
-(:class:`StageStats`), the timing records of a step (:class:`Arrival`, :class:`Timing`), the chaos tests'
+(:class:`StageStats`), the timing record of a step (:class:`Timing`), the chaos tests'
 stage faults named in the environment (:func:`stage_faults`) and the request level as the owner sent it
 (:func:`wire_level`). No IO, no MLX; the actor is :mod:`exo_stable.pipeline.stage`.
 """
@@ -106,13 +106,6 @@ class StageConfig:
     max_batch: int = 16  # decode steps of this many requests share one forward call (1: one at a time)
     step_token_budget: int = 512  # positions per compute step: decode rows plus prompt chunks (one at least)
     max_queued_steps: int = 64  # ready steps waiting for the compute thread; past it, the stage takes no more
-
-
-class Arrival(NamedTuple):
-    """When a stage took a step in: wall clock (comparable across the nodes of one host) and perf counter."""
-
-    wall: float
-    clock: float
 
 
 class Timing(NamedTuple):
