@@ -90,11 +90,20 @@ class StageActor(Actor[StageMessage]):
         self.load_s = 0.0
         self.faults = stage_faults()
         integrity = StageFaultConfig.from_env() or StageFaultConfig()
-        self.integrity_faults = StageFaults(integrity, stage=config.index)  # off unless configured
+        faults = StageFaults(integrity, stage=config.index)  # off unless configured
         self._idle = asyncio.Event()
         self._idle.set()
-        self._work = StageWork(self._compute, config.index, self.is_last, self.integrity_faults, self.stats)
+        self._work = StageWork(self._compute, config.index, self.is_last, faults, self.stats)
         self._queue = StepQueue(config.max_queued_steps)
+
+    @property
+    def integrity_faults(self) -> StageFaults:
+        """Injected integrity faults (tests only; off unless configured), shared with the MLX side."""
+        return self._work.faults
+
+    @integrity_faults.setter
+    def integrity_faults(self, faults: StageFaults) -> None:
+        self._work.faults = faults
 
     def default_name(self) -> str:
         return f"stage{self.config.index}{self.layers}"
