@@ -40,12 +40,12 @@ PROMPTS = [
 
 
 class Cluster:
-    def __init__(self, n: int, dtype: str, log_dir: Path) -> None:
+    def __init__(self, n: int, dtype: str, log_dir: Path, extra: tuple[str, ...] = ()) -> None:
         self.ports = free_ports(n)
         self.procs: list[subprocess.Popen[bytes]] = []
         peers = ",".join(f"127.0.0.1:{p}" for p in self.ports)
         for i, port in enumerate(self.ports):
-            log = (log_dir / f"bench-n{n}-{i}.log").open("wb")
+            log = (log_dir / f"bench-n{n}-{'-'.join(extra) or 'default'}-{i}.log").open("wb")
             cmd = [
                 sys.executable,
                 "-m",
@@ -54,12 +54,13 @@ class Cluster:
                 "--port",
                 str(port),
                 "--node-id",
-                f"b{n}-{i}",
+                f"b{n}{''.join(extra).replace('-', '')}-{i}",
                 "--no-discovery",
                 "--dtype",
                 dtype,
                 "--max-concurrent",
                 "16",
+                *extra,
             ]
             if n > 1:
                 cmd += ["--peers", peers]

@@ -65,6 +65,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "gpu"], help="compute on this device (default: the best available)")
     p.add_argument(
@@ -116,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode steps of concurrent requests in one forward call: where rows are bit-exact (exact, the "
         "default), up to --batch-limit whatever the backend (fast), or never (off); see README 'Batching'",
     )
-    serve.add_argument("--batch-limit", type=int, default=16, help="most requests one decode step carries")
+    serve.add_argument(
+        "--batch-limit",
+        type=_positive_int,
+        default=16,
+        help="most requests one decode step carries, on one device and on each stage (default 16)",
+    )
     serve.add_argument("--node-id", help="this node's name in the cluster (default: HOSTNAME-PORT)")
     serve.add_argument(
         "--peers",

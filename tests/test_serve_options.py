@@ -57,14 +57,30 @@ def test_serve_arguments_reach_the_node_configuration() -> None:
     args = parser.parse_args(["serve", "--model", "m.gguf", "--device", "cpu"])
     config = node_config(args)
     assert (config.stage_max_restarts, config.stage_restart_period_s, config.suspect_ttl_s) == (2, 30.0, 60.0)
-    assert config.decode_ahead is True and config.build_ahead is True
+    assert config.decode_ahead is True and config.build_ahead is True and config.batch_limit == 16
     flags = ["--stage-max-restarts", "0", "--stage-restart-period", "5", "--suspect-seconds", "7.5"]
     args = parser.parse_args(
-        ["serve", "--model", "m.gguf", "--device", "cpu", "--no-decode-ahead", "--no-build-ahead", *flags]
+        [
+            "serve",
+            "--model",
+            "m.gguf",
+            "--device",
+            "cpu",
+            "--no-decode-ahead",
+            "--no-build-ahead",
+            "--batch-limit",
+            "1",
+            *flags,
+        ]
     )
     config = node_config(args)
     assert (config.stage_max_restarts, config.stage_restart_period_s, config.suspect_ttl_s) == (0, 5.0, 7.5)
-    assert config.decode_ahead is False and config.build_ahead is False
-    for bad in (["--suspect-seconds", "0"], ["--stage-restart-period", "-1"], ["--stage-max-restarts", "-1"]):
+    assert config.decode_ahead is False and config.build_ahead is False and config.batch_limit == 1
+    for bad in (
+        ["--suspect-seconds", "0"],
+        ["--stage-restart-period", "-1"],
+        ["--stage-max-restarts", "-1"],
+        ["--batch-limit", "0"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *bad])

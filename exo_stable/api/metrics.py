@@ -223,6 +223,30 @@ def _bound(value: float) -> str:
     return str(float(value))
 
 
+def stage_batching(node: Node) -> Iterator[Metric]:
+    """The node's stage's continuous batching: rows per forward call, and steps queued when each compute step
+    began (both histograms), and the steps queued now."""
+    host = getattr(node, "stage_host", None)
+    actor = None if host is None else host.actor
+    if actor is None:
+        return
+    layers = f"{actor.layers.start}-{actor.layers.end}"
+    for name, doc, hist in (
+        ("stage_batch_size", "Requests' steps per forward call on this node's stage", actor.stats.batch_size),
+        (
+            "stage_queue_depth",
+            "Ready steps queued at this node's stage when a compute step began",
+            actor.stats.queue_depth,
+        ),
+    ):
+        family = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=["layers"])
+        family.add_metric([layers], hist.cumulative(), sum_value=hist.total)
+        yield family
+    yield GaugeMetricFamily(
+        f"{PREFIX}_stage_queued_steps", "Ready steps waiting for the stage's compute thread", value=actor.queued_steps
+    )
+
+
 class NodeCollector(Collector):
     """A cluster node's links, stage, owned requests and recoveries: one :class:`NodeStatistics` snapshot per
     scrape, from the callable the node gives it."""
@@ -238,6 +262,7 @@ class NodeCollector(Collector):
             _stage(f, node.stage)
         _owner(f, node.owner)
         yield from f
+        yield from stage_batching(self.node)
 
 
 def _links(f: _Families, node: NodeStatistics) -> None:

@@ -125,6 +125,7 @@ class StageHost:
             build_ahead=self.options.build_ahead,
             batch=self.options.batch,
             batch_limit=self.options.batch_limit,
+            max_queued_steps=4 * self.options.max_requests,
         )
         started = time.perf_counter()
         name = f"stage-{epoch}"

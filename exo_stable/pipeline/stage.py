@@ -5,6 +5,10 @@ stage); every other stage takes hidden states from the stage before it, as check
 The last stage picks each token with the request's own sampler and sends it, sealed with its checksum, to
 the request owner and (unless the request's token budget is spent) to stage 0 as the next step.
 
+Steps are batched: a step taken in is checked and queued (bounded, :mod:`exo_stable.pipeline.stagebatch`);
+the stage's batch loop runs the ready decode steps of several requests as one forward call and sends each
+row's result on exactly as a step computed alone (:mod:`exo_stable.pipeline.stagework` holds the MLX side).
+
 The owner decides when a request is over and says so with RequestClose; a step that arrives for a request
 this stage no longer holds is dropped and counted (the pipeline may run a token ahead of the owner).
 
@@ -22,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import mlx.core as mx
 import msgspec
 
 from actors import Actor
@@ -30,14 +33,13 @@ from exo_stable.engine.grammar import GrammarError
 from exo_stable.engine.loader import ModelSource
 from exo_stable.engine.mlx_thread import MlxThread
 from exo_stable.engine.model import LayerRange
-from exo_stable.engine.sampling import Pick
-from exo_stable.engine.stagecompute import StageBusy, StageCompute, UnknownRequest, input_array, tensor_to_bytes
+from exo_stable.engine.stagecompute import StageBusy, StageCompute, UnknownRequest
 from exo_stable.pipeline.levels import ValidationLevel, spot_check_chosen
 from exo_stable.pipeline.sampling import params_from_wire
+from exo_stable.pipeline.stagebatch import ReadyStep, StepQueue
 from exo_stable.pipeline.stagefaults import StageFaultConfig, StageFaults
 from exo_stable.pipeline.stagestate import (
     MAX_PENDING_HOPS,
-    Arrival,
     InjectedStageCrash,
     Send,
     SpotCheckMismatch,
@@ -51,6 +53,7 @@ from exo_stable.pipeline.stagestate import (
     timed,
     wire_level,
 )
+from exo_stable.pipeline.stagework import StageWork
 from exo_stable.wire.messages import (
     ActivationChunk,
     BarrierArrive,
@@ -62,7 +65,6 @@ from exo_stable.wire.messages import (
     StepInput,
     TensorPayload,
     TokenChunk,
-    tensor_checksum,
 )
 from exo_stable.wire.tensors import ActivationAssembler, TensorError, chunk_activation
 from exo_stable.wire.validation import TokenTransferValidator
@@ -88,6 +90,8 @@ class StageActor(Actor[StageMessage]):
             self.layers,
             config.dtype,
             max_requests=config.max_requests,
+            batch=config.batch,
+            batch_limit=config.batch_limit,
             keep=None if keep is None else keep._compute,
         )
         self._thread: MlxThread | None = None
@@ -98,9 +102,20 @@ class StageActor(Actor[StageMessage]):
         self.load_s = 0.0
         self.faults = stage_faults()
         integrity = StageFaultConfig.from_env() or StageFaultConfig()
-        self.integrity_faults = StageFaults(integrity, stage=config.index)  # off unless configured
+        faults = StageFaults(integrity, stage=config.index)  # off unless configured
         self._idle = asyncio.Event()
         self._idle.set()
+        self._work = StageWork(self._compute, config.index, self.is_last, faults, self.stats)
+        self._queue = StepQueue(config.max_queued_steps)
+
+    @property
+    def integrity_faults(self) -> StageFaults:
+        """Injected integrity faults (tests only; off unless configured), shared with the MLX side."""
+        return self._work.faults
+
+    @integrity_faults.setter
+    def integrity_faults(self, faults: StageFaults) -> None:
+        self._work.faults = faults
 
     def default_name(self) -> str:
         return f"stage{self.config.index}{self.layers}"
@@ -116,6 +131,11 @@ class StageActor(Actor[StageMessage]):
     @property
     def open_requests(self) -> int:
         return len(self._requests)
+
+    @property
+    def queued_steps(self) -> int:
+        """Ready steps waiting for the compute thread."""
+        return len(self._queue)
 
     def owner_of(self, request_id: str) -> str | None:
         request = self._requests.get(request_id)
@@ -134,6 +154,7 @@ class StageActor(Actor[StageMessage]):
         self._thread = MlxThread(f"mlx-stage{self.config.index}")
         self.load_s = await self._thread.run(self._compute.load, timeout=self.config.load_timeout_s)
         log.info("%s loaded layers %s in %.2fs", self.config.node_id, self.layers, self.load_s)
+        self.start_task(self._batch_loop(), name=f"stage{self.config.index}-batches")
 
     async def on_failure(self, exc: BaseException) -> None:
         """This stage crashed: every request it held fails here now (their owners replay them), not at
@@ -174,6 +195,7 @@ class StageActor(Actor[StageMessage]):
             case RequestClose(request_id=rid):
                 self._requests.pop(rid, None)
                 self._assembler.discard(rid)
+                self._queue.discard(rid)
                 await self._run(self._compute.close, rid)
                 if not self._requests:
                     self._idle.set()
@@ -189,6 +211,7 @@ class StageActor(Actor[StageMessage]):
             # The owner moved the request to another plan (recovery): start its caches afresh.
             self._requests.pop(msg.request_id)
             self._assembler.discard(msg.request_id)
+            self._queue.discard(msg.request_id)
             await self._run(self._compute.close, msg.request_id)
         try:
             held = sum(1 for r in self._requests.values() if r.owner == msg.owner)
@@ -221,7 +244,7 @@ class StageActor(Actor[StageMessage]):
                 await self._run(self._compute.close, msg.request_id)
 
     async def _step_tokens(self, msg: StepInput) -> None:
-        arrived = Arrival(time.time(), time.perf_counter())
+        arrived = time.time(), time.perf_counter()
         if not self.is_first:
             raise RuntimeError(f"token step sent to stage {self.config.index}, which is not the first")
         request = self._requests.get(msg.request_id)
@@ -229,11 +252,11 @@ class StageActor(Actor[StageMessage]):
             # Closed, or a step of the plan this request left (a replaced plan's stage still draining it).
             self.stats.stale_steps += 1
             return
-        rid = msg.request_id
-        await self._forward(rid, request, msg.step, msg.position, msg.final, arrived=arrived, tokens=msg.tokens)
+        ready = ReadyStep(msg.request_id, request, msg.step, msg.position, msg.final, *arrived, tokens=msg.tokens)
+        await self._enqueue(ready)
 
     async def _step_activation(self, chunk: ActivationChunk) -> None:
-        arrived = Arrival(time.time(), time.perf_counter())
+        arrived = time.time(), time.perf_counter()
         request = self._requests.get(chunk.request_id)
         if request is None or request.plan_epoch != chunk.plan_epoch:
             # Closed, or a step of the plan this request left (a replaced plan's stage still draining it).
@@ -255,36 +278,85 @@ class StageActor(Actor[StageMessage]):
             await self._fail(chunk.request_id, request, f"bad activation: step {chunk.step} {what}", chunk.step)
             return
         if tensor is not None:
-            await self._forward(
-                chunk.request_id,
-                request,
-                chunk.step,
-                chunk.position,
-                chunk.final,
-                arrived=arrived,
-                tensor=tensor,
-                hops=chunk.hops,
-            )
+            rid, step, position, final = chunk.request_id, chunk.step, chunk.position, chunk.final
+            ready = ReadyStep(rid, request, step, position, final, *arrived, tensor=tensor, hops=chunk.hops)
+            await self._enqueue(ready)
 
-    async def _forward(
-        self,
-        rid: str,
-        request: StageRequest,
-        step: int,
-        position: int,
-        final: bool,
-        *,
-        arrived: Arrival,
-        tokens: tuple[int, ...] = (),
-        tensor: TensorPayload | None = None,
-        hops: tuple[StepHop, ...] = (),
-    ) -> None:
-        """Run one step; ``hops``: the trace facts of the stages before this one for the same step."""
+    async def _enqueue(self, ready: ReadyStep) -> None:
+        """Queue a checked step for the batch loop, waiting for room (back-pressure: this actor takes no
+        further message until there is room, so its mailbox fills and its senders wait)."""
+        await self._queue.wait_room(self.config.step_timeout_s)
+        self._queue.put(ready)
+
+    async def _batch_loop(self) -> None:
+        """The stage's compute loop (owned by the actor: an exception here crashes the stage, and every
+        request it holds is failed to its owner for replay). Each turn takes what the queue picks: the ready
+        decode steps of several requests run as one batched forward call, then at most the budget's prompt
+        chunks, one call each; requests open and close between turns."""
+        while True:
+            await self._queue.wait_ready()
+            work = self._queue.take(max_batch=self._batch_limit(), token_budget=self.config.step_token_budget)
+            self.stats.queue_depth.observe(work.depth)
+            rows = [r for r in work.decode if self._current(r)]
+            if len(rows) > 1:
+                await self._forward_rows(rows)
+            elif rows:
+                await self._forward(rows[0])
+            for chunk in work.chunks:
+                if self._current(chunk):
+                    await self._forward(chunk)
+
+    def _batch_limit(self) -> int:
+        """Rows for this compute step: the open requests split over as many micro-batches as the plan has
+        stages (at most the rows the compute may batch exactly, see StageCompute.batch_limit). One batch of every request would move round the ring as one block,
+        with a single stage busy at a time; as many blocks as stages keep every stage computing at once."""
+        stages = len(self.config.stages)
+        return max(1, min(self._compute.batch_limit, -(-len(self._requests) // stages)))
+
+    def _current(self, ready: ReadyStep) -> bool:
+        """Whether the request the step was taken in for is still open here (not closed, failed or reopened
+        under another plan since); a step that is not current is dropped and counted."""
+        if self._requests.get(ready.rid) is ready.request:
+            return True
+        self.stats.stale_steps += 1
+        return False
+
+    def _spot(self, ready: ReadyStep) -> bool:
+        request: StageRequest = ready.request
+        return request.level is ValidationLevel.STRICT and spot_check_chosen(
+            request.spot_fraction, request.spot_seed, ready.rid, ready.step, self.config.index
+        )
+
+    def _forced(self, ready: ReadyStep) -> int | None:
+        """A replay's known token at the step's position (the penalties of later positions see it)."""
+        history = ready.request.history
+        return history[ready.position] if ready.final and ready.position < len(history) else None
+
+    async def _forward_rows(self, rows: list[ReadyStep]) -> None:
+        """The decode steps of several requests in one forward call, then each row's result on its way as a
+        step computed alone would send it (its own checksums, validation and trace hop, which notes the batch)."""
+        if "crash_every_step" in self.faults:
+            raise InjectedStageCrash(f"injected crash of stage {self.config.index} in a batch of {len(rows)}")
+        checks = [(r.request.level, self._spot(r)) for r in rows]
+        forced = [self._forced(r) for r in rows]
+        outs, compute_s = await self._run(timed, self._work.rows, rows, checks, forced)
+        self.stats.batch_size.observe(len(rows))
+        self.stats.batched_rows += len(rows)
+        for ready, out in zip(rows, outs, strict=True):
+            if isinstance(out, UnknownRequest) or not self._current(ready):
+                continue
+            if isinstance(out, SpotCheckMismatch):
+                self.stats.spot_check_mismatches += 1
+                await self._fail(ready.rid, ready.request, f"spot check mismatch: {out}", ready.step)
+                continue
+            await self._deliver(ready, out, compute_s, batch=len(rows), ahead=False)
+
+    async def _forward(self, ready: ReadyStep) -> None:
+        """Run one step alone (a prompt chunk, or the only ready decode step)."""
+        rid, request, step, position, final = ready.rid, ready.request, ready.step, ready.position, ready.final
         if "crash_every_step" in self.faults:
             raise InjectedStageCrash(f"injected crash of stage {self.config.index} at step {step} of {rid}")
-        spot = request.level is ValidationLevel.STRICT and spot_check_chosen(
-            request.spot_fraction, request.spot_seed, rid, step, self.config.index
-        )
+        spot = self._spot(ready)
         # A one-stage plan holds the whole model: a greedy step can be queued on the device before the host
         # has read the token it consumes, as on the single device (the strict level recomputes steps: not there).
         ahead = (
@@ -297,11 +369,10 @@ class StageActor(Actor[StageMessage]):
         )
         try:
             queue_next = position + 1 < request.max_tokens
-            forced = request.history[position] if final and position < len(request.history) else None
             step_fn = functools.partial(
-                self._compute_step, checks=(request.level, spot), ahead=queue_next if ahead else None, forced=forced
+                self._work.step, ahead=queue_next if ahead else None, forced=self._forced(ready)
             )
-            out, compute_s = await self._run(timed, step_fn, rid, tokens, tensor, position, final)
+            out, compute_s = await self._run(timed, step_fn, ready, (request.level, spot))
         except UnknownRequest:
             self.stats.stale_steps += 1
             return
@@ -311,9 +382,18 @@ class StageActor(Actor[StageMessage]):
             self.stats.spot_check_mismatches += 1
             await self._fail(rid, request, f"spot check mismatch: {exc}", step)
             return
+        self.stats.batch_size.observe(1)
+        if self._current(ready):
+            await self._deliver(ready, out, compute_s, batch=1, ahead=ahead)
+
+    async def _deliver(self, ready: ReadyStep, out: Any, compute_s: float, *, batch: int, ahead: bool) -> None:
+        """Send one step's result on: hidden states to the next stage, or the picked token to its owner and
+        round to stage 0; ``hops``: the trace facts of the stages before this one for the same step."""
+        rid, request, step, position, final = ready.rid, ready.request, ready.step, ready.position, ready.final
+        hops = ready.hops
         self.stats.steps += 1
-        timing = Timing(arrived.wall, time.perf_counter() - arrived.clock, compute_s)
-        n_tokens = len(tokens) if tensor is None else tensor.shape[1]
+        timing = Timing(ready.arrived_wall, time.perf_counter() - ready.arrived_clock, compute_s)
+        n_tokens = ready.width
         if not self.is_last:
             dtype, shape, data, source = out
             data = self.integrity_faults.memory(dtype, data)  # injected for tests only; off unless configured
@@ -328,7 +408,9 @@ class StageActor(Actor[StageMessage]):
                 source_checksum=source,
             )
             checksum = f"{payload.checksum:08x}"
-            hop = self._hop(step, position, tokens=n_tokens, timing=timing, bytes_out=len(data), checksum=checksum)
+            hop = self._hop(
+                step, position, tokens=n_tokens, timing=timing, bytes_out=len(data), checksum=checksum, batch=batch
+            )
             pieces = [msgspec.structs.replace(piece, hops=(*hops, hop)) for piece in pieces]
             try:
                 for piece in pieces:
@@ -342,7 +424,7 @@ class StageActor(Actor[StageMessage]):
             return
         if not final or position < len(request.history):
             # No token leaves with this step: its hops wait for the next one that does.
-            own = self._hop(step, position, tokens=n_tokens, timing=timing, bytes_out=0, checksum="")
+            own = self._hop(step, position, tokens=n_tokens, timing=timing, bytes_out=0, checksum="", batch=batch)
             self._keep_hops(request, (*hops, own))
         if not final:
             return  # a prompt chunk that is not the last one: nothing to sample yet
@@ -378,7 +460,9 @@ class StageActor(Actor[StageMessage]):
             token = self._validator.seal(token)
         request.sent.append(token)
         self.stats.tokens_sent += 1
-        own = self._hop(step, position, tokens=n_tokens, timing=timing, bytes_out=0, checksum=token.checksum)
+        own = self._hop(
+            step, position, tokens=n_tokens, timing=timing, bytes_out=0, checksum=token.checksum, batch=batch
+        )
         trail = (*request.pending_hops, *hops, own)
         outgoing = msgspec.structs.replace(token, hops=trail, hops_lost=request.hops_lost)
         request.pending_hops.clear()
@@ -414,7 +498,9 @@ class StageActor(Actor[StageMessage]):
             except UnknownRequest:
                 self.stats.stale_steps += 1
 
-    def _hop(self, step: int, position: int, *, tokens: int, timing: Timing, bytes_out: int, checksum: str) -> StepHop:
+    def _hop(
+        self, step: int, position: int, *, tokens: int, timing: Timing, bytes_out: int, checksum: str, batch: int = 1
+    ) -> StepHop:
         """This stage's trace facts for one step."""
         return StepHop(
             node_id=self.config.node_id,
@@ -429,6 +515,7 @@ class StageActor(Actor[StageMessage]):
             checksum=checksum,
             received_at=timing.received_at,
             compute_s=timing.compute_s,
+            batch=batch,
         )
 
     @staticmethod
@@ -450,54 +537,6 @@ class StageActor(Actor[StageMessage]):
             )
             await self._send(self.config.stages[0].node_id, nxt)
 
-    def _compute_step(
-        self,
-        rid: str,
-        tokens: tuple[int, ...],
-        tensor: TensorPayload | None,
-        position: int,
-        final: bool,
-        *,
-        checks: tuple[ValidationLevel, bool] = (ValidationLevel.LIGHT, False),
-        ahead: bool | None = None,
-        forced: int | None = None,
-    ) -> Any:
-        """On the MLX thread: one forward call; ``(dtype, shape, bytes, source checksum)`` of the hidden states
-        out (the checksum only for strict requests, else -1), or the picked token on the last stage.
-
-        ``checks``: the request's level, and whether to spot-check this step: run it a second time on the same
-        cache state and compare the results bit for bit (raises :class:`SpotCheckMismatch`). ``ahead``: a
-        greedy step of a one-stage plan, through :meth:`StageCompute.pick_ahead` (queueing the next step when
-        true). ``forced``: a replay's known token at ``position``, which the penalties of later positions see."""
-        if ahead is not None:
-            return Pick(self._compute.pick_ahead(rid, tokens, queue_next=ahead))
-        level, spot = checks
-        wire = None if tensor is None else (tensor.dtype, tensor.shape, tensor.data)
-        out = self._compute.forward_input(rid, tokens, wire)
-        if not self.is_last:
-            dtype, shape, data = tensor_to_bytes(out)
-            data = self.integrity_faults.compute(dtype, data)  # injected for tests only; off unless configured
-            if spot:
-                self._spot_check(rid, input_array(tokens, wire), data)
-            source = tensor_checksum(data) if level is ValidationLevel.STRICT else -1
-            return dtype, shape, data, source
-        if spot:
-            self._spot_check(rid, input_array(tokens, wire), tensor_to_bytes(out)[2])
-        return self._compute.choose(rid, out, position, forced) if final else None
-
-    def _spot_check(self, rid: str, x: mx.array, first: bytes) -> None:
-        """On the MLX thread: rewind the request's caches by this step and compute it again; the two outputs
-        must be the same bytes. Catches a transient fault of this stage's compute or memory; a fault that
-        repeats identically (bad weights) gives the same wrong result twice and is not caught here."""
-        self.stats.spot_checks += 1
-        self._compute.rewind(rid, int(x.shape[1]))
-        again = tensor_to_bytes(self._compute.forward(rid, x))[2]
-        if again != first:
-            at = next((i for i, (a, b) in enumerate(zip(first, again, strict=False)) if a != b), len(first))
-            raise SpotCheckMismatch(
-                f"stage {self.config.index} computed the step twice; the results differ at byte {at} of {len(first)}"
-            )
-
     async def _resend(self, rid: str, positions: tuple[int, ...]) -> None:
         request = self._requests.get(rid)
         if request is None:
@@ -513,6 +552,7 @@ class StageActor(Actor[StageMessage]):
         self.stats.failures += 1
         log.warning("stage %d failed request %s at step %d: %s", self.config.index, rid, step, detail)
         self._requests.pop(rid, None)
+        self._queue.discard(rid)
         await self._run(self._compute.close, rid)
         failure = StageFailure(
             request_id=rid, node_id=self.config.node_id, detail=detail, step=step, plan_epoch=request.plan_epoch
@@ -537,6 +577,8 @@ class StageActor(Actor[StageMessage]):
             counters=replace(self.stats),
             compute=replace(self._compute.stats),
             faults_injected=self.integrity_faults.counts.as_dict() if self.integrity_faults.enabled else None,
+            batch_limit=self.config.batch_limit,
+            queued=len(self._queue),
         )
 
     def snapshot(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from exo_stable.engine.batching import BatchMode
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.stagecompute import ComputeStats
 from exo_stable.pipeline.levels import ValidationLevel
+from exo_stable.pipeline.stagebatch import BATCH_BUCKETS, QUEUE_BUCKETS, SmallHistogram
 from exo_stable.wire.messages import (
     ActivationChunk,
     Message,
@@ -86,6 +87,9 @@ class StageStats:
     spot_check_mismatches: int = 0  # ... whose two results differed
     refused_per_owner: int = 0  # request opens past the per-owner share of the slots
     build_ahead_busy: int = 0  # next steps not built ahead because the stage served other requests too
+    batched_rows: int = 0  # decode steps computed in a forward call shared with other requests' steps
+    batch_size: SmallHistogram = field(default_factory=lambda: SmallHistogram(BATCH_BUCKETS))  # rows per call
+    queue_depth: SmallHistogram = field(default_factory=lambda: SmallHistogram(QUEUE_BUCKETS))  # steps waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,8 @@ class StageStatistics:
     faults_injected: Mapping[str, int] | None = None
     epoch: int | None = None
     draining: tuple[str, ...] = ()
+    batch_limit: int = 1  # rows one forward call may take (StageConfig.batch_limit)
+    queued: int = 0  # ready steps waiting for the compute thread
 
     def as_dict(self) -> dict[str, Any]:
         """As ``/health`` shows it."""
@@ -124,6 +130,16 @@ class StageStatistics:
                 "skipped_busy": st.build_ahead_busy,
             },
             "replay_divergences": st.replay_divergences,
+            "batching": {
+                "batch_limit": self.batch_limit,
+                "queued": self.queued,
+                "batched_rows": st.batched_rows,
+                "forward_calls": st.batch_size.count,
+                "mean_batch": round(st.batch_size.mean(), 3),
+                "compute_s": round(c.forward_seconds, 3),
+                "batch_size": dict(st.batch_size.cumulative()),
+                "queue_depth": dict(st.queue_depth.cumulative()),
+            },
             "validation": {
                 "bad_activations": st.bad_activations,
                 "source_checksum_failures": st.source_checksum_failures,
@@ -151,7 +167,9 @@ class StageConfig:
     decode_ahead: bool = True  # a one-stage plan queues each greedy step before its token is read
     build_ahead: bool = True  # build each decode step's graph while the other stages compute (prepare)
     batch: BatchMode = BatchMode.EXACT  # StageCompute's batching of decode steps (engine.batching)
-    batch_limit: int = 16
+    batch_limit: int = 16  # rows per forward call at most (the stage's batch; 1: one step at a time)
+    step_token_budget: int = 512  # positions per compute step: decode rows plus prompt chunks (one at least)
+    max_queued_steps: int = 64  # ready steps waiting for the compute thread; past it, the stage takes no more
 
 
 class Arrival(NamedTuple):

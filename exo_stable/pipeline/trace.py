@@ -55,6 +55,7 @@ class StepRecord:
     at_s: float  # when the owner learned of it, from the trace's start
     received_at: float = 0.0  # wall clock when the stage took the step in (0: not reported)
     compute_s: float = 0.0  # of stage_s, the forward call on the stage's compute thread
+    batch: int = 1  # requests whose steps shared the forward call (the stage's continuous batching)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class StepRecord:
             "tokens": self.tokens,
             "stage_ms": round(1000 * self.stage_s, 3),
             "compute_ms": round(1000 * self.compute_s, 3),
+            "batch": self.batch,
             "received_at": round(self.received_at, 6),
             "bytes_out": self.bytes_out,
             "checksum": self.checksum,
@@ -178,6 +180,7 @@ class RequestTrace:
                     at_s=at,
                     received_at=h.received_at,
                     compute_s=h.compute_s,
+                    batch=h.batch,
                 )
             )
         self.hops_lost += lost

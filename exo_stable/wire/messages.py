@@ -168,6 +168,7 @@ class StepHop(msgspec.Struct, frozen=True):
     checksum: str = ""
     received_at: float = 0.0  # wall clock (time.time()) when the stage took the step in
     compute_s: float = 0.0  # of stage_s, the forward call on the stage's compute thread
+    batch: int = 1  # requests whose steps shared this forward call (continuous batching; 1: computed alone)
 
 
 class TokenChunk(WireMessage, frozen=True, tag="token"):
