@@ -223,27 +223,23 @@ def _bound(value: float) -> str:
     return str(float(value))
 
 
-def stage_batching(node: Node) -> Iterator[Metric]:
+def stage_batching(stage: StageStatistics) -> Iterator[Metric]:
     """The node's stage's continuous batching: rows per forward call, and steps queued when each compute step
     began (both histograms), and the steps queued now."""
-    host = getattr(node, "stage_host", None)
-    actor = None if host is None else host.actor
-    if actor is None:
-        return
-    layers = f"{actor.layers.start}-{actor.layers.end}"
+    layers = f"{stage.layers[0]}-{stage.layers[1]}"
     for name, doc, hist in (
-        ("stage_batch_size", "Requests' steps per forward call on this node's stage", actor.stats.batch_size),
+        ("stage_batch_size", "Requests' steps per forward call on this node's stage", stage.counters.batch_size),
         (
             "stage_queue_depth",
             "Ready steps queued at this node's stage when a compute step began",
-            actor.stats.queue_depth,
+            stage.counters.queue_depth,
         ),
     ):
         family = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=["layers"])
         family.add_metric([layers], hist.cumulative(), sum_value=hist.total)
         yield family
     yield GaugeMetricFamily(
-        f"{PREFIX}_stage_queued_steps", "Ready steps waiting for the stage's compute thread", value=actor.queued_steps
+        f"{PREFIX}_stage_queued_steps", "Ready steps waiting for the stage's compute thread", value=stage.queued
     )
 
 
@@ -262,7 +258,8 @@ class NodeCollector(Collector):
             _stage(f, node.stage)
         _owner(f, node.owner)
         yield from f
-        yield from stage_batching(self.node)
+        if node.stage is not None:
+            yield from stage_batching(node.stage)
 
 
 def _links(f: _Families, node: NodeStatistics) -> None:

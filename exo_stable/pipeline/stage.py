@@ -308,8 +308,9 @@ class StageActor(Actor[StageMessage]):
 
     def _batch_limit(self) -> int:
         """Rows for this compute step: the open requests split over as many micro-batches as the plan has
-        stages (at most the rows the compute may batch exactly, see StageCompute.batch_limit). One batch of every request would move round the ring as one block,
-        with a single stage busy at a time; as many blocks as stages keep every stage computing at once."""
+        stages, at most the rows its compute may batch (StageCompute.batch_limit). One batch of every request
+        would move round the ring as one block, with a single stage busy at a time; as many blocks as stages
+        keep every stage computing at once."""
         stages = len(self.config.stages)
         return max(1, min(self._compute.batch_limit, -(-len(self._requests) // stages)))
 
