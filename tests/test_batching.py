@@ -75,6 +75,22 @@ def test_exact_mode_batches_only_what_the_probe_found_exact(tiny: Path) -> None:
     assert exact_limit({2: False}) == 1
 
 
+def test_a_stage_loaded_again_reuses_the_probe(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe runs once per product shape in a process: a stage built again (a new plan, a failover's
+    survivor) takes the answer already found instead of paying for the probe again."""
+    from exo_stable.engine import stagecompute
+
+    monkeypatch.setattr(stagecompute, "_PROBED", {})
+    first = StageCompute(open_model(tiny), LayerRange(0, 2, N_LAYERS), Dtype.BFLOAT16, batch_limit=8)
+    first.load()
+    assert first.batch_limit > 1 and stagecompute._PROBED
+    for sizes in stagecompute._PROBED.values():  # pretend every product differed from 2 rows on
+        sizes.update(dict.fromkeys(sizes, False))
+    again = StageCompute(open_model(tiny), LayerRange(2, N_LAYERS, N_LAYERS), Dtype.BFLOAT16, batch_limit=8)
+    again.load()
+    assert again.batch_limit == 1
+
+
 async def _collect(
     engine: SingleDeviceEngine, prompt: list[int], params: SamplingParams, n: int, decoding: asyncio.Event | None = None
 ) -> list[int]:

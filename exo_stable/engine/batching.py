@@ -48,11 +48,15 @@ def exact_limit(probe: dict[int, bool]) -> int:
     return limit
 
 
-def distinct_products(net: nn.Module) -> list[tuple[int, Callable[[mx.array], mx.array]]]:
+Product = tuple[tuple[object, ...], int, Callable[[mx.array], mx.array]]
+"""A matrix product of a model: its signature (kind, weight shape and dtype, quantization), input width, call."""
+
+
+def distinct_products(net: nn.Module) -> list[Product]:
     """The model's matrix products of distinct kinds and shapes (linear layers, and a tied head), each as
-    its input width and the call."""
-    seen: set[tuple[str, tuple[int, ...]]] = set()
-    out: list[tuple[int, Callable[[mx.array], mx.array]]] = []
+    its signature, its input width and the call."""
+    seen: set[tuple[object, ...]] = set()
+    out: list[Product] = []
     for _, module in net.named_modules():
         if isinstance(module, nn.QuantizedLinear | nn.Linear):
             width = module.weight.shape[1] * (32 // module.bits if isinstance(module, nn.QuantizedLinear) else 1)
@@ -62,10 +66,16 @@ def distinct_products(net: nn.Module) -> list[tuple[int, Callable[[mx.array], mx
             call = module.as_linear
         else:
             continue
-        signature = (type(module).__name__, tuple(module.weight.shape))
+        signature: tuple[object, ...] = (
+            type(module).__name__,
+            tuple(module.weight.shape),
+            str(module.weight.dtype),
+            getattr(module, "bits", None),
+            getattr(module, "group_size", None),
+        )
         if signature not in seen:
             seen.add(signature)
-            out.append((width, call))
+            out.append((signature, width, call))
     return out
 
 
