@@ -30,7 +30,7 @@ from exo_stable.tokenizer import ChatMessage
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(600)]
 
-MAX_TOKENS = 24
+MAX_TOKENS = 40
 REQUESTS: list[tuple[str, dict[str, Any]]] = [
     ("Write a haiku about the sea.", {"temperature": 0}),
     ("Name three colours.", {"temperature": 0}),
@@ -52,7 +52,7 @@ async def references(default_gguf: Path) -> list[str]:
             prompt = source.tokenizer.encode_chat([ChatMessage(role="user", content=text)])
             result = GenerationResult(prompt_tokens=len(prompt))
             job = GenerationJob(prompt, SamplingParams(**sampling), MAX_TOKENS)
-            out.append("".join([d.text async for d in service.stream(job, result)]))
+            out.append("".join([result.add(d).text async for d in service.stream(job)]))
         return out
     finally:
         engine.close()
@@ -97,8 +97,15 @@ async def test_sigkill_of_a_batching_stage_replays_every_request_of_its_batch(
 
     async def kill_when_batched(session: aiohttp.ClientSession) -> int:
         await ready.wait()
-        async with session.get(f"http://127.0.0.1:{ports[2]}/health") as resp:
-            stage = (await resp.json())["stage"]
+        # Kill once the last stage has shared a forward call between requests (whether it has by the time every
+        # stream has KILL_AFTER deltas depends on how the steps happened to meet), within a deadline.
+        async with asyncio.timeout(120):
+            while True:
+                async with session.get(f"http://127.0.0.1:{ports[2]}/health") as resp:
+                    stage = (await resp.json())["stage"]
+                if stage["batching"]["batched_rows"] > 0:
+                    break
+                await asyncio.sleep(0.05)  # polling /health, not synchronising: the streams run on meanwhile
         os.kill(procs[2].pid, signal.SIGKILL)
         killed.set()
         return int(stage["batching"]["batched_rows"])

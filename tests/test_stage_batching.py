@@ -175,9 +175,9 @@ async def cluster(model: Path, n: int, **options: Any) -> AsyncIterator[list[Nod
 
 async def run_one(node: Node, prompt: list[int], params: SamplingParams) -> list[int]:
     result = GenerationResult(prompt_tokens=len(prompt))
-    async with aclosing(node.owner.stream(GenerationJob(prompt, params, MAX_TOKENS), result)) as deltas:
-        async for _ in deltas:
-            pass
+    async with aclosing(node.owner.stream(GenerationJob(prompt, params, MAX_TOKENS))) as deltas:
+        async for delta in deltas:
+            result.add(delta)
     return result.token_ids
 
 
@@ -218,7 +218,9 @@ async def test_concurrent_requests_batched_equal_each_request_alone(
             assert node.stage_host.actor is not None
             await node.stage_host.actor.wait_idle(timeout=30)
             assert node.stage_host.actor.queued_steps == 0
-        families = {f.name: f for node in nodes for f in stage_batching(node)}
+        families = {
+            f.name: f for node in nodes if (st := node.statistics().stage) is not None for f in stage_batching(st)
+        }
         sizes = families["exo_stable_stage_batch_size"].samples
         assert any(s.name.endswith("_count") and s.value > 0 for s in sizes)
         assert "exo_stable_stage_queue_depth" in families and "exo_stable_stage_queued_steps" in families
