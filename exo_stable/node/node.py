@@ -56,6 +56,9 @@ from exo_stable.wire.peerlink import WIRE_PATH, LinkConfig
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE_S = 10.0
+"""How long a stopping node waits for its tasks to end before it cancels (and names) the rest."""
+
 
 class Node:
     """One node: what its configuration implies at once, then (in :meth:`run`) its parts, built by
@@ -365,26 +368,42 @@ class Node:
                 seed=parts.gossip.addresses()[0],
             )
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(parts.peers.run(stop, parts.router), name="peers")
-                tg.create_task(parts.coordinator.run(stop), name="coordinator")
-                tg.create_task(parts.gossip.run(stop), name="gossip")
-                tg.create_task(self._supervise(system, stop), name="supervise")
+                tasks = [
+                    tg.create_task(parts.peers.run(stop, parts.router), name="peers"),
+                    tg.create_task(parts.coordinator.run(stop), name="coordinator"),
+                    tg.create_task(parts.gossip.run(stop), name="gossip"),
+                    tg.create_task(self._supervise(system, stop), name="supervise"),
+                ]
                 await parts.peers.wait_ready(timeout=10.0)
                 self._peers_ready.set()
                 for host, peer_port in config.peers:
                     if (host, peer_port) != (config.host, port):
                         parts.peers.dial(host, peer_port)
                 if config.discovery:
-                    tg.create_task(self._discover(port, stop), name="discovery")
-                tg.create_task(self._announce(port, ready, stop), name="announce")
-                tg.create_task(watch_alone(self, stop), name="alone")
+                    tasks.append(tg.create_task(self._discover(port, stop), name="discovery"))
+                tasks.append(tg.create_task(self._announce(port, ready, stop), name="announce"))
+                tasks.append(tg.create_task(watch_alone(self, stop), name="alone"))
                 await stop.wait()
                 # Wake the loops that wait for changes so they see the stop now, not at their next deadline.
                 parts.gossip.wake()
                 parts.coordinator.wake()
                 print("exo-stable: shutting down", file=sys.stderr, flush=True)
+                await self._stop_within(tasks, SHUTDOWN_GRACE_S)
         finally:
             await runner.cleanup()
+
+    async def _stop_within(self, tasks: list[asyncio.Task[None]], grace_s: float) -> None:
+        """Give the node's tasks ``grace_s`` seconds to end after the stop; cancel, and name, any still running
+        (a stop must not wait without a deadline: a task that does not end is a bug, logged to be found)."""
+        running = [t for t in tasks if not t.done()]
+        if not running:
+            return
+        _, late = await asyncio.wait(running, timeout=grace_s)
+        if late:
+            names = ", ".join(sorted(t.get_name() for t in late))
+            log.warning("%s: still running %.0fs after the stop, cancelled: %s", self.node_id, grace_s, names)
+            for task in late:
+                task.cancel()
 
     async def _announce(self, port: int, ready: asyncio.Event | None, stop: asyncio.Event) -> None:
         """Print the ready line once this node's first plan is committed (the model is loaded)."""
