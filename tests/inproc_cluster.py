@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from exo_stable.engine.loader import open_model
 from exo_stable.engine.modelspec import Dtype
@@ -21,13 +22,20 @@ async def in_process_cluster(
     split: tuple[int, ...] | None = None,
     memory_bytes: int | None = None,
     timeout: float = 240.0,  # noqa: ASYNC109 (the whole cluster's life, start to stop)
+    **options: Any,  # more NodeConfig fields, the same for every node
 ) -> AsyncIterator[tuple[list[Node], list[asyncio.Event]]]:
     """``n`` nodes ``{prefix}-0``... dialled to the first, yielded once every node runs an ``n``-stage plan,
     with one stop event per node (set one to make that node leave); all stop when the block ends."""
     nodes = []
     for i in range(n):
         config = NodeConfig(
-            model=model, dtype=Dtype.FLOAT32, port=0, node_id=f"{prefix}-{i}", split=split, memory_bytes=memory_bytes
+            model=model,
+            dtype=Dtype.FLOAT32,
+            port=0,
+            node_id=f"{prefix}-{i}",
+            split=split,
+            memory_bytes=memory_bytes,
+            **options,
         )
         nodes.append(Node(config, open_model(model)))
     stops = [asyncio.Event() for _ in nodes]

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from inproc_cluster import in_process_cluster
 
 from exo_stable.api.metrics import stage_batching
 from exo_stable.engine.loader import open_model
@@ -26,7 +27,7 @@ from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import SamplingParams
 from exo_stable.engine.single import SingleDeviceEngine
 from exo_stable.engine.synthetic import tiny_gguf
-from exo_stable.node.node import Node, NodeConfig
+from exo_stable.node.node import Node
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.pipeline.service import GenerationJob, GenerationResult
 from exo_stable.pipeline.stagebatch import ReadyStep, SmallHistogram, StepQueue
@@ -151,26 +152,9 @@ async def reference(tiny_model: Path) -> AsyncIterator[dict[tuple[int, int], lis
 @asynccontextmanager
 async def cluster(model: Path, n: int, **options: Any) -> AsyncIterator[list[Node]]:
     """``n`` in-process nodes on 127.0.0.1 running an ``n``-stage plan; stopped when the block ends."""
-    stop = asyncio.Event()
     split = tuple(N_LAYERS // n + (1 if i < N_LAYERS % n else 0) for i in range(n))
-    configs = [
-        NodeConfig(model=model, dtype=Dtype.FLOAT32, port=0, node_id=f"b{n}-{i}", split=split, **options)
-        for i in range(n)
-    ]
-    nodes = [Node(config, open_model(model)) for config in configs]
-    async with asyncio.timeout(300), asyncio.TaskGroup() as tg:
-        for node in nodes:
-            tg.create_task(node.run(stop=stop, handle_signals=False))
-        try:
-            first = await nodes[0].wait_listening(timeout=60)
-            for node in nodes[1:]:
-                await node.wait_listening(timeout=60)
-                node.peers.dial("127.0.0.1", first)
-            for node in nodes:
-                await node.coordinator.wait_plan_where(lambda p: len(p.stages) == n, timeout=60)
-            yield nodes
-        finally:
-            stop.set()
+    async with in_process_cluster(model, n, f"b{n}", split=split, timeout=300, **options) as (nodes, _):
+        yield nodes
 
 
 async def run_one(node: Node, prompt: list[int], params: SamplingParams) -> list[int]:
