@@ -22,6 +22,7 @@ import pytest_asyncio
 from inproc_cluster import in_process_cluster
 
 from exo_stable.api.metrics import stage_batching
+from exo_stable.engine.histogram import Histogram
 from exo_stable.engine.loader import open_model
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import SamplingParams
@@ -30,7 +31,7 @@ from exo_stable.engine.synthetic import tiny_gguf
 from exo_stable.node.node import Node
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.pipeline.service import GenerationJob, GenerationResult
-from exo_stable.pipeline.stagebatch import ReadyStep, SmallHistogram, StepQueue
+from exo_stable.pipeline.stagebatch import ReadyStep, StepQueue
 from exo_stable.wire.messages import StepHop, TensorPayload
 
 N_LAYERS = 6
@@ -121,10 +122,10 @@ async def test_a_hop_from_a_peer_without_batching_reads_as_a_step_computed_alone
 
 
 async def test_histogram_buckets_are_cumulative() -> None:
-    hist = SmallHistogram((1, 2, 4))
+    hist = Histogram((1, 2, 4))
     for v in (1, 1, 2, 3, 9):
         hist.observe(v)
-    assert hist.cumulative() == [("1", 2), ("2", 3), ("4", 4), ("+Inf", 5)]
+    assert hist.cumulative() == [("1.0", 2), ("2.0", 3), ("4.0", 4), ("+Inf", 5)]
     assert hist.count == 5 and hist.mean() == pytest.approx(16 / 5)
 
 

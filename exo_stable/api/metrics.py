@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from exo_stable.engine.histogram import Histogram as Counts
     from exo_stable.pipeline.ownerstate import OwnerStatistics
     from exo_stable.pipeline.service import Service
     from exo_stable.pipeline.stagestate import StageStatistics
@@ -215,12 +216,14 @@ class BatchCollector(Collector):
             ("decode_batch_size", "Requests whose decode positions one forward step carried", stats.batch_size),
             ("batch_queue_depth", "Admitted requests whose prompt had not started, at each step", stats.queue_depth),
         ):
-            buckets = [(_bound(b), float(n)) for b, n in hist.cumulative()] + [("+Inf", float(hist.count))]
-            yield HistogramMetricFamily(f"{PREFIX}_{name}", doc, buckets=buckets, sum_value=hist.total)
+            yield _histogram(name, doc, hist)
 
 
-def _bound(value: float) -> str:
-    return str(float(value))
+def _histogram(name: str, doc: str, hist: Counts, labels: dict[str, str] | None = None) -> Metric:
+    family = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels or {}))
+    buckets = [(bound, float(n)) for bound, n in hist.cumulative()]
+    family.add_metric(list((labels or {}).values()), buckets, sum_value=hist.total)
+    return family
 
 
 def stage_batching(stage: StageStatistics) -> Iterator[Metric]:
@@ -235,9 +238,7 @@ def stage_batching(stage: StageStatistics) -> Iterator[Metric]:
             stage.counters.queue_depth,
         ),
     ):
-        family = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=["layers"])
-        family.add_metric([layers], hist.cumulative(), sum_value=hist.total)
-        yield family
+        yield _histogram(name, doc, hist, {"layers": layers})
     yield GaugeMetricFamily(
         f"{PREFIX}_stage_queued_steps", "Ready steps waiting for the stage's compute thread", value=stage.queued
     )

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from exo_stable.engine.histogram import BATCH_BUCKETS, QUEUE_BUCKETS, Histogram
 from exo_stable.engine.mlx_thread import MlxThread
 from exo_stable.engine.sampling import Pick, SamplingParams
 from exo_stable.engine.stagecompute import StageCompute, prompt_chunks
@@ -34,34 +35,6 @@ BUFFER = 4
 
 STEPS_PER_JOB = 32
 """Steps the loop runs per job on the MLX thread before it queues itself again behind other jobs."""
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-QUEUE_BUCKETS = (0, 1, 2, 4, 8, 16, 32)
-
-
-class Histogram:
-    """Counts of observed values per upper bound (cumulative on read, as Prometheus exposes them)."""
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * len(self.bounds)
-        self.count = 0
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        self.count += 1
-        self.total += value
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        out, running = [], 0
-        for bound, n in zip(self.bounds, self.counts, strict=True):
-            running += n
-            out.append((bound, running))
-        return out
 
 
 @dataclass

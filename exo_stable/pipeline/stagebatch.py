@@ -20,17 +20,11 @@ mailbox fills, and its senders wait (back-pressure over the links). No MLX and n
 from __future__ import annotations
 
 import asyncio
-import bisect
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from exo_stable.wire.messages import StepHop, TensorPayload
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-"""Upper bounds of the batch size histogram's buckets (rows per forward call)."""
-QUEUE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
-"""Upper bounds of the queue depth histogram's buckets (steps waiting when a compute step began)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,36 +142,4 @@ class StepQueue:
         return ComputeStep(tuple(decode), tuple(chunks), depth)
 
 
-@dataclass
-class SmallHistogram:
-    """Counts of observed values by bucket upper bound (cumulative on export, as Prometheus wants)."""
-
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)  # one per bound, plus one for the values above them all
-    total: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.bounds) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        """``(upper bound, values at or below it)`` pairs, ending with ``+Inf``."""
-        out, running = [], 0
-        for bound, n in zip((*(str(b) for b in self.bounds), "+Inf"), self.counts, strict=True):
-            running += n
-            out.append((bound, running))
-        return out
-
-    def mean(self) -> float:
-        return self.total / self.count if self.count else 0.0
-
-
-__all__ = ["BATCH_BUCKETS", "QUEUE_BUCKETS", "ComputeStep", "ReadyStep", "SmallHistogram", "StepQueue"]
+__all__ = ["ComputeStep", "ReadyStep", "StepQueue"]

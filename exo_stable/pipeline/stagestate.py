@@ -15,10 +15,10 @@ from typing import Any, NamedTuple
 
 from exo_stable import settings
 from exo_stable.engine.batching import BatchMode
+from exo_stable.engine.histogram import BATCH_BUCKETS, QUEUE_BUCKETS, Histogram
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.stagecompute import ComputeStats
 from exo_stable.pipeline.levels import ValidationLevel
-from exo_stable.pipeline.stagebatch import BATCH_BUCKETS, QUEUE_BUCKETS, SmallHistogram
 from exo_stable.wire.messages import (
     ActivationChunk,
     Message,
@@ -88,8 +88,8 @@ class StageStats:
     refused_per_owner: int = 0  # request opens past the per-owner share of the slots
     build_ahead_busy: int = 0  # next steps not built ahead because the stage served other requests too
     batched_rows: int = 0  # decode steps computed in a forward call shared with other requests' steps
-    batch_size: SmallHistogram = field(default_factory=lambda: SmallHistogram(BATCH_BUCKETS))  # rows per call
-    queue_depth: SmallHistogram = field(default_factory=lambda: SmallHistogram(QUEUE_BUCKETS))  # steps waiting
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))  # rows per call
+    queue_depth: Histogram = field(default_factory=lambda: Histogram(QUEUE_BUCKETS))  # steps waiting
 
 
 @dataclass(frozen=True, slots=True)
