@@ -9,7 +9,6 @@ single-device answer, with one finish reason and ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import signal
@@ -23,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from cluster_proc import free_port_block
+from sse import DONE, sse_events
 
 from exo_stable.engine.loader import open_model
 from exo_stable.engine.modelspec import Dtype
@@ -136,14 +136,7 @@ async def test_sigkill_of_the_last_stage_mid_stream(
         killed_at = None
         async with session.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line:
-                    continue
-                lines.append(line)
-                if line == "data: [DONE]":
-                    break
-                event = json.loads(line.removeprefix("data: "))
+            async for event in sse_events(resp, lines):
                 assert "error" not in event, event
                 choice = event["choices"][0]
                 if choice["delta"].get("content"):
@@ -154,7 +147,7 @@ async def test_sigkill_of_the_last_stage_mid_stream(
                     killed_at = len(deltas)
                     os.kill(procs[2].pid, signal.SIGKILL)
         assert killed_at is not None
-        assert lines[-1] == "data: [DONE]"
+        assert lines[-1] == DONE
         assert len(finishes) == 1
         assert "".join(deltas) == expected, "the answer after the kill continues exactly where it was"
         after = await wait_stages(session, ports[:2], 2, timeout_s=60)

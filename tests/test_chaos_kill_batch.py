@@ -10,7 +10,6 @@ that request's uninterrupted answer on a single device, with one finish reason a
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from sse import DONE, sse_events
 from test_chaos_kill import three_nodes, wait_stages  # noqa: F401 (three_nodes: the fixture, used by name)
 
 from exo_stable.engine.loader import open_model
@@ -75,14 +75,7 @@ async def test_sigkill_of_a_batching_stage_replays_every_request_of_its_batch(
         finishes: list[str] = []
         async with session.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line:
-                    continue
-                lines.append(line)
-                if line == "data: [DONE]":
-                    break
-                event = json.loads(line.removeprefix("data: "))
+            async for event in sse_events(resp, lines):
                 assert "error" not in event, event
                 choice = event["choices"][0]
                 if choice["delta"].get("content"):
@@ -119,7 +112,7 @@ async def test_sigkill_of_a_batching_stage_replays_every_request_of_its_batch(
             batched_rows = await killer
         assert batched_rows > 0, "the killed stage never ran several requests' steps in one forward call"
         for k, (lines, finishes) in enumerate(outcomes):
-            assert lines[-1] == "data: [DONE]" and len(finishes) == 1
+            assert lines[-1] == DONE and len(finishes) == 1
             assert "".join(deltas[k]) == expected[k], f"request {k} continues exactly where it was"
         after = await wait_stages(session, ports[:2], 2, timeout_s=60)
         assert all(not s["node_id"].endswith("2") for s in after["stages"])

@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 from cluster_proc import free_port_block
+from sse import DONE, sse_events
 from test_chaos_kill import wait_stages
 
 from exo_stable.engine.loader import open_model
@@ -215,28 +216,24 @@ async def stream_chat(
                 out.error = {"status": resp.status, "body": await resp.text()}
                 out.ended = time.perf_counter()
                 return out
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line:
-                    continue
-                if line == "data: [DONE]":
-                    out.done = True
-                    break
-                event = json.loads(line.removeprefix("data: "))
-                if "error" in event:
-                    out.error = event
-                    continue  # [DONE] (or the end of the body) follows
-                choice = event["choices"][0]
-                if choice["delta"].get("content"):
-                    out.deltas.append(choice["delta"]["content"])
-                    out.times.append(time.perf_counter())
-                    if on_delta is not None:
-                        on_delta(len(out.deltas))
-                    if stop_after is not None and len(out.deltas) >= stop_after:
-                        resp.close()  # the client disconnects mid-stream
-                        break
-                if choice["finish_reason"]:
-                    out.finishes.append(choice["finish_reason"])
+            lines: list[str] = []
+            async with contextlib.aclosing(sse_events(resp, lines)) as events:
+                async for event in events:
+                    if "error" in event:
+                        out.error = event
+                        continue  # [DONE] (or the end of the body) follows
+                    choice = event["choices"][0]
+                    if choice["delta"].get("content"):
+                        out.deltas.append(choice["delta"]["content"])
+                        out.times.append(time.perf_counter())
+                        if on_delta is not None:
+                            on_delta(len(out.deltas))
+                        if stop_after is not None and len(out.deltas) >= stop_after:
+                            resp.close()  # the client disconnects mid-stream
+                            break
+                    if choice["finish_reason"]:
+                        out.finishes.append(choice["finish_reason"])
+            out.done = bool(lines) and lines[-1] == DONE
     out.ended = time.perf_counter()
     return out
 

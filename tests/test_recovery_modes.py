@@ -14,7 +14,6 @@ the others see it go), as in ``test_recovery.py``.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from sse import DONE, sse_events
 
 from exo_stable.engine.loader import open_model
 from exo_stable.engine.modelspec import Dtype
@@ -189,17 +189,11 @@ async def test_no_plan_and_no_room_for_the_whole_model_ends_the_stream_with_an_e
                 assert "exo_replay" in (await resp.json())["error"]["message"]
             async with http.post(url, json=body) as resp:
                 assert resp.status == 200
-                async for raw in resp.content:
-                    line = raw.decode().strip()
-                    if not line:
-                        continue
-                    lines.append(line)
-                    if line == "data: [DONE]":
-                        break
-                    events.append(json.loads(line.removeprefix("data: ")))
+                async for event in sse_events(resp, lines):
+                    events.append(event)
                     if len(events) == 4:
                         m.stops[1].set()
-        assert lines[-1] == "data: [DONE]"
+        assert lines[-1] == DONE
         errors = [e for e in events if "error" in e]
         assert len(errors) == 1, events[-3:]
         message = str(errors[0]["error"])
