@@ -52,16 +52,20 @@ Product = tuple[tuple[object, ...], int, Callable[[mx.array], mx.array]]
 """A matrix product of a model: its signature (kind, weight shape and dtype, quantization), input width, call."""
 
 
-def distinct_products(net: nn.Module) -> list[Product]:
+def distinct_products(net: nn.Module, *, head: bool) -> list[Product]:
     """The model's matrix products of distinct kinds and shapes (linear layers, and a tied head), each as
-    its signature, its input width and the call."""
+    its signature, its input width and the call. ``head``: the shard computes the logits (the last stage),
+    so an embedding without an ``lm_head`` beside it is the tied head's product; elsewhere an embedding is
+    only looked up."""
     seen: set[tuple[object, ...]] = set()
     out: list[Product] = []
-    for _, module in net.named_modules():
+    modules = dict(net.named_modules())
+    tied_head = head and not any(name == "lm_head" or name.endswith(".lm_head") for name in modules)
+    for _, module in modules.items():
         if isinstance(module, nn.QuantizedLinear | nn.Linear):
             width = module.weight.shape[1] * (32 // module.bits if isinstance(module, nn.QuantizedLinear) else 1)
             call: Callable[[mx.array], mx.array] = module
-        elif isinstance(module, nn.QuantizedEmbedding | nn.Embedding) and "weight" in module:
+        elif tied_head and isinstance(module, nn.QuantizedEmbedding | nn.Embedding) and "weight" in module:
             width = module.weight.shape[1] * (32 // module.bits if isinstance(module, nn.QuantizedEmbedding) else 1)
             call = module.as_linear
         else:

@@ -276,7 +276,7 @@ class StageCompute:
         found: dict[int, bool] = {size: True for size in range(2, most + 1)}
         act = compute_dtype(self.dtype)
         device = str(mx.default_device())
-        for signature, width, product in distinct_products(model.net):
+        for signature, width, product in distinct_products(model.net, head=self.layers.is_last):
             known = (device, str(act), *signature)
             with _PROBED_LOCK:
                 sizes = _PROBED.get(known)
