@@ -234,6 +234,7 @@ class Coordinator(PlanState):
             members=frozenset(self.members),
             suspects=self.active_suspects(),
             refused=dict(self.refused),
+            barrier=None if self._round_barrier is None else self._round_barrier.state(),
         )
 
     # -- the leader's planning loop --------------------------------------------------------------------

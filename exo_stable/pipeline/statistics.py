@@ -15,7 +15,7 @@ from typing import Any
 from exo_stable.pipeline.ownerstate import OwnerStatistics
 from exo_stable.pipeline.stagestate import StageStatistics
 from exo_stable.wire.linkconfig import PeersStatistics
-from exo_stable.wire.messages import PlanCommit
+from exo_stable.wire.messages import PlanCommit, SyncState
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,8 @@ class ClusterStatistics:
     suspects: frozenset[str] = frozenset()
     refused: Mapping[str, str] = field(default_factory=dict)
     """Peers that are not members (another model or protocol), with the reason."""
+    barrier: SyncState | None = None
+    """The barrier of the plan round this node leads, while one is open (None otherwise)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,7 @@ class NodeStatistics:
             "node_id": self.node_id,
             "plan_epoch": None if plan is None else plan.epoch,
             "membership_epoch": self.cluster.membership_epoch,
+            "plan_barrier": None if (b := self.cluster.barrier) is None else _barrier(b),
             "stage": None if self.stage is None else self.stage.as_dict(),
             "owner": self.owner.as_dict(),
             "peers": self.peers.as_dict(),
@@ -60,6 +63,15 @@ class NodeStatistics:
                 "suspects": sorted(self.cluster.suspects),
             },
         }
+
+
+def _barrier(state: SyncState) -> dict[str, Any]:
+    return {
+        "name": state.barrier_name,
+        "status": state.barrier_status.value,
+        "devices": list(state.participating_devices),
+        "timeout_remaining_s": round(state.timeout_remaining, 3),
+    }
 
 
 __all__ = ["ClusterStatistics", "NodeStatistics"]
