@@ -307,30 +307,14 @@ def quant_from_config(config: dict[str, Any], names: list[str]) -> dict[str, Qua
 
 
 def _open_mlx_dir(path: Path) -> ModelSource:
-    config = json.loads((path / "config.json").read_text())
-    if not isinstance(config, dict):
-        raise UnsupportedModelError(f"{path / 'config.json'} is not a JSON object")
-    spec = spec_from_config(config)
+    config = _config(path, path.name)
+    spec = spec_from_config(config)  # an unsupported family is named before anything else is looked at
     files = weight_files(path)
     if not files:
         raise UnsupportedModelError(f"{path} has config.json but no *.safetensors weights")
     holder = {n: f for f in files for n in safetensors_names(f) if "rotary_emb.inv_freq" not in n}
-    names = list(holder)
-    tokenizer = Tokenizer.from_hf_dir(path)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for f in files:
-        digest.update(f"{f.name}:{f.stat().st_size};".encode())
-    digest.update(tokenizer.fingerprint().encode())
-    return ModelSource(
-        path=path,
-        format="mlx",
-        name=path.name,
-        spec=spec,
-        tokenizer=tokenizer,
-        fingerprint=digest.hexdigest()[:32],
-        quant=quant_from_config(config, names),
-        files=holder,
-    )
+    sizes = "".join(f"{f.name}:{f.stat().st_size};" for f in files)
+    return _mlx_source(path, path.name, config, spec, files=holder, weights=sizes)
 
 
 def _open_hub(repo_id: str) -> ModelSource:
@@ -344,25 +328,45 @@ def _open_hub(repo_id: str) -> ModelSource:
         source = _open_mlx_dir(snapshot)
         source.name = repo_id
         return source
-    config = json.loads((snapshot / "config.json").read_text())
+    config = _config(snapshot, repo_id)
+    files = {n: snapshot / mapping[n] for n in mapping if "rotary_emb.inv_freq" not in n}
+    weights = json.dumps(mapping, sort_keys=True)
+    return _mlx_source(snapshot, repo_id, config, spec_from_config(config), files=files, weights=weights, hub=repo_id)
+
+
+def _config(root: Path, name: str) -> dict[str, Any]:
+    config = json.loads((root / "config.json").read_text())
     if not isinstance(config, dict):
-        raise UnsupportedModelError(f"{repo_id}: config.json is not a JSON object")
-    spec = spec_from_config(config)
-    tokenizer = Tokenizer.from_hf_dir(snapshot)
+        raise UnsupportedModelError(f"{name}: config.json is not a JSON object")
+    return config
+
+
+def _mlx_source(
+    root: Path,
+    name: str,
+    config: dict[str, Any],
+    spec: ModelSpec,
+    *,
+    files: dict[str, Path],
+    weights: str,
+    hub: str | None = None,
+) -> ModelSource:
+    """An MLX / Hugging Face model from its config, its directory's tokenizer and where each tensor is;
+    ``weights`` describes the weight files for the fingerprint (their sizes, or the hub's weight map)."""
+    tokenizer = Tokenizer.from_hf_dir(root)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    digest.update(json.dumps(mapping, sort_keys=True).encode())
+    digest.update(weights.encode())
     digest.update(tokenizer.fingerprint().encode())
-    names = [n for n in mapping if "rotary_emb.inv_freq" not in n]
     return ModelSource(
-        path=snapshot,
+        path=root,
         format="mlx",
-        name=repo_id,
+        name=name,
         spec=spec,
         tokenizer=tokenizer,
         fingerprint=digest.hexdigest()[:32],
-        quant=quant_from_config(config, names),
-        files={n: snapshot / mapping[n] for n in names},
-        hub=repo_id,
+        quant=quant_from_config(config, list(files)),
+        files=files,
+        hub=hub,
     )
 
 
