@@ -143,7 +143,7 @@ def test_engine_concurrent_requests_match_lone_runs(tiny: Path, dtype: Dtype) ->
             out = [*await asyncio.gather(*jobs), await late]
             await engine.logits([1, 2])  # a job on the MLX thread: runs after the retired requests' closes
             stats = engine.batch_stats
-            widest = max((b for b, _ in stats.batch_size.cumulative() if _), default=0) if stats else 0
+            widest = stats.batch_size.largest() if stats else 0
             return out, engine.open_requests, widest
         finally:
             engine.close()

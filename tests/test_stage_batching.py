@@ -125,7 +125,8 @@ async def test_histogram_buckets_are_cumulative() -> None:
     hist = Histogram((1, 2, 4))
     for v in (1, 1, 2, 3, 9):
         hist.observe(v)
-    assert hist.cumulative() == [("1.0", 2), ("2.0", 3), ("4.0", 4), ("+Inf", 5)]
+    assert hist.cumulative() == [(1, 2), (2, 3), (4, 4), (float("inf"), 5)]
+    assert hist.labelled("{:g}".format) == [("1", 2), ("2", 3), ("4", 4), ("+Inf", 5)]
     assert hist.count == 5 and hist.mean() == pytest.approx(16 / 5)
 
 

@@ -221,7 +221,7 @@ class BatchCollector(Collector):
 
 def _histogram(name: str, doc: str, hist: Counts, labels: dict[str, str] | None = None) -> Metric:
     family = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=list(labels or {}))
-    buckets = [(bound, float(n)) for bound, n in hist.cumulative()]
+    buckets = [(bound, float(n)) for bound, n in hist.labelled(str)]
     family.add_metric(list((labels or {}).values()), buckets, sum_value=hist.total)
     return family
 

@@ -6,6 +6,8 @@ Kept here, beside the engine's scheduler that fills one, so the pipeline's stage
 from __future__ import annotations
 
 import bisect
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -34,13 +36,24 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def cumulative(self) -> list[tuple[str, int]]:
-        """``(upper bound, values at or below it)`` pairs, ending with ``+Inf``."""
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, values at or below it)`` pairs, ending with ``inf``."""
         out, running = [], 0
-        for bound, n in zip((*(str(float(b)) for b in self.bounds), "+Inf"), self.counts, strict=True):
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
             running += n
-            out.append((bound, running))
+            out.append((float(bound), running))
         return out
+
+    def labelled(self, label: Callable[[float], str]) -> list[tuple[str, int]]:
+        """:meth:`cumulative` with each bound written by ``label`` (the last as ``+Inf``)."""
+        return [("+Inf" if math.isinf(b) else label(b), n) for b, n in self.cumulative()]
+
+    def largest(self) -> float:
+        """The bound of the highest bucket that holds a value (0 when empty; +inf past every bound)."""
+        filled = [i for i, n in enumerate(self.counts) if n]
+        if not filled:
+            return 0
+        return self.bounds[filled[-1]] if filled[-1] < len(self.bounds) else float("inf")
 
     def mean(self) -> float:
         return self.total / self.count if self.count else 0.0

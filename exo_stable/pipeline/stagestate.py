@@ -137,8 +137,8 @@ class StageStatistics:
                 "forward_calls": st.batch_size.count,
                 "mean_batch": round(st.batch_size.mean(), 3),
                 "compute_s": round(c.forward_seconds, 3),
-                "batch_size": dict(st.batch_size.cumulative()),
-                "queue_depth": dict(st.queue_depth.cumulative()),
+                "batch_size": dict(st.batch_size.labelled("{:g}".format)),
+                "queue_depth": dict(st.queue_depth.labelled("{:g}".format)),
             },
             "validation": {
                 "bad_activations": st.bad_activations,
