@@ -431,14 +431,17 @@ class StageCompute:
         """The token at generated ``position`` from the last position's logits (last stage only)."""
         return self.choose(rid, logits, position).token
 
-    def choose(self, rid: str, logits: mx.array, position: int, forced: int | None = None) -> Pick:
+    def choose(
+        self, rid: str, logits: mx.array, position: int, forced: int | None = None, *, top: int | None = None
+    ) -> Pick:
         """:meth:`pick` with the log-probabilities the request asked for. The penalties look back on the
         completion's tokens before ``position``; the token taken there (``forced``, a replay's known token, or
-        the pick) is recorded for the positions after it."""
+        the pick) is recorded for the positions after it. ``top``: the row's argmax, when :meth:`greedy_tops`
+        computed it with other rows'."""
         request = self.requests[rid]
         params = request.params
         if params.plain_greedy:
-            chosen = Pick(int(mx.argmax(logits).item()))  # type: ignore[arg-type]
+            chosen = Pick(top if top is not None else int(mx.argmax(logits).item()))  # type: ignore[arg-type]
         else:
             row = np.array(logits.astype(mx.float32), copy=False)
             previous = request.generated[:position]
@@ -446,6 +449,17 @@ class StageCompute:
             chosen = sample_pick(row, params, position, previous, allowed)
         self._record(request, position, chosen.token if forced is None else forced)
         return chosen
+
+    def greedy_tops(self, rids: Sequence[str], rows: Sequence[mx.array]) -> list[int | None]:
+        """The argmax of each plain-greedy request's logits row, all in one operation and one read from the
+        device (a row's argmax is the same whether taken alone or beside others); None for the other rows."""
+        greedy = [i for i, rid in enumerate(rids) if (r := self.requests.get(rid)) and r.params.plain_greedy]
+        tops: list[int | None] = [None] * len(rids)
+        if len(greedy) > 1:
+            found = np.array(mx.argmax(mx.stack([rows[i] for i in greedy]), axis=-1))
+            for i, token in zip(greedy, found.tolist(), strict=True):
+                tops[i] = int(token)
+        return tops
 
     @staticmethod
     def _record(request: RequestCache, position: int, token: int) -> None:
@@ -487,7 +501,11 @@ class StageCompute:
             self._record(request, position - 1, token)
         xs = [mx.array([[token]], dtype=mx.int32) for token in tokens]
         rows = self.forward_batch(rids, xs)
-        return [self.choose(rid, row, position) for rid, row, position in zip(rids, rows, positions, strict=True)]
+        tops = self.greedy_tops(rids, rows)
+        return [
+            self.choose(rid, row, position, top=top)
+            for rid, row, position, top in zip(rids, rows, positions, tops, strict=True)
+        ]
 
     # ---- greedy decoding one step ahead (the single device's fast path) -----------------------------------
 

@@ -53,16 +53,28 @@ class StageWork:
         results: list[Any] = [UnknownRequest(r.rid) for r in rows]
         live = [i for i, r in enumerate(rows) if r.rid in self.compute.requests]
         xs = [input_array(rows[i].tokens, rows[i].wire) for i in live]
-        outs = self.compute.forward_batch([rows[i].rid for i in live], xs)
-        for i, x, out in zip(live, xs, outs, strict=True):
+        rids = [rows[i].rid for i in live]
+        outs = self.compute.forward_batch(rids, xs)
+        tops = self.compute.greedy_tops(rids, outs) if self.is_last else [None] * len(outs)
+        for i, x, out, top in zip(live, xs, outs, tops, strict=True):
             try:
-                results[i] = self.finish(rows[i], x, out, checks=checks[i], forced=forced[i])
+                results[i] = self.finish(rows[i], x, out, checks=checks[i], forced=forced[i], top=top)
             except SpotCheckMismatch as exc:
                 results[i] = exc
         return results
 
-    def finish(self, ready: ReadyStep, x: mx.array, out: mx.array, *, checks: Checks, forced: int | None) -> Any:
-        """One step's output as it leaves the stage (see the module docstring)."""
+    def finish(
+        self,
+        ready: ReadyStep,
+        x: mx.array,
+        out: mx.array,
+        *,
+        checks: Checks,
+        forced: int | None,
+        top: int | None = None,
+    ) -> Any:
+        """One step's output as it leaves the stage (see the module docstring); ``top``: the row's argmax when
+        taken with other rows' (:meth:`StageCompute.greedy_tops`)."""
         level, spot = checks
         if not self.is_last:
             dtype, shape, data = tensor_to_bytes(out)
@@ -73,7 +85,7 @@ class StageWork:
             return dtype, shape, data, source
         if spot:
             self.spot_check(ready.rid, x, tensor_to_bytes(out)[2])
-        return self.compute.choose(ready.rid, out, ready.position, forced) if ready.final else None
+        return self.compute.choose(ready.rid, out, ready.position, forced, top=top) if ready.final else None
 
     def spot_check(self, rid: str, x: mx.array, first: bytes) -> None:
         """Rewind the request's caches by this step and compute it again, alone; the two outputs must be the
