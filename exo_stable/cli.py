@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import signal
 import sys
@@ -388,6 +389,8 @@ def _serve(args: argparse.Namespace) -> int:
     # Until the node's event loop takes over SIGTERM (once the model is open), a SIGTERM ends the process
     # cleanly: nothing has started that needs stopping.
     signal.signal(signal.SIGTERM, _terminate_before_start)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (where a node that seems stuck is).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     loop = eventloop.resolve(args.event_loop)
     logging.getLogger("exo_stable.node.node").info("event loop: %s", loop)
     eventloop.run(serve(config), loop)

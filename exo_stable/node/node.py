@@ -39,6 +39,7 @@ from exo_stable.cluster.roles import Bounds, Refusals
 from exo_stable.cluster.router import MessageRouter
 from exo_stable.cluster.stagehost import ClusterOptions, StageHost
 from exo_stable.engine.loader import ModelSource, open_model
+from exo_stable.node import watchdog
 from exo_stable.node.alone import ModelTooLarge, watch_alone
 from exo_stable.node.cluster_service import ClusterService
 from exo_stable.node.config import BYTES_PER_PARAM, NodeConfig, available_memory, serving_dtype
@@ -314,7 +315,7 @@ class Node:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
         for sig in signals:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, self._stop_signal, stop, loop)
         sockets = listen(self.config.host, self.config.port)  # the port first: peers are told where to dial
         try:
             self.port = int(sockets[0].getsockname()[1])
@@ -329,6 +330,13 @@ class Node:
                 sock.close()
             for sig in signals:
                 loop.remove_signal_handler(sig)
+
+    def _stop_signal(self, stop: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM/SIGINT: stop, and end the process if the stop has not finished by a deadline (the grace
+        for tasks, the one for HTTP requests, and 5 s more)."""
+        if not stop.is_set():
+            stop.set()
+            watchdog.arm(SHUTDOWN_GRACE_S + self.config.shutdown_timeout_s + 5.0, loop)
 
     async def _serve(
         self, stop: asyncio.Event, ready: asyncio.Event | None, system: ActorSystem, sockets: list[socket.socket]
