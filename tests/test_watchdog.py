@@ -3,9 +3,11 @@ tasks, then ends the process with status 70 (a real child process whose stop nev
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from exo_stable.node.watchdog import EXIT_STATUS
 
@@ -29,7 +31,11 @@ HANGING = textwrap.dedent(
 
 
 def test_a_hanging_stop_ends_the_process_with_the_stacks() -> None:
-    proc = subprocess.run([sys.executable, "-c", HANGING], capture_output=True, text=True, timeout=20)
+    root = str(Path(__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(
+        [sys.executable, "-c", HANGING], check=False, capture_output=True, text=True, timeout=20, env=env
+    )
     assert proc.returncode == EXIT_STATUS, proc.stderr
     assert "did not finish within 1s" in proc.stderr or "did not finish within 0s" in proc.stderr
     assert "Current thread" in proc.stderr or "Thread 0x" in proc.stderr  # faulthandler's dump
