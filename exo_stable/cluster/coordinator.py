@@ -407,6 +407,11 @@ class Coordinator(PlanState):
                 result = await barrier.sync_with_timeout(self.options.load_timeout_s, self.options.plan_retries)
             finally:
                 self._round_barrier = None
+        if self.leader != self.node_id:
+            # Members came back during the round and another node leads now: its commit would be refused by
+            # every member (this node's own router included); the leader plans from here.
+            log.info("%s: plan %d abandoned: %s leads now", self.node_id, epoch, self.leader)
+            return
         commit = PlanCommit(
             epoch=epoch,
             leader=self.node_id,
