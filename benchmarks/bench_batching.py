@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exo_stable.engine import device as devices  # noqa: E402
+from exo_stable.engine import stagecompute  # noqa: E402
 from exo_stable.engine.batching import BatchMode  # noqa: E402
 from exo_stable.engine.loader import open_model  # noqa: E402
 from exo_stable.engine.modelspec import Dtype  # noqa: E402
@@ -90,17 +91,23 @@ async def interference_once(
                 if counts[0] == len(batch):
                     arrived.set()
 
+    first_token_s: list[float] = []
+
     async def late() -> None:
         async with asyncio.timeout(600):
             await arrived.wait()
         assert long_prompt is not None
+        sent = time.perf_counter()
         async for _ in engine.generate(long_prompt, GREEDY, 1):
-            pass
+            first_token_s.append(time.perf_counter() - sent)
 
     jobs = [one(i) for i in range(len(batch))] + ([late()] if long_prompt else [])
     await asyncio.gather(*jobs)
     gaps = [b - a for s in stamps for a, b in itertools.pairwise(s[8:])]  # once all are decoding
-    return {"p99_gap_s": float(np.percentile(gaps, 99)), "median_gap_s": statistics.median(gaps)}
+    out = {"p99_gap_s": float(np.percentile(gaps, 99)), "median_gap_s": statistics.median(gaps)}
+    if first_token_s:
+        out["long_prompt_first_token_s"] = first_token_s[0]
+    return out
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,8 +216,15 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=2000, help="0: skip the interference test")
     parser.add_argument("--interference-tokens", type=int, default=64)
     parser.add_argument("--compare-mlx-lm", action="store_true")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="what-if: prompt tokens per forward call for this run (the code's PREFILL_CHUNK otherwise)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.prefill_chunk:  # read by prompt_chunks() at each call
+        stagecompute.PREFILL_CHUNK = stagecompute.PREFILL_CHUNK_CPU = args.prefill_chunk
     kind = devices.resolve(args.device)
     devices.choose(kind)
     devices.activate(kind)

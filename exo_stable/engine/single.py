@@ -26,7 +26,7 @@ from exo_stable.engine.model import LayerRange
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import Pick, SamplingParams
 from exo_stable.engine.scheduler import BatchScheduler, BatchStats
-from exo_stable.engine.stagecompute import PREFILL_CHUNK, StageCompute
+from exo_stable.engine.stagecompute import StageCompute, prefill_chunk
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class SingleDeviceEngine:
         )
         self._thread = MlxThread(f"mlx-{source.name}")
         # Tokens one step may forward: every decode row plus one prompt chunk (a chunk is never split).
-        self.step_tokens = step_tokens if step_tokens is not None else PREFILL_CHUNK + max_requests
+        self.step_tokens = step_tokens if step_tokens is not None else prefill_chunk() + max_requests
         self._scheduler: BatchScheduler | None = None
         self._ids = itertools.count()
 

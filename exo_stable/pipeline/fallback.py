@@ -10,7 +10,7 @@ continues, or says plainly why it cannot (the owner ends the stream with that er
 The whole model is loaded on first use, once, and kept for later fallbacks (a deadline bounds the load).
 A replay follows the request's :class:`ReplayMode`: ``exact`` re-runs the prompt chunks and then every
 generated token one decode step each (the continuation is bit-identical to the uninterrupted run), ``fast``
-re-prefills prompt and generated tokens in chunks of :data:`PREFILL_CHUNK`.
+re-prefills prompt and generated tokens in the chunks of any prompt (:func:`prompt_chunks`).
 """
 
 from __future__ import annotations
