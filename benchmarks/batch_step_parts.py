@@ -1,0 +1,155 @@
+"""Where the time of one batched decode step goes: graph building, the device, attention, sampling.
+
+    python benchmarks/batch_step_parts.py [--model random:llama-3-8b] [--dtype bfloat16] [--rows 1 4 16]
+
+For each row count, ``rows`` requests each read a short prompt, then ``--steps`` decode steps run through
+:meth:`StageCompute.decode_batch` (what the batching engine runs), timed as a whole and in parts:
+
+- ``step``: one whole batched step (forward over all rows, then each row's pick), ms.
+- ``build``: building the step's graph with no evaluation on the way (the overlap every few layers off), ms.
+- ``eval``: evaluating that graph, ms (``build + eval`` is a step without the overlap and without picks).
+- ``no_attention``: a step whose attention returns the queries (what the dense work and the caches' writes
+  cost without any attention kernel), ms.
+- ``shared_attention``: a step whose rows, all at the same length here, attend in one call over their
+  keys and values stacked (what a batched attention would cost; not exact, only a measurement), ms.
+
+Saves benchmarks/results/batch_step_parts_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exo_stable.engine import batching  # noqa: E402
+from exo_stable.engine import device as devices  # noqa: E402
+from exo_stable.engine import model as model_module  # noqa: E402
+from exo_stable.engine.batching import BatchMode  # noqa: E402
+from exo_stable.engine.loader import open_model  # noqa: E402
+from exo_stable.engine.model import LayerRange  # noqa: E402
+from exo_stable.engine.modelspec import Dtype  # noqa: E402
+from exo_stable.engine.sampling import SamplingParams  # noqa: E402
+from exo_stable.engine.stagecompute import StageCompute  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@contextmanager
+def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _no_attention(self: batching.RowsCache, queries: mx.array, scale: float, mask: Any) -> mx.array:
+    self._fetched = []
+    return queries
+
+
+def _shared_attention(self: batching.RowsCache, queries: mx.array, scale: float, mask: Any) -> mx.array:
+    keys = mx.concatenate([k for k, _ in self._fetched], axis=0)
+    values = mx.concatenate([v for _, v in self._fetched], axis=0)
+    self._fetched = []
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=None)
+
+
+def timed(fn: Callable[[], Any], steps: int) -> float:
+    """Median ms of ``steps`` calls (after two warm-up calls)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def measure(args: argparse.Namespace, compute: StageCompute, rows: int) -> dict[str, float]:
+    rng = np.random.default_rng(rows)
+    rids = [f"r{i}" for i in range(rows)]
+    last: list[int] = []
+    for rid in rids:
+        compute.open(rid, GREEDY)
+        prompt = [int(t) for t in rng.integers(100, 30000, size=args.prompt_tokens)]
+        last.append(compute.prefill_pick(rid, prompt, 0).token)
+    position = [1]
+
+    def step() -> None:
+        picks = compute.decode_batch(rids, last, [position[0]] * rows)
+        last[:] = [p.token for p in picks]
+        position[0] += 1
+
+    def forward_rows() -> mx.array:
+        xs = mx.array([[t] for t in last], dtype=mx.int32)
+        return compute._model().forward_rows(xs, [compute.requests[r].cache for r in rids])
+
+    out: dict[str, float] = {"step": timed(step, args.steps)}
+    with patched(model_module, "_overlap_every", lambda: 0):
+        builds, evals = [], []
+        for _ in range(args.steps):
+            started = time.perf_counter()
+            logits = forward_rows()
+            built = time.perf_counter()
+            mx.eval(logits)
+            builds.append((built - started) * 1000)
+            evals.append((time.perf_counter() - built) * 1000)
+        out["build"], out["eval"] = statistics.median(builds), statistics.median(evals)
+    if rows > 1:
+        with patched(batching.RowsCache, "attend", _no_attention):
+            out["no_attention"] = timed(step, args.steps)
+        with patched(batching.RowsCache, "attend", _shared_attention):
+            out["shared_attention"] = timed(step, args.steps)
+    out["tok_s"] = rows / out["step"] * 1000
+    for rid in rids:
+        compute.close(rid)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="random:llama-3-8b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prompt-tokens", type=int, default=24)
+    args = parser.parse_args()
+    device = devices.describe(devices.chosen())
+    result: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "device": device, "rows": {}}
+    result["host"] = platform.node()
+    source = open_model(args.model)
+    n = source.spec.num_hidden_layers
+    most = max(args.rows)
+    compute = StageCompute(
+        source, LayerRange(0, n, n), Dtype(args.dtype), max_requests=most, batch=BatchMode.FAST, batch_limit=most
+    )
+    compute.load()
+    for rows in args.rows:
+        figures = measure(args, compute, rows)
+        result["rows"][rows] = figures
+        print(f"{rows:3} rows: " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()), flush=True)
+    name = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    path = ROOT / "benchmarks" / "results" / f"batch_step_parts_{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
