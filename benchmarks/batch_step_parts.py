@@ -13,12 +13,16 @@ For each row count, ``rows`` requests each read a short prompt, then ``--steps``
 - ``shared_attention``: a step whose rows, all at the same length here, attend in one call over their
   keys and values stacked (what a batched attention would cost; not exact, only a measurement), ms.
 
+Each is measured with every request's cache its own (``rowwise``, the three variants above too) and with the
+batched requests' caches as slots of one buffer per layer (``slots``, what ``--batch fast`` runs).
+
 Saves benchmarks/results/batch_step_parts_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -35,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exo_stable.engine import batching  # noqa: E402
+from exo_stable.engine import batching, stagecompute  # noqa: E402
 from exo_stable.engine import device as devices  # noqa: E402
 from exo_stable.engine import model as model_module  # noqa: E402
 from exo_stable.engine.batching import BatchMode  # noqa: E402
@@ -82,7 +86,7 @@ def timed(fn: Callable[[], Any], steps: int) -> float:
     return statistics.median(times)
 
 
-def measure(args: argparse.Namespace, compute: StageCompute, rows: int) -> dict[str, float]:
+def measure(args: argparse.Namespace, compute: StageCompute, rows: int, *, variants: bool) -> dict[str, float]:
     rng = np.random.default_rng(rows)
     rids = [f"r{i}" for i in range(rows)]
     last: list[int] = []
@@ -112,7 +116,7 @@ def measure(args: argparse.Namespace, compute: StageCompute, rows: int) -> dict[
             builds.append((built - started) * 1000)
             evals.append((time.perf_counter() - built) * 1000)
         out["build"], out["eval"] = statistics.median(builds), statistics.median(evals)
-    if rows > 1:
+    if rows > 1 and variants:
         with patched(batching.RowsCache, "attend", _no_attention):
             out["no_attention"] = timed(step, args.steps)
         with patched(batching.RowsCache, "attend", _shared_attention):
@@ -130,23 +134,29 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompt-tokens", type=int, default=24)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = devices.describe(devices.chosen())
-    result: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "device": device, "rows": {}}
+    result: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "device": device}
     result["host"] = platform.node()
     source = open_model(args.model)
     n = source.spec.num_hidden_layers
     most = max(args.rows)
-    compute = StageCompute(
-        source, LayerRange(0, n, n), Dtype(args.dtype), max_requests=most, batch=BatchMode.FAST, batch_limit=most
-    )
-    compute.load()
-    for rows in args.rows:
-        figures = measure(args, compute, rows)
-        result["rows"][rows] = figures
-        print(f"{rows:3} rows: " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()), flush=True)
+    for layout in ("rowwise", "slots"):
+        stagecompute.SHARED_SLOTS = layout == "slots"  # read at load
+        compute = StageCompute(
+            source, LayerRange(0, n, n), Dtype(args.dtype), max_requests=most, batch=BatchMode.FAST, batch_limit=most
+        )
+        compute.load()
+        for rows in args.rows:
+            figures = measure(args, compute, rows, variants=layout == "rowwise")
+            result.setdefault(layout, {})[rows] = figures
+            print(f"{layout:7} {rows:3} rows: " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()), flush=True)
+        del compute
+        gc.collect()
+        mx.clear_cache()
     name = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    path = ROOT / "benchmarks" / "results" / f"batch_step_parts_{name}.json"
+    path = args.out or ROOT / "benchmarks" / "results" / f"batch_step_parts_{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {path}")
 

@@ -115,17 +115,22 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     dtype = Dtype(args.dtype)
     vocab = source.spec.vocab_size
     modes = {"batched": BatchMode(args.mode), "unbatched": BatchMode.OFF}
+    if args.compare_rowwise:
+        modes = {"batched": BatchMode.FAST, "batched_rowwise": BatchMode.FAST, "unbatched": BatchMode.OFF}
     engines: dict[str, SingleDeviceEngine] = {}
     for name, mode in modes.items():
+        stagecompute.SHARED_SLOTS = name != "batched_rowwise"  # read when the engine loads
         engine = SingleDeviceEngine(
             open_model(args.model), dtype=dtype, batch=mode, batch_limit=max(args.streams), max_requests=32
         )
         await engine.start()
         engines[name] = engine
+    stagecompute.SHARED_SLOTS = True
     limit = engines["batched"].batch_limit
     print(f"model {args.model} ({dtype}); batched engine's decode batch limit: {limit}", flush=True)
     rounds: dict[str, dict[int, list[float]]] = {name: {n: [] for n in args.streams} for name in engines}
     same = True
+    result_rowwise_same: list[bool] = []
     for r in range(args.repeats):
         for n in args.streams:
             batch = prompts(vocab, n, args.prompt_tokens, seed=100 * r + n)
@@ -136,9 +141,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 answers[name] = out["tokens"]
                 print(f"round {r} {name:9} {n:2} streams: {out['aggregate_tok_s']:8.1f} tok/s", flush=True)
             same = same and answers["batched"] == answers["unbatched"]
+            if "batched_rowwise" in answers:
+                result_rowwise_same.append(answers["batched_rowwise"] == answers["unbatched"])
     result: dict[str, Any] = {
         "batch_limit": limit,
         "identical_tokens": same,
+        "rowwise_identical_tokens": all(result_rowwise_same) if result_rowwise_same else None,
         "aggregate_tok_s": {name: {n: statistics.median(v) for n, v in per.items()} for name, per in rounds.items()},
     }
     for name in engines:
@@ -216,6 +224,11 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=2000, help="0: skip the interference test")
     parser.add_argument("--interference-tokens", type=int, default=64)
     parser.add_argument("--compare-mlx-lm", action="store_true")
+    parser.add_argument(
+        "--compare-rowwise",
+        action="store_true",
+        help="--batch fast with the requests' caches in one buffer per layer, and with a cache each (row by row)",
+    )
     parser.add_argument(
         "--prefill-chunk",
         type=int,

@@ -19,6 +19,7 @@ from exo_stable.engine.model import LayerRange
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import SamplingParams
 from exo_stable.engine.single import SingleDeviceEngine
+from exo_stable.engine.slots import SlotRows
 from exo_stable.engine.stagecompute import StageCompute
 from exo_stable.engine.synthetic import tiny_gguf
 
@@ -65,6 +66,65 @@ def test_forward_batch_rows_equal_lone_rows(tiny: Path, dtype: Dtype, bounds: tu
     parts = [min(limit, 7 - start) for start in range(0, 7, limit)]  # 7 requests, at most ``limit`` a call
     assert batched.stats.batched_calls == 3 * sum(1 for n in parts if n > 1)
     assert [r.tokens_in for r in batched.requests.values()] == [r.tokens_in for r in lone.requests.values()]
+
+
+@pytest.mark.parametrize("bounds", [(0, 4), (2, 4)])
+def test_fast_mode_rows_share_one_buffer_and_match_lone_rows_closely(
+    tiny: Path, bounds: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--batch fast``: the batched requests' caches are slots of one buffer per layer and a batched step
+    attends in one masked call; each row stays within rounding of its lone computation, a request's lone
+    calls use its slot as a cache of its own, and a slot freed by a closed request serves a new one cleanly."""
+    source = open_model(tiny)
+    lone = StageCompute(source, LayerRange(*bounds, N_LAYERS), Dtype.FLOAT32, batch=BatchMode.OFF)
+    fast = StageCompute(
+        source, LayerRange(*bounds, N_LAYERS), Dtype.FLOAT32, batch=BatchMode.FAST, batch_limit=4, max_requests=6
+    )
+    lone.load()
+    fast.load()
+    shared_calls: list[int] = []
+    attend = SlotRows.attend
+
+    def counted(self: SlotRows, queries: mx.array, scale: float) -> mx.array:
+        shared_calls.append(queries.shape[0])
+        return attend(self, queries, scale)
+
+    monkeypatch.setattr(SlotRows, "attend", counted)
+    rng = np.random.default_rng(3)
+    rids = [f"r{i}" for i in range(5)]  # one more than the slots: r4 keeps a cache of its own
+
+    def check(a: mx.array, b: mx.array) -> None:
+        assert a.shape == b.shape
+        assert np.allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4), float(mx.max(mx.abs(a - b)).item())
+
+    for i, rid in enumerate(rids):
+        x = _input(bounds[0] == 0, 2 + 7 * i, 64, Dtype.FLOAT32, rng)  # each request at its own length
+        lone.open(rid, SamplingParams())
+        fast.open(rid, SamplingParams())
+        check(lone.forward(rid, x), fast.forward(rid, x))
+    assert [fast.requests[r].slot for r in rids] == [0, 1, 2, 3, None]
+    for step in range(4):
+        if step == 2:  # a request leaves; a new one takes its slot, reading its own prompt alone first
+            for sc in (lone, fast):
+                sc.close("r1")
+            rids.remove("r1")
+            x = _input(bounds[0] == 0, 9, 64, Dtype.FLOAT32, rng)
+            for sc in (lone, fast):
+                sc.open("new", SamplingParams())
+            check(lone.forward("new", x), fast.forward("new", x))
+            assert fast.requests["new"].slot == 1
+            rids.append("new")
+        # The slotted rows in one call (one attention call a layer), then with r4 (its own cache: row by row).
+        slotted = [r for r in rids if r != "r4"]
+        for batch in (slotted, [*slotted[:3], "r4"]):
+            xs = [_input(bounds[0] == 0, 1, 64, Dtype.FLOAT32, rng) for _ in batch]
+            alone = [lone.forward(rid, x) for rid, x in zip(batch, xs, strict=True)]
+            for a, b in zip(alone, fast.forward_batch(batch, xs), strict=True):
+                check(a, b)
+    layers = bounds[1] - bounds[0]
+    assert shared_calls == [4] * layers * 4, shared_calls
+    assert fast.stats.batched_calls == 8
+    assert fast.kv_cache_bytes() >= lone.kv_cache_bytes() > 0  # the shared buffers count whole
 
 
 def test_exact_mode_batches_only_what_the_probe_found_exact(tiny: Path) -> None:

@@ -22,6 +22,7 @@ import pytest_asyncio
 from inproc_cluster import in_process_cluster
 
 from exo_stable.api.metrics import stage_batching
+from exo_stable.engine.batching import BatchMode
 from exo_stable.engine.histogram import Histogram
 from exo_stable.engine.loader import open_model
 from exo_stable.engine.modelspec import Dtype
@@ -237,3 +238,23 @@ async def test_one_step_at_a_time_when_batching_is_off(
         for s in stage_snapshots(nodes):
             batching = s["batching"]
             assert batching["batched_rows"] == 0 and batching["batch_size"]["1"] == batching["forward_calls"] > 0
+
+
+async def test_fast_batching_through_three_stages_uses_shared_buffers(
+    tiny_model: Path, reference: dict[tuple[int, int], list[int]]
+) -> None:
+    """``--batch fast``: every stage keeps its batched requests' caches in one buffer per layer. Rows may round
+    differently than alone, so only what is exact is compared: each answer's length and first token (the
+    prompt is read by lone calls)."""
+    async with cluster(tiny_model, 3, batch=BatchMode.FAST) as nodes:
+        results = await run_concurrently(nodes)
+        for (i, j), ids in zip(JOBS, results, strict=True):
+            assert len(ids) == len(reference[i, j]) and ids[:1] == reference[i, j][:1], (i, j)
+        snaps = stage_snapshots(nodes)
+        assert sum(s["batching"]["batched_rows"] for s in snaps) > 0
+        assert all(s["batching"]["shared_buffer_calls"] > 0 for s in snaps), snaps
+        for node in nodes:
+            assert node.owner.requests == {}
+            actor = node.stage_host.actor
+            assert actor is not None
+            await actor.wait_idle(timeout=30)

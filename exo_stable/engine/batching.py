@@ -10,7 +10,9 @@ batches what is row-wise by nature and keeps apart what is not:
   measures it on its own loaded matrices when it loads (:meth:`StageCompute.probe_rows`) and batches only up
   to the size found exact.
 - Attention runs per row, on that request's own cache, with the very operations and shapes of a lone decode
-  step (no padding, no mask): a row's attention cannot depend on its neighbours or on their lengths.
+  step (no padding, no mask): a row's attention cannot depend on its neighbours or on their lengths. Under
+  ``--batch fast`` the rows' caches are slots of one buffer per layer (:mod:`exo_stable.engine.slots`) and
+  attend in one masked call instead.
 
 The family's own model code runs unchanged. Each layer gets a :class:`RowsCache`, a view over the layer's
 caches of the batch's requests: RoPE reads its per-row offsets, its ``update_and_fetch`` writes each row's
@@ -28,6 +30,8 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.models import base as _mlx_base
 from mlx_lm.models.cache import KVCache
+
+from exo_stable.engine.slots import SlotRows
 
 
 class BatchMode(enum.Enum):
@@ -99,6 +103,8 @@ class RowsCache:
         self.caches = list(caches)
         self.bits = _Rows(self)
         self._fetched: list[tuple[mx.array, mx.array]] = []
+        # Rows whose caches are slots of one buffer (``--batch fast``) write and attend in one call each.
+        self._shared = SlotRows(self.caches) if SlotRows.fits(self.caches) else None
         offsets = [int(c.offset) for c in self.caches]
         # One offset for all rows needs no array (and keeps RoPE on its scalar path).
         self.offset: int | mx.array = offsets[0] if len(set(offsets)) == 1 else mx.array(offsets, dtype=mx.int32)
@@ -106,6 +112,9 @@ class RowsCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         if keys.shape[2] != 1:
             raise ValueError("a batched forward call takes one position per request")
+        if self._shared is not None:
+            self._shared.update(keys, values)
+            return keys, values
         self._fetched = [
             cache.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, cache in enumerate(self.caches)
         ]
@@ -117,6 +126,8 @@ class RowsCache:
         return None  # a lone one-position step over a full-attention cache has no mask
 
     def attend(self, queries: mx.array, scale: float, mask: Any) -> mx.array:
+        if self._shared is not None and mask is None:
+            return self._shared.attend(queries, scale)
         if mask is not None or len(self._fetched) != queries.shape[0]:
             raise RuntimeError("batched attention without its rows' keys and values")
         rows = [

@@ -28,6 +28,7 @@ from exo_stable.engine.model import LayerRange, ShardModel, compute_dtype
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import Pick, SamplingParams
 from exo_stable.engine.sampling import pick as sample_pick
+from exo_stable.engine.slots import SlotArena, SlotCache
 
 PREFILL_CHUNK = 512
 """Prompt tokens per forward call on a GPU; the same on every stage and on the single device."""
@@ -38,6 +39,10 @@ inter-token p99 under a 2,000-token prompt from 4.1 s to 1.2 s against 512 (2 co
 benchmarks/bench_batching.py --prefill-chunk), with the long prompt's first token no later (12.6 s against
 12.8 s); 64 cut it to 0.66 s but delayed that first token by a fifth. The prompt's reading is exact either
 way: the owner, every stage, the fallback and the single device chunk a prompt with the same function."""
+
+SHARED_SLOTS = True
+"""Under ``--batch fast``, keep the batched requests' caches as slots of one buffer per layer
+(:mod:`exo_stable.engine.slots`); read at load (benchmarks turn it off to compare)."""
 
 _PROBED: dict[tuple[object, ...], dict[int, bool]] = {}
 """Which batch sizes each matrix product (by device, dtype and signature) gave every row its lone bits."""
@@ -121,6 +126,7 @@ class RequestCache:
     prepared: PreparedStep | None = None
     generated: list[int] = field(default_factory=list)  # the completion's tokens so far (penalties look back)
     constraint: Constraint | None = None  # the request's grammar, when it has one
+    slot: int | None = None  # its caches' slot of the stage's shared buffers (``--batch fast``), if any
 
 
 @dataclass
@@ -138,6 +144,7 @@ class ComputeStats:
     prepare_seconds: float = 0.0
     batched_calls: int = 0  # forward calls over several requests' rows (forward_batch)
     batched_rows: int = 0  # ... and the rows they carried
+    shared_calls: int = 0  # ... whose rows all held slots of the shared buffers (one attention call a layer)
 
 
 class StageCompute:
@@ -165,6 +172,7 @@ class StageCompute:
         self.requests: dict[str, RequestCache] = {}
         self.stats = ComputeStats()
         # The stage this one replaces on the node: its built layers are taken over at load (same dtype only).
+        self._arena: SlotArena | None = None  # the batched requests' cache buffers, under --batch fast
         self._keep = keep.model if keep is not None and keep.dtype == dtype and keep.source is source else None
 
     def load(self) -> float:
@@ -176,8 +184,12 @@ class StageCompute:
         self.model = self.source.load_shard(self.layers, self.dtype, keep=keep)
         self.source.release_weights()
         self.batch_limit = 1
+        self._arena = None
         if self.model.batchable and self.batch_mode is BatchMode.FAST:
             self.batch_limit = max(1, self.requested_batch_limit)
+            if self.batch_limit > 1 and SHARED_SLOTS:
+                width = self.layers.end - self.layers.start
+                self._arena = SlotArena(width, min(self.batch_limit, self.max_requests))
         elif self.model.batchable and self.batch_mode is BatchMode.EXACT:
             self.batch_limit = exact_limit(self.probe_rows(self.requested_batch_limit))
         return time.perf_counter() - started
@@ -194,21 +206,33 @@ class StageCompute:
         if len(self.requests) >= self.max_requests:
             raise StageBusy(f"stage {self.layers} already holds {self.max_requests} requests")
         constraint = Constraint(params.grammar, self.source.tokenizer) if params.grammar else None
-        self.requests[rid] = RequestCache(
-            self._model().make_cache(), params, generated=list(history), constraint=constraint
-        )
+        slot = None if self._arena is None else self._arena.take()
+        cache = self._model().make_cache() if slot is None else self._slot_cache(slot)
+        self.requests[rid] = RequestCache(cache, params, generated=list(history), constraint=constraint, slot=slot)
         self.stats.requests_opened += 1
 
+    def _slot_cache(self, slot: int) -> list[KVCache]:
+        assert self._arena is not None
+        return [SlotCache(self._arena, layer, slot) for layer in range(self.layers.end - self.layers.start)]
+
     def close(self, rid: str) -> bool:
-        found = self.requests.pop(rid, None) is not None
-        if found:
-            self.stats.requests_closed += 1
-        return found
+        request = self.requests.pop(rid, None)
+        if request is None:
+            return False
+        if request.slot is not None and self._arena is not None:
+            self._arena.give(request.slot)
+        self.stats.requests_closed += 1
+        return True
 
     def kv_cache_bytes(self) -> int:
         """Bytes the open requests' KV caches hold. Safe from any thread: it reads array sizes (shape and
-        dtype), evaluates nothing, and copies the request table before walking it."""
-        return sum(int(c.nbytes) for r in list(self.requests.values()) for c in r.cache)
+        dtype), evaluates nothing, and copies the request table before walking it. Under ``--batch fast``
+        the shared buffers count whole (every slot, held or free) once a request holds a slot."""
+        requests = list(self.requests.values())
+        own = sum(int(c.nbytes) for r in requests if r.slot is None for c in r.cache)
+        arena = self._arena
+        shared = arena.nbytes() if arena is not None and any(r.slot is not None for r in requests) else 0
+        return own + shared
 
     def forward(self, rid: str, x: mx.array) -> mx.array:
         """One forward call: token ids ``[1, L]`` (first stage) or hidden states ``[1, L, H]`` in.
@@ -269,6 +293,7 @@ class StageCompute:
         self.stats.forward_calls += 1
         self.stats.batched_calls += 1
         self.stats.batched_rows += len(requests)
+        self.stats.shared_calls += all(r.slot is not None for r in requests)
         self.stats.tokens_forwarded += len(requests)
         self.stats.forward_seconds += time.perf_counter() - started
         for request in requests:
@@ -350,7 +375,9 @@ class StageCompute:
         request = self.requests.get(rid)
         if request is None:
             raise UnknownRequest(rid)
-        if request.prepared is not None or request.queued is not None:
+        if request.prepared is not None or request.queued is not None or request.slot is not None:
+            # (A slot shares its layer's buffer with other requests: a graph built on a placeholder would
+            # write there before its input is known, and another request's step could evaluate it first.)
             return False
         started = time.perf_counter()
         model = self._model()

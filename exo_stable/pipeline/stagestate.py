@@ -134,6 +134,7 @@ class StageStatistics:
                 "batch_limit": self.batch_limit,
                 "queued": self.queued,
                 "batched_rows": st.batched_rows,
+                "shared_buffer_calls": c.shared_calls,
                 "forward_calls": st.batch_size.count,
                 "mean_batch": round(st.batch_size.mean(), 3),
                 "compute_s": round(c.forward_seconds, 3),
