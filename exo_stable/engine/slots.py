@@ -4,8 +4,9 @@ With a cache per request, a batched decode step writes and attends row by row: o
 of small kernels a step cost more than all the step's batched matrix products (benchmarks/batch_step_parts.py).
 Here up to ``slots`` requests keep their keys and values in one ``[slots, heads, capacity, dim]`` buffer per
 layer, so a batched step writes every row's position with one scatter and attends with one call over the
-rows, each masked to its own length. A request's lone calls (its prompt chunks, a lone step) write and read
-its slot as a cache of its own would.
+rows, each masked to its own length. A request starts with a cache of its own (a stream alone never pays for
+the shared buffers) and moves into a free slot the first time it shares a step; its lone calls after that
+(a prompt chunk, a lone step) write and read its slot as a cache of its own would.
 
 Only ``--batch fast`` uses this: one attention call over rows of different lengths need not round each row
 as a lone call does, which ``--batch exact`` does not allow. The buffer is as long as its longest request.
@@ -52,6 +53,19 @@ class SlotArena:
             new_v[:, :, : v.shape[2], :] = v
         self.keys[layer], self.values[layer] = new_k, new_v
         return new_k, new_v
+
+    def move_in(self, caches: list[KVCache], slot: int) -> list[SlotCache]:
+        """A request's own caches copied into ``slot`` (once, when it first shares a step); its slot caches."""
+        out = []
+        for layer, cache in enumerate(caches):
+            moved = SlotCache(self, layer, slot)
+            keys, values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
+            k, v = self.reserve(layer, cache.offset, keys, values)
+            k[slot : slot + 1, :, : cache.offset, :] = keys
+            v[slot : slot + 1, :, : cache.offset, :] = values
+            moved.offset = cache.offset
+            out.append(moved)
+        return out
 
     def nbytes(self) -> int:
         """Bytes of every layer's buffers (all slots)."""

@@ -28,7 +28,7 @@ from exo_stable.engine.model import LayerRange, ShardModel, compute_dtype
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import Pick, SamplingParams
 from exo_stable.engine.sampling import pick as sample_pick
-from exo_stable.engine.slots import SlotArena, SlotCache
+from exo_stable.engine.slots import SlotArena
 
 PREFILL_CHUNK = 512
 """Prompt tokens per forward call on a GPU; the same on every stage and on the single device."""
@@ -206,14 +206,10 @@ class StageCompute:
         if len(self.requests) >= self.max_requests:
             raise StageBusy(f"stage {self.layers} already holds {self.max_requests} requests")
         constraint = Constraint(params.grammar, self.source.tokenizer) if params.grammar else None
-        slot = None if self._arena is None else self._arena.take()
-        cache = self._model().make_cache() if slot is None else self._slot_cache(slot)
-        self.requests[rid] = RequestCache(cache, params, generated=list(history), constraint=constraint, slot=slot)
+        self.requests[rid] = RequestCache(
+            self._model().make_cache(), params, generated=list(history), constraint=constraint
+        )
         self.stats.requests_opened += 1
-
-    def _slot_cache(self, slot: int) -> list[KVCache]:
-        assert self._arena is not None
-        return [SlotCache(self._arena, layer, slot) for layer in range(self.layers.end - self.layers.start)]
 
     def close(self, rid: str) -> bool:
         request = self.requests.pop(rid, None)
@@ -286,6 +282,10 @@ class StageCompute:
         for request in requests:
             self._drop_queued(request)
             self._drop_prepared(request)
+            if self._arena is not None and request.slot is None and request.cache[0].offset > 0:
+                slot = self._arena.take()  # its first shared step: it moves into a free slot, if one is
+                if slot is not None:
+                    request.cache, request.slot = self._arena.move_in(request.cache, slot), slot
         started = time.perf_counter()
         out = self._model().forward_rows(mx.concatenate(list(xs), axis=0), [r.cache for r in requests])
         rows = [out[i, -1, :] if self.layers.is_last else out[i : i + 1] for i in range(len(requests))]
