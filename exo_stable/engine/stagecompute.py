@@ -171,8 +171,8 @@ class StageCompute:
         self.model: ShardModel | None = None
         self.requests: dict[str, RequestCache] = {}
         self.stats = ComputeStats()
-        # The stage this one replaces on the node: its built layers are taken over at load (same dtype only).
         self._arena: SlotArena | None = None  # the batched requests' cache buffers, under --batch fast
+        # The stage this one replaces on the node: its built layers are taken over at load (same dtype only).
         self._keep = keep.model if keep is not None and keep.dtype == dtype and keep.source is source else None
 
     def load(self) -> float:
