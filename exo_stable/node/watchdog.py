@@ -1,7 +1,8 @@
 """A stop with a deadline for the process a node owns.
 
 A node asked to stop (SIGTERM, SIGINT) ends its tasks within its grace period and lets in-flight HTTP
-requests finish within ``--shutdown-timeout``; if the process is still alive some seconds after both, a stop
+requests finish within its HTTP grace (``NodeConfig.shutdown_timeout_s``); if the process is still alive
+some seconds after both, a stop
 is hanging, which this project does not allow: the watchdog writes where every thread is (and, as far as it
 can see them, the event loop's tasks) to stderr, and ends the process with status 70 (EX_SOFTWARE), so the
 hang is both bounded and explained.
