@@ -274,6 +274,10 @@ class Coordinator(PlanState):
                             log.warning("%s: no plan fits; waiting for more nodes: %s", self.node_id, exc)
                     except (ValueError, BarrierError, ConnectionError, TimeoutError) as exc:
                         self.last_error = str(exc)
+                        # Members may run another plan now (one that refused this round had agreed to a later
+                        # epoch, from a leader of a partition): the next round proposes even if the active plan
+                        # looks whole from here.
+                        self._committed_to = set()
                         self._failed_rounds += 1
                         delay = min(10.0, self.options.settle_s * 2**self._failed_rounds)
                         log.error("%s: planning failed (%s); trying again in %.1fs", self.node_id, exc, delay)
