@@ -45,6 +45,7 @@ from exo_stable.engine.modelspec import Dtype  # noqa: E402
 from exo_stable.engine.platform import default_dtype  # noqa: E402
 from exo_stable.engine.sampling import SamplingParams  # noqa: E402
 from exo_stable.engine.single import SingleDeviceEngine  # noqa: E402
+from exo_stable.engine.slicing import PREFILL_SHARE  # noqa: E402
 from exo_stable.engine.store import ensure_default_model  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -117,11 +118,18 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     modes = {"batched": BatchMode(args.mode), "unbatched": BatchMode.OFF}
     if args.compare_rowwise:
         modes = {"batched": BatchMode.FAST, "batched_rowwise": BatchMode.FAST, "unbatched": BatchMode.OFF}
+    if args.compare_unsliced:
+        modes = {"batched": BatchMode(args.mode), "batched_unsliced": BatchMode(args.mode), "unbatched": BatchMode.OFF}
     engines: dict[str, SingleDeviceEngine] = {}
     for name, mode in modes.items():
         stagecompute.SHARED_SLOTS = name != "batched_rowwise"  # read when the engine loads
         engine = SingleDeviceEngine(
-            open_model(args.model), dtype=dtype, batch=mode, batch_limit=max(args.streams), max_requests=32
+            open_model(args.model),
+            dtype=dtype,
+            batch=mode,
+            batch_limit=max(args.streams),
+            max_requests=32,
+            prefill_share=None if name == "batched_unsliced" else args.prefill_share,
         )
         await engine.start()
         engines[name] = engine
@@ -233,6 +241,17 @@ def main() -> None:
         "--prefill-chunk",
         type=int,
         help="what-if: prompt tokens per forward call for this run (the code's PREFILL_CHUNK otherwise)",
+    )
+    parser.add_argument(
+        "--compare-unsliced",
+        action="store_true",
+        help="add a batched engine that reads each prompt chunk whole (before exo_stable.engine.slicing)",
+    )
+    parser.add_argument(
+        "--prefill-share",
+        type=float,
+        default=PREFILL_SHARE,
+        help="what-if: a prompt slice's time per step against the decode rows' (see exo_stable.engine.slicing)",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -186,7 +186,7 @@ def test_engine_concurrent_requests_match_lone_runs(tiny: Path, dtype: Dtype) ->
         SamplingParams(),
     ]
 
-    async def run(batch: BatchMode) -> tuple[list[list[int]], int, int]:
+    async def run(batch: BatchMode) -> tuple[list[list[int]], int, int, int]:
         engine = SingleDeviceEngine(open_model(tiny), dtype=dtype, batch=batch, batch_limit=4, step_timeout_s=300)
         await engine.start()
         try:
@@ -206,11 +206,11 @@ def test_engine_concurrent_requests_match_lone_runs(tiny: Path, dtype: Dtype) ->
             await engine.logits([1, 2])  # a job on the MLX thread: runs after the retired requests' closes
             stats = engine.batch_stats
             widest = stats.batch_size.largest() if stats else 0
-            return out, engine.open_requests, widest
+            return out, engine.open_requests, widest, stats.prompt_slices if stats else 0
         finally:
             engine.close()
 
-    together, left_open, widest = asyncio.run(run(BatchMode.EXACT))
+    together, left_open, widest, slices = asyncio.run(run(BatchMode.EXACT))
     alone = []
     for p, q, n in zip(prompts, params, (24, 24, 7, 24, 24, 20), strict=True):
 
@@ -226,6 +226,7 @@ def test_engine_concurrent_requests_match_lone_runs(tiny: Path, dtype: Dtype) ->
     assert together == alone
     assert left_open == 0
     assert widest >= 2  # steps did batch
+    assert slices > 0  # the long prompts' chunks were read a few layers per step beside the decode rows
 
 
 def test_default_model_concurrent_requests_match_lone_runs(default_gguf: Path) -> None:

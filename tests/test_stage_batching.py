@@ -83,6 +83,15 @@ async def test_prompt_chunks_share_the_step_budget_and_the_oldest_always_goes() 
     assert _rids(queue.take(max_batch=8, token_budget=512).chunks) == ["r"], "a chunk over the budget alone goes"
 
 
+async def test_no_chunk_is_taken_while_one_is_being_read() -> None:
+    queue = StepQueue(16)
+    for s in (_step("p", 100), _step("a"), _step("q", 100)):
+        queue.put(s)
+    work = queue.take(max_batch=8, token_budget=512, chunks=False)
+    assert _rids(work.decode) == ["a"] and work.chunks == ()
+    assert _rids(queue.take(max_batch=8, token_budget=512).chunks) == ["p", "q"]
+
+
 async def test_one_at_a_time_when_the_batch_limit_is_one() -> None:
     queue = StepQueue(4)
     for rid in "abc":
@@ -160,11 +169,16 @@ async def cluster(model: Path, n: int, **options: Any) -> AsyncIterator[list[Nod
         yield nodes
 
 
-async def run_one(node: Node, prompt: list[int], params: SamplingParams) -> list[int]:
+async def run_one(
+    node: Node, prompt: list[int], params: SamplingParams, max_tokens: int = MAX_TOKENS, started: Any = None
+) -> list[int]:
+    """One request's token ids; ``started`` (an asyncio.Event) is set once it has its third token."""
     result = GenerationResult(prompt_tokens=len(prompt))
-    async with aclosing(node.owner.stream(GenerationJob(prompt, params, MAX_TOKENS))) as deltas:
+    async with aclosing(node.owner.stream(GenerationJob(prompt, params, max_tokens))) as deltas:
         async for delta in deltas:
             result.add(delta)
+            if started is not None and len(result.token_ids) >= 3:
+                started.set()
     return result.token_ids
 
 
@@ -258,3 +272,32 @@ async def test_fast_batching_through_three_stages_uses_shared_buffers(
             actor = node.stage_host.actor
             assert actor is not None
             await actor.wait_idle(timeout=30)
+
+
+@pytest.mark.parametrize("n_stages", [1, 2])
+async def test_a_long_prompt_is_read_in_slices_beside_decoding_requests(tiny_model: Path, n_stages: int) -> None:
+    """A 700-token prompt arriving while four requests decode: its chunks' layers are evaluated a few per
+    compute step (engine.slicing), and every answer, its own included, is the single device's alone."""
+    long_prompt = [1 + (i * 7919) % 40000 for i in range(700)]
+    jobs = [(PROMPTS[i], SAMPLINGS[i % 2], 30) for i in range(4)]
+    engine = SingleDeviceEngine(open_model(tiny_model), dtype=Dtype.FLOAT32, batch=BatchMode.OFF)
+    await engine.start()
+    try:
+        expected = [[t async for t in engine.generate(p, q, n)] for p, q, n in [*jobs, (long_prompt, SAMPLINGS[0], 5)]]
+    finally:
+        engine.close()
+    async with cluster(tiny_model, n_stages) as nodes:
+        decoding = [asyncio.Event() for _ in jobs]
+
+        async def late() -> list[int]:
+            for event in decoding:
+                await event.wait()
+            return await run_one(nodes[-1], long_prompt, SAMPLINGS[0], 5)
+
+        async with asyncio.timeout(240):
+            results = await asyncio.gather(
+                *(run_one(nodes[k % n_stages], p, q, n, decoding[k]) for k, (p, q, n) in enumerate(jobs)), late()
+            )
+        assert list(results) == expected
+        snaps = stage_snapshots(nodes)
+        assert all(s["batching"]["prompt_slices"] > 0 for s in snaps), snaps

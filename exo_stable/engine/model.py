@@ -119,11 +119,13 @@ def _copy_flags(original: nn.Module, stand_in: nn.Module) -> None:
 
 
 class _Ticker:
-    """Counts the shard's layers as the family's loop calls them, starting the device every ``every``."""
+    """Counts the shard's layers as the family's loop calls them, starting the device every ``every``, or
+    keeping each layer's output in ``record`` (a call evaluated a few layers at a time)."""
 
     every = 0
     count = 0
     last = 0
+    record: list[mx.array] | None = None
 
 
 _TICKING: dict[type, type] = {}
@@ -138,7 +140,10 @@ def _ticking(layer: nn.Module, ticker: _Ticker) -> None:
             out = cls.__call__(self, *args, **kwargs)
             t: _Ticker = self._exo_ticker
             t.count += 1
-            if t.every and t.count % t.every == 0 and t.count < t.last:
+            if t.record is not None:
+                if isinstance(out, mx.array):
+                    t.record.append(out)
+            elif t.every and t.count % t.every == 0 and t.count < t.last:
                 mx.async_eval(out)  # type: ignore[no-untyped-call]
             return out
 
@@ -216,14 +221,17 @@ class ShardModel:
                 whole.append(GhostCache(None if twin is None else cache[twin], reference))
         return whole
 
-    def __call__(self, x: mx.array, cache: Sequence[KVCache], *, overlap: bool = True) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: Sequence[KVCache], *, overlap: bool = True, record: list[mx.array] | None = None
+    ) -> mx.array:
         """Token ids (first shard) or hidden states in; hidden states or logits (last shard) out.
 
         ``overlap=False``: start nothing on the device while building (a graph built before its input is
-        written, see :meth:`StageCompute.prepare`)."""
+        written, see :meth:`StageCompute.prepare`). ``record``: start nothing either, and append each of
+        the shard's layers' outputs to it, in order (see :mod:`exo_stable.engine.slicing`)."""
         if len(cache) != self.range.end - self.range.start:
             raise ValueError(f"{len(cache)} caches for shard {self.range}")
-        return self._run(x, self._whole_cache(cache), overlap)
+        return self._run(x, self._whole_cache(cache), overlap and record is None, record)
 
     @property
     def batchable(self) -> bool:
@@ -248,7 +256,7 @@ class ShardModel:
         ]
         return self._run(x, whole, True)
 
-    def _run(self, x: mx.array, whole: list[Any], overlap: bool) -> mx.array:
+    def _run(self, x: mx.array, whole: list[Any], overlap: bool, record: list[mx.array] | None = None) -> mx.array:
         if self.range.is_first:
             ids = x
         else:
@@ -257,10 +265,12 @@ class ShardModel:
         self._ticker.every = _overlap_every() if overlap else 0
         self._ticker.count = 0
         self._ticker.last = self.range.end - self.range.start
+        self._ticker.record = record
         try:
             out: mx.array = self.net(ids, cache=whole) if self.range.is_last else self.net["model"](ids, cache=whole)
         finally:
             self._feed.h = None
+            self._ticker.record = None
         return out
 
 

@@ -9,7 +9,9 @@ At each step the loop takes the decode position of every request that has a toke
 over all of them, see :meth:`StageCompute.decode_batch`) and, beside it, the next prompt chunks of requests
 still reading their prompt, up to a per-step token budget, so a long prompt is read a chunk per step while
 the streams already decoding keep getting a token per step. Prompt chunks are the same fixed-size chunks as
-a lone request's (:func:`prompt_chunks`), each in its own forward call, so a prompt's reading is exact.
+a lone request's (:func:`prompt_chunks`), each in its own forward call, so a prompt's reading is exact; while
+other requests decode, a chunk's call is evaluated a few layers per step (:mod:`exo_stable.engine.slicing`),
+so a step carrying it takes about twice a decode step, not a whole chunk's time.
 Requests join and leave between steps. Each request's tokens wait in a buffer of a few for its reader; a
 request whose reader lags is left out of the steps until it reads, so nothing grows without bound.
 """
@@ -28,6 +30,7 @@ import mlx.core as mx
 from exo_stable.engine.histogram import BATCH_BUCKETS, QUEUE_BUCKETS, Histogram
 from exo_stable.engine.mlx_thread import MlxThread
 from exo_stable.engine.sampling import Pick, SamplingParams
+from exo_stable.engine.slicing import PREFILL_SHARE, SliceClock, SlicedForward
 from exo_stable.engine.stagecompute import StageCompute, prompt_chunks
 
 BUFFER = 4
@@ -42,6 +45,7 @@ class BatchStats:
     steps: int = 0
     decode_rows: int = 0
     prompt_chunks: int = 0
+    prompt_slices: int = 0  # steps that evaluated part of a prompt chunk's layers, not the rest of it
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     queue_depth: Histogram = field(default_factory=lambda: Histogram(QUEUE_BUCKETS))
 
@@ -59,6 +63,7 @@ class _Stream:
     last: int = 0  # the token at position - 1, the next step's input
     read: int = 0  # tokens its reader took (written by the event loop only)
     failed: bool = False
+    reading: SlicedForward | None = None  # the prompt chunk whose layers are being evaluated, step by step
 
     @property
     def reading_prompt(self) -> bool:
@@ -83,7 +88,14 @@ class BatchScheduler:
     """Runs requests through a whole-model :class:`StageCompute` on its MLX thread, batching decode steps."""
 
     def __init__(
-        self, compute: StageCompute, thread: MlxThread, *, step_tokens: int, step_timeout_s: float, lookahead: bool
+        self,
+        compute: StageCompute,
+        thread: MlxThread,
+        *,
+        step_tokens: int,
+        step_timeout_s: float,
+        lookahead: bool,
+        prefill_share: float | None = PREFILL_SHARE,
     ) -> None:
         self.compute = compute
         self.lookahead = lookahead
@@ -91,6 +103,7 @@ class BatchScheduler:
         self.step_tokens = step_tokens
         self.step_timeout_s = step_timeout_s
         self.stats = BatchStats()
+        self.clock = SliceClock(prefill_share)
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
         self._lock = threading.Lock()
@@ -203,8 +216,11 @@ class BatchScheduler:
             return
         self.stats.steps += 1
         self.stats.decode_rows += len(plan.decode)
-        self.stats.prompt_chunks += len(plan.chunks)
-        for (s, _, _, last), first in zip(plan.chunks, firsts, strict=True):
+        for (s, _, _, last), (read, first) in zip(plan.chunks, firsts, strict=True):
+            if not read:
+                self.stats.prompt_slices += 1
+                continue  # its chunk's layers go on at the next step
+            self.stats.prompt_chunks += 1
             s.chunks_done += 1
             if last:
                 assert first is not None
@@ -218,15 +234,12 @@ class BatchScheduler:
         stream.position += 1
         stream.hand(picked)
 
-    def _step(self, plan: _Plan) -> tuple[list[Pick | None], list[Pick]]:
-        """The prompt chunks, each its own forward call, then the decode rows in one."""
+    def _step(self, plan: _Plan) -> tuple[list[tuple[bool, Pick | None]], list[Pick]]:
+        """The prompt chunks, each its own forward call (a slice of its layers while others decode), then
+        the decode rows in one. Per chunk: whether it was read through, and the first pick of a last one."""
         started = time.perf_counter()
-        firsts: list[Pick | None] = []
-        for s, chunk, first, last in plan.chunks:
-            if first:
-                self.compute.open(s.rid, s.params)
-            logits = self.compute.forward(s.rid, mx.array([chunk], dtype=mx.int32))
-            firsts.append(self.compute.choose(s.rid, logits, 0) if last else None)
+        decoding = bool(plan.decode)
+        firsts = [self._read(s, chunk, first, last, decoding=decoding) for s, chunk, first, last in plan.chunks]
         middle = time.perf_counter()
         self.prefill_seconds += middle - started
         picks: list[Pick] = []
@@ -239,5 +252,24 @@ class BatchScheduler:
         elif plan.decode:
             rows = plan.decode
             picks = self.compute.decode_batch([s.rid for s in rows], [s.last for s in rows], [s.position for s in rows])
+            self.clock.decoded(time.perf_counter() - middle)
         self.decode_seconds += time.perf_counter() - middle
         return firsts, picks
+
+    def _read(
+        self, s: _Stream, chunk: list[int], first: bool, last: bool, *, decoding: bool
+    ) -> tuple[bool, Pick | None]:
+        """Evaluate the next slice of a prompt chunk's layers (all of them when nobody decodes beside it)."""
+        if s.reading is None:
+            if first:
+                self.compute.open(s.rid, s.params)
+            s.reading = self.compute.begin(s.rid, mx.array([chunk], dtype=mx.int32), logits=last)
+        call = s.reading
+        layers = self.clock.layers(call.left, call.positions, decoding=decoding)
+        done = call.advance(layers)
+        if decoding:
+            self.clock.sliced(call.stepped, call.positions, call.stepped_s)
+        if not done:
+            return False, None
+        s.reading = None
+        return True, (self.compute.choose(s.rid, call.result, 0) if last and call.result is not None else None)

@@ -26,6 +26,7 @@ from exo_stable.engine.model import LayerRange
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import Pick, SamplingParams
 from exo_stable.engine.scheduler import BatchScheduler, BatchStats
+from exo_stable.engine.slicing import PREFILL_SHARE
 from exo_stable.engine.stagecompute import StageCompute, prefill_chunk
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class SingleDeviceEngine:
         batch: BatchMode = BatchMode.EXACT,
         batch_limit: int = 16,
         step_tokens: int | None = None,
+        prefill_share: float | None = PREFILL_SHARE,
     ) -> None:
         self.source = source
         self.dtype = dtype
@@ -92,6 +94,7 @@ class SingleDeviceEngine:
         self._thread = MlxThread(f"mlx-{source.name}")
         # Tokens one step may forward: every decode row plus one prompt chunk (a chunk is never split).
         self.step_tokens = step_tokens if step_tokens is not None else prefill_chunk() + max_requests
+        self.prefill_share = prefill_share  # see exo_stable.engine.slicing (None: prompt chunks go whole)
         self._scheduler: BatchScheduler | None = None
         self._ids = itertools.count()
 
@@ -112,6 +115,7 @@ class SingleDeviceEngine:
                 step_tokens=self.step_tokens,
                 step_timeout_s=self.step_timeout_s,
                 lookahead=self.lookahead,
+                prefill_share=self.prefill_share,
             )
 
     @property

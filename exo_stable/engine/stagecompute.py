@@ -28,6 +28,7 @@ from exo_stable.engine.model import LayerRange, ShardModel, compute_dtype
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import Pick, SamplingParams
 from exo_stable.engine.sampling import pick as sample_pick
+from exo_stable.engine.slicing import SlicedForward
 from exo_stable.engine.slots import SlotArena
 
 PREFILL_CHUNK = 512
@@ -246,6 +247,27 @@ class StageCompute:
         mx.eval(result)
         self._count(request, int(x.shape[1]), started)
         return result
+
+    def begin(self, rid: str, x: mx.array, *, logits: bool = True) -> SlicedForward:
+        """:meth:`forward`, built now and evaluated later a few layers at a time (:mod:`exo_stable.engine.slicing`):
+        the same operations, so its result is the same to the bit. The request's cache takes the call's
+        positions now (lazily); nothing else may run on this request until the call is finished.
+        ``logits=False`` (the last stage): only the cache entries are wanted (a prompt chunk before the
+        last), so the final norm and the head over every position are never computed."""
+        request = self.requests.get(rid)
+        if request is None:
+            raise UnknownRequest(rid)
+        self._drop_queued(request)
+        self._drop_prepared(request)
+        layers: list[mx.array] = []
+        out = self._model()(x, request.cache, record=layers)
+        positions = int(x.shape[1])
+
+        def done(seconds: float) -> None:
+            self._count(request, positions, time.perf_counter() - seconds)
+
+        wanted = out if not self.layers.is_last else out[0, -1, :] if logits else None
+        return SlicedForward(layers, wanted, positions, done)
 
     def forward_batch(self, rids: Sequence[str], xs: Sequence[mx.array]) -> list[mx.array]:
         """One decode step for several open requests: ``xs[i]`` is request ``rids[i]``'s ``[1, 1]`` token id

@@ -22,6 +22,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -33,6 +34,7 @@ from exo_stable.engine.grammar import GrammarError
 from exo_stable.engine.loader import ModelSource
 from exo_stable.engine.mlx_thread import MlxThread
 from exo_stable.engine.model import LayerRange
+from exo_stable.engine.slicing import SliceClock
 from exo_stable.engine.stagecompute import StageBusy, StageCompute, UnknownRequest
 from exo_stable.pipeline.levels import ValidationLevel, spot_check_chosen
 from exo_stable.pipeline.sampling import params_from_wire
@@ -41,6 +43,7 @@ from exo_stable.pipeline.stagefaults import StageFaultConfig, StageFaults
 from exo_stable.pipeline.stagestate import (
     MAX_PENDING_HOPS,
     InjectedStageCrash,
+    Reading,
     Send,
     SpotCheckMismatch,
     StageConfig,
@@ -107,6 +110,8 @@ class StageActor(Actor[StageMessage]):
         self._idle.set()
         self._work = StageWork(self._compute, config.index, self.is_last, faults, self.stats)
         self._queue = StepQueue(config.max_queued_steps)
+        self._reading: deque[Reading] = deque()  # prompt chunks taken, being evaluated slice by slice
+        self._clock = SliceClock(config.prefill_share)
 
     @property
     def integrity_faults(self) -> StageFaults:
@@ -292,19 +297,28 @@ class StageActor(Actor[StageMessage]):
         """The stage's compute loop (owned by the actor: an exception here crashes the stage, and every
         request it holds is failed to its owner for replay). Each turn takes what the queue picks: the ready
         decode steps of several requests run as one batched forward call, then at most the budget's prompt
-        chunks, one call each; requests open and close between turns."""
+        chunks, one call each; requests open and close between turns. While requests decode, a prompt
+        chunk's call is evaluated a few layers per turn (:mod:`exo_stable.engine.slicing`) and no other chunk
+        is taken until it is done, so a turn takes about twice a decode step, not a whole chunk's time."""
         while True:
-            await self._queue.wait_ready()
-            work = self._queue.take(max_batch=self._batch_limit(), token_budget=self.config.step_token_budget)
+            if not self._reading:
+                await self._queue.wait_ready()
+            work = self._queue.take(
+                max_batch=self._batch_limit(), token_budget=self.config.step_token_budget, chunks=not self._reading
+            )
             self.stats.queue_depth.observe(work.depth)
             rows = [r for r in work.decode if self._current(r)]
+            for row in rows:
+                row.request.decoding = True
             if len(rows) > 1:
                 await self._forward_rows(rows)
             elif rows:
                 await self._forward(rows[0])
             for chunk in work.chunks:
                 if self._current(chunk):
-                    await self._forward(chunk)
+                    await self._begin(chunk)
+            if self._reading:
+                await self._read(decoding=any(r.decoding for r in self._requests.values()))
 
     def _batch_limit(self) -> int:
         """Rows for this compute step: the open requests split over as many micro-batches as the plan has
@@ -333,6 +347,47 @@ class StageActor(Actor[StageMessage]):
         history = ready.request.history
         return history[ready.position] if ready.final and ready.position < len(history) else None
 
+    async def _begin(self, ready: ReadyStep) -> None:
+        """Build a prompt chunk's call, to be evaluated by :meth:`_read` over the next turns."""
+        if "crash_every_step" in self.faults:
+            raise InjectedStageCrash(f"injected crash of stage {self.config.index} at step {ready.step} of {ready.rid}")
+        checks = (ready.request.level, self._spot(ready))
+        try:
+            call = await self._run(self._work.begin, ready, checks)
+        except UnknownRequest:
+            self.stats.stale_steps += 1
+            return
+        self._reading.append(Reading(ready, call, checks))
+
+    async def _read(self, *, decoding: bool) -> None:
+        """Evaluate the next slice of the oldest prompt chunk being read (all of it when no request decodes
+        beside it); a chunk read through goes on as a step computed in one call would."""
+        reading = self._reading[0]
+        ready, call = reading.ready, reading.call
+        if not self._current(ready):
+            self._reading.popleft()
+            return
+        layers = self._clock.layers(call.left, call.positions, decoding=decoding)
+        done = await self._run(call.advance, layers)
+        if decoding:
+            self._clock.sliced(call.stepped, call.positions, call.stepped_s)
+        if not done:
+            self.stats.prompt_slices += 1
+            return
+        self._reading.popleft()
+        try:
+            out = await self._run(self._work.finish_sliced, ready, call, reading.checks, self._forced(ready))
+        except UnknownRequest:
+            self.stats.stale_steps += 1
+            return
+        except SpotCheckMismatch as exc:
+            self.stats.spot_check_mismatches += 1
+            await self._fail(ready.rid, ready.request, f"spot check mismatch: {exc}", ready.step)
+            return
+        self.stats.batch_size.observe(1)
+        if self._current(ready):
+            await self._deliver(ready, out, call.seconds, batch=1, ahead=False)
+
     async def _forward_rows(self, rows: list[ReadyStep]) -> None:
         """The decode steps of several requests in one forward call, then each row's result on its way as a
         step computed alone would send it (its own checksums, validation and trace hop, which notes the batch)."""
@@ -341,6 +396,7 @@ class StageActor(Actor[StageMessage]):
         checks = [(r.request.level, self._spot(r)) for r in rows]
         forced = [self._forced(r) for r in rows]
         outs, compute_s = await self._run(timed, self._work.rows, rows, checks, forced)
+        self._clock.decoded(compute_s)
         self.stats.batch_size.observe(len(rows))
         self.stats.batched_rows += len(rows)
         for ready, out in zip(rows, outs, strict=True):
@@ -353,7 +409,7 @@ class StageActor(Actor[StageMessage]):
             await self._deliver(ready, out, compute_s, batch=len(rows), ahead=False)
 
     async def _forward(self, ready: ReadyStep) -> None:
-        """Run one step alone (a prompt chunk, or the only ready decode step)."""
+        """Run the only ready decode step (prompt chunks go through :meth:`_begin` and :meth:`_read`)."""
         rid, request, step, position, final = ready.rid, ready.request, ready.step, ready.position, ready.final
         if "crash_every_step" in self.faults:
             raise InjectedStageCrash(f"injected crash of stage {self.config.index} at step {step} of {rid}")
@@ -384,6 +440,7 @@ class StageActor(Actor[StageMessage]):
             await self._fail(rid, request, f"spot check mismatch: {exc}", step)
             return
         self.stats.batch_size.observe(1)
+        self._clock.decoded(compute_s)
         if self._current(ready):
             await self._deliver(ready, out, compute_s, batch=1, ahead=ahead)
 

@@ -115,11 +115,12 @@ class StepQueue:
             self._room.set()
         return dropped
 
-    def take(self, *, max_batch: int, token_budget: int) -> ComputeStep:
-        """Remove and return the next compute step (see the module docstring); empty when nothing is queued."""
+    def take(self, *, max_batch: int, token_budget: int, chunks: bool = True) -> ComputeStep:
+        """Remove and return the next compute step (see the module docstring); empty when nothing is queued.
+        ``chunks=False``: decode steps only (the stage is still reading a prompt chunk taken before)."""
         depth = len(self._steps)
         decode: list[ReadyStep] = []
-        chunks: list[ReadyStep] = []
+        taken: list[ReadyStep] = []
         blocked: set[str] = set()  # requests with an earlier step left in the queue (or already taken)
         left: deque[ReadyStep] = deque()
         budget = token_budget
@@ -131,15 +132,15 @@ class StepQueue:
             if step.is_decode and len(decode) < max(1, max_batch) and budget >= 1:
                 decode.append(step)
                 budget -= 1
-            elif not step.is_decode and (not chunks or step.width <= budget):
-                chunks.append(step)  # the oldest chunk always goes: it waits behind one compute step at most
+            elif not step.is_decode and chunks and (not taken or step.width <= budget):
+                taken.append(step)  # the oldest chunk always goes: it waits behind one compute step at most
                 budget -= step.width
             else:
                 left.append(step)
         self._steps = left
         if len(left) < self.capacity:
             self._room.set()
-        return ComputeStep(tuple(decode), tuple(chunks), depth)
+        return ComputeStep(tuple(decode), tuple(taken), depth)
 
 
 __all__ = ["ComputeStep", "ReadyStep", "StepQueue"]

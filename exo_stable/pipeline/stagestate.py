@@ -17,6 +17,7 @@ from exo_stable import settings
 from exo_stable.engine.batching import BatchMode
 from exo_stable.engine.histogram import BATCH_BUCKETS, QUEUE_BUCKETS, Histogram
 from exo_stable.engine.modelspec import Dtype
+from exo_stable.engine.slicing import PREFILL_SHARE, SlicedForward
 from exo_stable.engine.stagecompute import ComputeStats
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.wire.messages import (
@@ -70,6 +71,7 @@ class StageRequest:
     pending_hops: list[StepHop] = field(default_factory=list)  # last stage: steps not yet behind a sent token
     hops_lost: int = 0  # hops past MAX_PENDING_HOPS, counted and dropped
     greedy: bool = False
+    decoding: bool = False  # a decode step of it has come here (its prompt is read)
 
 
 @dataclass
@@ -88,6 +90,7 @@ class StageStats:
     refused_per_owner: int = 0  # request opens past the per-owner share of the slots
     build_ahead_busy: int = 0  # next steps not built ahead because the stage served other requests too
     batched_rows: int = 0  # decode steps computed in a forward call shared with other requests' steps
+    prompt_slices: int = 0  # compute steps that evaluated part of a prompt chunk's layers (engine.slicing)
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))  # rows per call
     queue_depth: Histogram = field(default_factory=lambda: Histogram(QUEUE_BUCKETS))  # steps waiting
 
@@ -135,6 +138,7 @@ class StageStatistics:
                 "queued": self.queued,
                 "batched_rows": st.batched_rows,
                 "shared_buffer_calls": c.shared_calls,
+                "prompt_slices": st.prompt_slices,
                 "forward_calls": st.batch_size.count,
                 "mean_batch": round(st.batch_size.mean(), 3),
                 "compute_s": round(c.forward_seconds, 3),
@@ -170,7 +174,16 @@ class StageConfig:
     batch: BatchMode = BatchMode.EXACT  # StageCompute's batching of decode steps (engine.batching)
     batch_limit: int = 16  # rows per forward call at most (the stage's batch; 1: one step at a time)
     step_token_budget: int = 512  # positions per compute step: decode rows plus prompt chunks (one at least)
+    prefill_share: float | None = PREFILL_SHARE  # a prompt slice's time against the decode rows' (None: whole)
     max_queued_steps: int = 64  # ready steps waiting for the compute thread; past it, the stage takes no more
+
+
+class Reading(NamedTuple):
+    """A prompt chunk's step whose call is being evaluated a few layers per turn (engine.slicing)."""
+
+    ready: Any  # its ReadyStep
+    call: SlicedForward
+    checks: tuple[ValidationLevel, bool]  # its level, and whether it is spot-checked
 
 
 class Arrival(NamedTuple):

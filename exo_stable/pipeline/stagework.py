@@ -15,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 from exo_stable.engine.sampling import Pick
+from exo_stable.engine.slicing import SlicedForward
 from exo_stable.engine.stagecompute import StageCompute, UnknownRequest, input_array, tensor_to_bytes
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.pipeline.stagebatch import ReadyStep
@@ -44,6 +45,21 @@ class StageWork:
             return Pick(self.compute.pick_ahead(ready.rid, ready.tokens, queue_next=ahead))
         out = self.compute.forward_input(ready.rid, ready.tokens, ready.wire)
         return self.finish(ready, input_array(ready.tokens, ready.wire), out, checks=checks, forced=forced)
+
+    def begin(self, ready: ReadyStep, checks: Checks) -> SlicedForward:
+        """A prompt chunk's step, its graph built to be evaluated a few layers at a time beside other
+        requests' decode steps (:mod:`exo_stable.engine.slicing`); :meth:`finish_sliced` once evaluated."""
+        x = input_array(ready.tokens, ready.wire)
+        # On the last stage a chunk before the prompt's last yields no token: its logits are never computed,
+        # unless a spot check compares them.
+        return self.compute.begin(ready.rid, x, logits=ready.final or checks[1])
+
+    def finish_sliced(self, ready: ReadyStep, call: SlicedForward, checks: Checks, forced: int | None) -> Any:
+        """What :meth:`step` returns for the chunk, from its evaluated call."""
+        x = input_array(ready.tokens, ready.wire)
+        if call.result is None:
+            return None  # (the last stage's chunk before the last, not spot-checked: finish returns None too)
+        return self.finish(ready, x, call.result, checks=checks, forced=forced)
 
     def rows(self, rows: list[ReadyStep], checks: list[Checks], forced: list[int | None]) -> list[Any]:
         """The decode steps of several requests as one :meth:`StageCompute.forward_batch` call; per row, what
