@@ -586,6 +586,15 @@ class StageActor(Actor[StageMessage]):
     async def _continue(self, rid: str, request: StageRequest, step: int, position: int, token_id: int) -> None:
         """Send the token at ``position`` round to stage 0 as the next step, unless the budget is spent."""
         if position + 1 < request.max_tokens and rid in self._requests:
+            if self.is_first and len(self._queue) < self._queue.capacity:
+                # A one-stage plan: the next step is this stage's own. Queued now, it joins the next compute
+                # step with the other rows of this one; through the mailbox it would be taken in only while
+                # the next step computes, and the rows would split into ever smaller batches (measured on
+                # the 2 cores, 8 streams: 2.9 rows per forward call instead of 8).
+                self._queue.put(
+                    ReadyStep(rid, request, step + 1, position + 1, True, time.time(), time.perf_counter(), (token_id,))
+                )
+                return
             nxt = StepInput(
                 request_id=rid,
                 plan_epoch=request.plan_epoch,
