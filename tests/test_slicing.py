@@ -90,20 +90,25 @@ def test_a_chunk_without_logits_writes_the_same_cache(tiny: Path) -> None:
     assert mx.array_equal(expected, sliced.forward("r", last)).item()
 
 
-def test_the_clock_gives_a_slice_about_a_decode_step_long() -> None:
+def test_the_clock_gives_a_step_about_a_decode_step_of_prompt_layers() -> None:
     clock = SliceClock(share=1.0)
-    assert clock.layers(30, 128, decoding=False) == 30  # nobody decodes beside it: the whole rest
-    assert clock.layers(30, 128, decoding=True) == 1  # nothing measured yet: one layer, to measure
+    assert clock.budget(decoding=False) is None  # nobody decodes beside the chunks: they go whole
+    assert clock.layers(30, 128, None) == 30
+    assert clock.budget(decoding=True) == 0.0  # decode rows not measured yet
+    assert clock.layers(30, 128, 0.0) == 1  # nothing measured yet: one layer, to measure
     clock.decoded(0.1)
     clock.sliced(1, 100, 0.04)
-    assert clock.layers(30, 100, decoding=True) == 2  # 0.1 s of decode: two layers of 0.04 s
-    assert clock.layers(30, 50, decoding=True) == 5  # a chunk half as wide: a layer takes half as long
-    assert clock.layers(1, 100, decoding=True) == 1  # never more than is left
+    within = clock.budget(decoding=True)
+    assert within == pytest.approx(0.1)
+    assert clock.layers(30, 100, within) == 2  # 0.1 s of decode: two layers of 0.04 s
+    assert clock.layers(30, 50, within) == 5  # a chunk half as wide: a layer takes half as long
+    assert clock.layers(30, 100, 0.01) == 1  # at least one layer
+    assert clock.layers(1, 100, within) == 1  # never more than is left
     clock.sliced(2, 100, 0.4)  # a slow slice (0.2 s a layer) moves the average, not all the way
     assert clock.layer_s == pytest.approx((0.7 * 0.04 + 0.3 * 0.2) / 100)
-    assert clock.layers(30, 100, decoding=True) == 1
+    assert clock.layers(30, 100, within) == 1
     fast = SliceClock(share=2.0)
     fast.decoded(0.1)
     fast.sliced(5, 10, 0.05)
-    assert fast.layers(30, 10, decoding=True) == 20
-    assert SliceClock(share=None).layers(30, 10, decoding=True) == 30  # slicing off: the whole rest
+    assert fast.layers(30, 10, fast.budget(decoding=True)) == 20
+    assert SliceClock(share=None).budget(decoding=True) is None  # slicing off: chunks go whole

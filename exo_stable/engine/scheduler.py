@@ -216,7 +216,10 @@ class BatchScheduler:
             return
         self.stats.steps += 1
         self.stats.decode_rows += len(plan.decode)
-        for (s, _, _, last), (read, first) in zip(plan.chunks, firsts, strict=True):
+        for (s, _, _, last), outcome in zip(plan.chunks, firsts, strict=True):
+            if outcome is None:
+                continue  # the step's budget was spent before this chunk: it goes at the next step
+            read, first = outcome
             if not read:
                 self.stats.prompt_slices += 1
                 continue  # its chunk's layers go on at the next step
@@ -234,12 +237,21 @@ class BatchScheduler:
         stream.position += 1
         stream.hand(picked)
 
-    def _step(self, plan: _Plan) -> tuple[list[tuple[bool, Pick | None]], list[Pick]]:
-        """The prompt chunks, each its own forward call (a slice of its layers while others decode), then
-        the decode rows in one. Per chunk: whether it was read through, and the first pick of a last one."""
+    def _step(self, plan: _Plan) -> tuple[list[tuple[bool, Pick | None] | None], list[Pick]]:
+        """The prompt chunks, each its own forward call (while others decode, slices of their layers within
+        the step's budget), then the decode rows in one. Per chunk: None when the budget left it for the next
+        step, else whether it was read through and the first pick of a prompt's last chunk."""
         started = time.perf_counter()
-        decoding = bool(plan.decode)
-        firsts = [self._read(s, chunk, first, last, decoding=decoding) for s, chunk, first, last in plan.chunks]
+        within = self.clock.budget(decoding=bool(plan.decode))
+        firsts: list[tuple[bool, Pick | None] | None] = []
+        for i, (s, chunk, first, last) in enumerate(plan.chunks):
+            if within is not None and within <= 0 and i > 0:
+                firsts.append(None)
+                continue
+            read, pick, spent = self._read(s, chunk, first, last, within)
+            firsts.append((read, pick))
+            if within is not None:
+                within -= spent
         middle = time.perf_counter()
         self.prefill_seconds += middle - started
         picks: list[Pick] = []
@@ -257,19 +269,20 @@ class BatchScheduler:
         return firsts, picks
 
     def _read(
-        self, s: _Stream, chunk: list[int], first: bool, last: bool, *, decoding: bool
-    ) -> tuple[bool, Pick | None]:
-        """Evaluate the next slice of a prompt chunk's layers (all of them when nobody decodes beside it)."""
+        self, s: _Stream, chunk: list[int], first: bool, last: bool, within: float | None
+    ) -> tuple[bool, Pick | None, float]:
+        """Evaluate the next slice of a prompt chunk's layers (``within``: seconds left of the step's budget;
+        None: all of them): whether the chunk is read through, the first pick of a prompt's last chunk, and
+        the slice's seconds."""
         if s.reading is None:
             if first:
                 self.compute.open(s.rid, s.params)
             s.reading = self.compute.begin(s.rid, mx.array([chunk], dtype=mx.int32), logits=last)
         call = s.reading
-        layers = self.clock.layers(call.left, call.positions, decoding=decoding)
-        done = call.advance(layers)
-        if decoding:
-            self.clock.sliced(call.stepped, call.positions, call.stepped_s)
+        done = call.advance(self.clock.layers(call.left, call.positions, within))
+        self.clock.sliced(call.stepped, call.positions, call.stepped_s)
         if not done:
-            return False, None
+            return False, None, call.stepped_s
         s.reading = None
-        return True, (self.compute.choose(s.rid, call.result, 0) if last and call.result is not None else None)
+        pick = self.compute.choose(s.rid, call.result, 0) if last and call.result is not None else None
+        return True, pick, call.stepped_s

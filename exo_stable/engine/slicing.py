@@ -9,9 +9,10 @@ whole, once, and evaluated in slices of layers: each compute step evaluates the 
 changes no kernel, so the chunk's result is bit for bit that of one :meth:`StageCompute.forward` call
 (tests/test_slicing.py checks it); only when it is computed moves.
 
-:class:`SliceClock` decides each step's slice: as many layers as take about :data:`PREFILL_SHARE` times the
-decode rows' own step time (from what it measured of both), at least one; all that is left when no row is
-decoding. Pure bookkeeping: it runs no MLX.
+:class:`SliceClock` decides each step's slices: the step's chunks, in order, get as many layers as take about
+:data:`PREFILL_SHARE` times the decode rows' own step time between them (from what it measured of both),
+the first chunk at least one layer; all that is left when no row is decoding. Pure bookkeeping: it runs no
+MLX.
 """
 
 from __future__ import annotations
@@ -107,14 +108,22 @@ class SliceClock:
         if layers > 0 and positions > 0:
             self.layer_s = self._mix(self.layer_s, seconds / (layers * positions))
 
-    def layers(self, left: int, positions: int, *, decoding: bool) -> int:
-        """The slice for this step, of a ``positions``-position chunk with ``left`` layers to go;
-        ``decoding``: other requests' decode rows share the step (else the whole rest goes)."""
+    def budget(self, *, decoding: bool) -> float | None:
+        """Seconds of prompt layers one step may evaluate, shared by all the step's chunks in order: None
+        when nobody decodes beside them (or slicing is off), so they all go whole; 0 before the decode rows
+        were measured (then the first chunk gets one layer, the others wait)."""
         if not decoding or self.share is None:
+            return None
+        return 0.0 if self.decode_s is None else self.share * self.decode_s
+
+    def layers(self, left: int, positions: int, within: float | None) -> int:
+        """The slice of a ``positions``-position chunk with ``left`` layers to go, in ``within`` seconds of
+        the step's :meth:`budget` (None: the whole rest); at least one layer."""
+        if within is None:
             return left
-        if self.decode_s is None or self.layer_s is None or self.layer_s <= 0:
+        if self.layer_s is None or self.layer_s <= 0:
             return 1  # nothing measured yet: one layer, which measures
-        return max(1, min(left, int(self.share * self.decode_s / (self.layer_s * max(1, positions)))))
+        return max(1, min(left, int(within / (self.layer_s * max(1, positions)))))
 
 
 __all__ = ["PREFILL_SHARE", "SliceClock", "SlicedForward"]

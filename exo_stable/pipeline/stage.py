@@ -360,21 +360,30 @@ class StageActor(Actor[StageMessage]):
         self._reading.append(Reading(ready, call, checks))
 
     async def _read(self, *, decoding: bool) -> None:
-        """Evaluate the next slice of the oldest prompt chunk being read (all of it when no request decodes
-        beside it); a chunk read through goes on as a step computed in one call would."""
-        reading = self._reading[0]
-        ready, call = reading.ready, reading.call
-        if not self._current(ready):
-            self._reading.popleft()
-            return
-        layers = self._clock.layers(call.left, call.positions, decoding=decoding)
-        done = await self._run(call.advance, layers)
-        if decoding:
+        """Evaluate the prompt chunks being read, oldest first, within this turn's budget (all of them when
+        no request decodes beside them, see SliceClock.budget); a chunk read through goes on as a step
+        computed in one call would."""
+        within = self._clock.budget(decoding=decoding)
+        while self._reading:
+            reading = self._reading[0]
+            ready, call = reading.ready, reading.call
+            if not self._current(ready):
+                self._reading.popleft()
+                continue
+            done = await self._run(call.advance, self._clock.layers(call.left, call.positions, within))
             self._clock.sliced(call.stepped, call.positions, call.stepped_s)
-        if not done:
-            self.stats.prompt_slices += 1
-            return
-        self._reading.popleft()
+            if not done:
+                self.stats.prompt_slices += 1
+                return
+            self._reading.popleft()
+            await self._finish_reading(reading)
+            if within is not None:
+                within -= call.stepped_s
+                if within <= 0:
+                    return
+
+    async def _finish_reading(self, reading: Reading) -> None:
+        ready, call = reading.ready, reading.call
         try:
             out = await self._run(self._work.finish_sliced, ready, call, reading.checks, self._forced(ready))
         except UnknownRequest:
