@@ -383,6 +383,7 @@ class StageActor(Actor[StageMessage]):
                     return
 
     async def _finish_reading(self, reading: Reading) -> None:
+        """A prompt chunk read through: its result leaves as a step computed in one call would."""
         ready, call = reading.ready, reading.call
         try:
             out = await self._run(self._work.finish_sliced, ready, call, reading.checks, self._forced(ready))
