@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exo_stable.engine import device as devices  # noqa: E402
-from exo_stable.engine import stagecompute  # noqa: E402
+from exo_stable.engine import scheduler, stagecompute  # noqa: E402
 from exo_stable.engine.batching import BatchMode  # noqa: E402
 from exo_stable.engine.loader import open_model  # noqa: E402
 from exo_stable.engine.modelspec import Dtype  # noqa: E402
@@ -73,6 +73,17 @@ async def streams_once(engine: SingleDeviceEngine, batch: list[list[int]], token
     return {
         "aggregate_tok_s": counted / (end - start) if end > start else 0.0,
         "tokens": outs,
+    }
+
+
+def steps_so_far(engine: SingleDeviceEngine) -> dict[str, int]:
+    """The engine's step counts so far: batched steps and their rows, steps queued ahead and undone."""
+    batch, compute = engine.batch_stats, engine.compute_stats
+    return {
+        "steps": batch.steps if batch else 0,
+        "rows": batch.decode_rows if batch else 0,
+        "ahead": compute.rows_ahead + compute.steps_ahead,
+        "undone": compute.rows_undone + compute.steps_undone,
     }
 
 
@@ -120,9 +131,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         modes = {"batched": BatchMode.FAST, "batched_rowwise": BatchMode.FAST, "unbatched": BatchMode.OFF}
     if args.compare_unsliced:
         modes = {"batched": BatchMode(args.mode), "batched_unsliced": BatchMode(args.mode), "unbatched": BatchMode.OFF}
+    if args.compare_rows_ahead:
+        modes = {"batched": BatchMode(args.mode), "batched_not_ahead": BatchMode(args.mode), "unbatched": BatchMode.OFF}
     engines: dict[str, SingleDeviceEngine] = {}
     for name, mode in modes.items():
         stagecompute.SHARED_SLOTS = name != "batched_rowwise"  # read when the engine loads
+        scheduler.ROWS_AHEAD = name != "batched_not_ahead"  # read when the engine starts
         engine = SingleDeviceEngine(
             open_model(args.model),
             dtype=dtype,
@@ -134,6 +148,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         await engine.start()
         engines[name] = engine
     stagecompute.SHARED_SLOTS = True
+    scheduler.ROWS_AHEAD = True
     limit = engines["batched"].batch_limit
     print(f"model {args.model} ({dtype}); batched engine's decode batch limit: {limit}", flush=True)
     rounds: dict[str, dict[int, list[float]]] = {name: {n: [] for n in args.streams} for name in engines}
@@ -144,10 +159,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             batch = prompts(vocab, n, args.prompt_tokens, seed=100 * r + n)
             answers = {}
             for name, engine in engines.items():
+                before = steps_so_far(engine)
                 out = await streams_once(engine, batch, args.decode_tokens)
                 rounds[name][n].append(out["aggregate_tok_s"])
                 answers[name] = out["tokens"]
-                print(f"round {r} {name:9} {n:2} streams: {out['aggregate_tok_s']:8.1f} tok/s", flush=True)
+                steps = {k: v - before[k] for k, v in steps_so_far(engine).items()}
+                shown = "  ".join(f"{k} {v}" for k, v in steps.items())
+                print(f"round {r} {name:9} {n:2} streams: {out['aggregate_tok_s']:8.1f} tok/s  {shown}", flush=True)
             same = same and answers["batched"] == answers["unbatched"]
             if "batched_rowwise" in answers:
                 result_rowwise_same.append(answers["batched_rowwise"] == answers["unbatched"])
@@ -183,19 +201,18 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def mlx_lm_batch(args: argparse.Namespace, streams: int) -> dict[str, Any]:
-    """mlx-lm's BatchGenerator on the weights exo-stable draws for a ``random:`` model."""
+def mlx_lm_model(name: str, dtype: Dtype) -> Any:
+    """mlx-lm's own llama model on the weights exo-stable draws for a ``random:`` model (evaluated)."""
     from mlx import nn
-    from mlx_lm.generate import BatchGenerator
     from mlx_lm.models import llama
 
     from exo_stable.engine import random_model
 
-    source = open_model(args.model)
+    source = open_model(name)
     if source.random is None:
-        raise SystemExit("--compare-mlx-lm needs a random:<shape> model")
+        raise SystemExit("comparing with mlx-lm needs a random:<shape> model")
     model = llama.Model(llama.ModelArgs.from_dict(source.spec.mlx_lm_args()))
-    quantized = Dtype(args.dtype) is Dtype.QUANTIZED
+    quantized = dtype is Dtype.QUANTIZED
     if quantized:
         nn.quantize(model, group_size=random_model.QUANT.group_size, bits=random_model.QUANT.bits)
     weights, _ = random_model.generate(
@@ -203,7 +220,15 @@ def mlx_lm_batch(args: argparse.Namespace, streams: int) -> dict[str, Any]:
     )
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    batch = prompts(source.spec.vocab_size, streams, args.prompt_tokens, seed=1)
+    return model
+
+
+def mlx_lm_batch(args: argparse.Namespace, streams: int) -> dict[str, Any]:
+    """mlx-lm's BatchGenerator on the weights exo-stable draws for a ``random:`` model."""
+    from mlx_lm.generate import BatchGenerator
+
+    model = mlx_lm_model(args.model, Dtype(args.dtype))
+    batch = prompts(open_model(args.model).spec.vocab_size, streams, args.prompt_tokens, seed=1)
     gen = BatchGenerator(model, max_tokens=args.decode_tokens, completion_batch_size=streams)
     gen.insert(batch)
     counted = 0
@@ -248,6 +273,16 @@ def main() -> None:
         help="add a batched engine that reads each prompt chunk whole (before exo_stable.engine.slicing)",
     )
     parser.add_argument(
+        "--compare-rows-ahead",
+        action="store_true",
+        help="add a batched engine that evaluates each batched step before building the next (no steps ahead)",
+    )
+    parser.add_argument(
+        "--only-mlx-lm",
+        action="store_true",
+        help="measure only mlx-lm's BatchGenerator (--repeats times), in a process without exo-stable's engines",
+    )
+    parser.add_argument(
         "--prefill-share",
         type=float,
         default=PREFILL_SHARE,
@@ -263,8 +298,14 @@ def main() -> None:
     args.model = args.model or str(ensure_default_model(progress=False))
     args.dtype = args.dtype or default_dtype(kind.value).value
     started = time.perf_counter()
-    result = asyncio.run(measure(args))
-    if args.compare_mlx_lm:
+    if args.only_mlx_lm:
+        runs = [mlx_lm_batch(args, max(args.streams)) for _ in range(args.repeats)]
+        for run in runs:
+            print(f"mlx-lm BatchGenerator {run['streams']} streams: {run['aggregate_tok_s']:8.1f} tok/s", flush=True)
+        result: dict[str, Any] = {"mlx_lm_batch_generator_alone": runs}
+    else:
+        result = asyncio.run(measure(args))
+    if args.compare_mlx_lm and not args.only_mlx_lm:
         gc.collect()
         mx.clear_cache()
         result["mlx_lm_batch_generator"] = mlx_lm_batch(args, max(args.streams))

@@ -41,7 +41,8 @@ from exo_stable.engine.loader import open_model  # noqa: E402
 from exo_stable.engine.model import LayerRange  # noqa: E402
 from exo_stable.engine.modelspec import Dtype  # noqa: E402
 from exo_stable.engine.sampling import SamplingParams  # noqa: E402
-from exo_stable.engine.stagecompute import StageCompute, prompt_chunks, tensor_to_bytes  # noqa: E402
+from exo_stable.engine.stagecompute import StageCompute, prompt_chunks  # noqa: E402
+from exo_stable.engine.wire import tensor_to_bytes  # noqa: E402
 
 Parts = dict[str, float]
 Run = tuple[list[int], list[Parts]]

@@ -140,13 +140,13 @@ def test_exact_mode_batches_only_what_the_probe_found_exact(tiny: Path) -> None:
 def test_a_stage_loaded_again_reuses_the_probe(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe runs once per product shape in a process: a stage built again (a new plan, a failover's
     survivor) takes the answer already found instead of paying for the probe again."""
-    from exo_stable.engine import stagecompute
+    from exo_stable.engine import batching
 
-    monkeypatch.setattr(stagecompute, "_PROBED", {})
+    monkeypatch.setattr(batching, "_PROBED", {})
     first = StageCompute(open_model(tiny), LayerRange(0, 2, N_LAYERS), Dtype.BFLOAT16, batch_limit=8)
     first.load()
-    assert first.batch_limit > 1 and stagecompute._PROBED
-    for sizes in stagecompute._PROBED.values():  # pretend every product differed from 2 rows on
+    assert first.batch_limit > 1 and batching._PROBED
+    for sizes in batching._PROBED.values():  # pretend every product differed from 2 rows on
         sizes.update(dict.fromkeys(sizes, False))
     again = StageCompute(open_model(tiny), LayerRange(2, N_LAYERS, N_LAYERS), Dtype.BFLOAT16, batch_limit=8)
     again.load()

@@ -24,7 +24,8 @@ from exo_stable.engine.loader import ModelSource, open_model
 from exo_stable.engine.model import LayerRange
 from exo_stable.engine.modelspec import Dtype, UnsupportedModelError
 from exo_stable.engine.sampling import SamplingParams
-from exo_stable.engine.stagecompute import StageCompute, prompt_chunks, tensor_to_bytes
+from exo_stable.engine.stagecompute import StageCompute, prompt_chunks
+from exo_stable.engine.wire import tensor_to_bytes
 
 PROMPT = [1, 4093, 198, 19161, 253, 421, 30614, 563, 260, 3426, 30, 2, 198]
 STEPS = 10

@@ -301,3 +301,19 @@ async def test_a_long_prompt_is_read_in_slices_beside_decoding_requests(tiny_mod
         assert list(results) == expected
         snaps = stage_snapshots(nodes)
         assert all(s["batching"]["prompt_slices"] > 0 for s in snaps), snaps
+
+
+async def test_a_node_alone_queues_batched_greedy_steps_ahead(
+    tiny_model: Path, reference: dict[tuple[int, int], list[int]]
+) -> None:
+    """A one-stage plan holds the whole model: the batched step of its greedy requests is queued on the device
+    before the last one's tokens are read (StageCompute.pick_rows_ahead), and each answer stays the single
+    device's for that request alone."""
+    async with cluster(tiny_model, 1) as nodes:
+        async with asyncio.timeout(240):
+            # Three: the stage's probe batches this model's float32 rows up to three (with a fourth request the
+            # rows would rotate and the next turn never take the same rows).
+            results = await asyncio.gather(*(run_one(nodes[0], PROMPTS[i], SAMPLINGS[0]) for i in range(3)))
+        assert list(results) == [reference[i, 0] for i in range(3)]
+        ahead = stage_snapshots(nodes)[0]["decode_ahead"]
+        assert ahead["batched_steps"] > 0, ahead

@@ -13,8 +13,9 @@ from exo_stable.engine.loader import open_model
 from exo_stable.engine.model import LayerRange
 from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import SamplingParams
-from exo_stable.engine.stagecompute import StageCompute, UnknownRequest, prompt_chunks, tensor_to_bytes
+from exo_stable.engine.stagecompute import StageCompute, UnknownRequest, prompt_chunks
 from exo_stable.engine.synthetic import tiny_gguf
+from exo_stable.engine.wire import tensor_to_bytes
 
 N_LAYERS = 4
 BOUNDS = [(0, 2), (2, 3), (3, 4)]  # first, middle and last stage

@@ -23,6 +23,7 @@ keys and values into that row's own cache (as a lone step would), and the attent
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,6 +86,41 @@ def distinct_products(net: nn.Module, *, head: bool) -> list[Product]:
             seen.add(signature)
             out.append((signature, width, call))
     return out
+
+
+_PROBED: dict[tuple[object, ...], dict[int, bool]] = {}
+"""Which batch sizes each matrix product (by device, dtype and signature) gave every row its lone bits."""
+_PROBED_LOCK = threading.Lock()
+
+
+def probe_products(net: nn.Module, *, head: bool, dtype: mx.Dtype, most: int) -> dict[int, bool]:
+    """For each batch size 2..``most``: does every distinct matrix product of ``net`` (see
+    :func:`distinct_products`) give each row of a batch, in ``dtype``, the bits it gives that row alone?
+    Each runs on random rows, alone and at every batch size; the answer depends on the backend, the dtype and
+    the shapes, not on the values, so each product is probed once per process and device."""
+    key = mx.random.key(7)
+    found: dict[int, bool] = {size: True for size in range(2, most + 1)}
+    device = str(mx.default_device())
+    for signature, width, product in distinct_products(net, head=head):
+        known = (device, str(dtype), *signature)
+        with _PROBED_LOCK:
+            sizes = _PROBED.get(known)
+        if sizes is None or len(sizes) < most - 1:
+            # A stage loaded again (a new plan, a failover's survivor) with products of the same shapes
+            # reuses the answer instead of paying it again.
+            key, sub = mx.random.split(key)
+            x = mx.random.normal((most, 1, width), key=sub).astype(dtype)
+            alone = [product(x[i : i + 1]) for i in range(most)]
+            sizes = {}
+            for size in range(2, most + 1):
+                batched = product(x[:size])
+                mx.eval(batched, alone[:size])
+                sizes[size] = all(bool(mx.array_equal(batched[i : i + 1], alone[i])) for i in range(size))
+            with _PROBED_LOCK:
+                _PROBED[known] = sizes
+        for size in range(2, most + 1):
+            found[size] = found[size] and sizes[size]
+    return found
 
 
 class _Rows:

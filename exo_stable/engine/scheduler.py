@@ -12,6 +12,10 @@ the streams already decoding keep getting a token per step. Prompt chunks are th
 a lone request's (:func:`prompt_chunks`), each in its own forward call, so a prompt's reading is exact; while
 other requests decode, a chunk's call is evaluated a few layers per step (:mod:`exo_stable.engine.slicing`),
 so a step carrying it takes about twice a decode step, not a whole chunk's time.
+When every decode row is a greedy request's, the next step of the rows that go on is queued on the device
+before this step's tokens are read (:meth:`StageCompute.pick_rows_ahead`): the device computes it while the
+host hands the tokens out and plans the next step; a step whose rows then differ (a request joined, left or
+paused for its reader) is undone.
 Requests join and leave between steps. Each request's tokens wait in a buffer of a few for its reader; a
 request whose reader lags is left out of the steps until it reads, so nothing grows without bound.
 """
@@ -38,6 +42,10 @@ BUFFER = 4
 
 STEPS_PER_JOB = 32
 """Steps the loop runs per job on the MLX thread before it queues itself again behind other jobs."""
+
+ROWS_AHEAD = True
+"""Queue batched greedy steps ahead (:meth:`StageCompute.pick_rows_ahead`); read when a scheduler is made
+(benchmarks turn it off to compare)."""
 
 
 @dataclass
@@ -73,6 +81,10 @@ class _Stream:
         ahead = self.position - self.read
         return not self.failed and not self.reading_prompt and 0 < self.position < self.budget and ahead < BUFFER
 
+    def continues(self) -> bool:
+        """Whether, once this step's token is delivered, it will want the next step (as its reader stands)."""
+        return not self.failed and self.position + 1 < self.budget and self.position + 1 - self.read < BUFFER
+
     def hand(self, item: Pick | BaseException) -> None:
         """Give the reader a pick or an error (from the MLX thread)."""
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -99,6 +111,7 @@ class BatchScheduler:
     ) -> None:
         self.compute = compute
         self.lookahead = lookahead
+        self.rows_ahead = lookahead and ROWS_AHEAD
         self.thread = thread
         self.step_tokens = step_tokens
         self.step_timeout_s = step_timeout_s
@@ -242,6 +255,10 @@ class BatchScheduler:
         the step's budget), then the decode rows in one. Per chunk: None when the budget left it for the next
         step, else whether it was read through and the first pick of a prompt's last chunk."""
         started = time.perf_counter()
+        # A step queued ahead at the last step is computing: it finishes before this step's prompt slices are
+        # timed (it is this step's decode rows' time).
+        settled = self.compute.settle() if plan.chunks else 0.0
+        started += settled
         within = self.clock.budget(decoding=bool(plan.decode))
         firsts: list[tuple[bool, Pick | None] | None] = []
         for i, (s, chunk, first, last) in enumerate(plan.chunks):
@@ -255,18 +272,31 @@ class BatchScheduler:
         middle = time.perf_counter()
         self.prefill_seconds += middle - started
         picks: list[Pick] = []
-        alone = plan.decode[0] if len(plan.decode) == 1 and not plan.chunks else None
+        rows = plan.decode
+        alone = rows[0] if len(rows) == 1 and not plan.chunks else None
         if alone is not None and self.lookahead and alone.params.plain_greedy:
             # One greedy stream and nothing else: its next step is queued on the device before this one's
             # token is read (StageCompute.pick_ahead; undone if the next step is another kind).
             more = alone.position + 1 < alone.budget
             picks = [Pick(self.compute.pick_ahead(alone.rid, [alone.last], queue_next=more))]
-        elif plan.decode:
-            rows = plan.decode
+        elif self._ahead(rows):
+            # Greedy rows in one call: the batched step of those that go on is queued before this one's tokens
+            # are read (StageCompute.pick_rows_ahead; undone when the next step's rows are others).
+            follow = [i for i, s in enumerate(rows) if s.continues()]
+            rids, tokens = [s.rid for s in rows], [s.last for s in rows]
+            picks = [Pick(token) for token in self.compute.pick_rows_ahead(rids, tokens, follow)]
+            self.clock.decoded(time.perf_counter() - middle + settled)
+        elif rows:
             picks = self.compute.decode_batch([s.rid for s in rows], [s.last for s in rows], [s.position for s in rows])
-            self.clock.decoded(time.perf_counter() - middle)
-        self.decode_seconds += time.perf_counter() - middle
+            self.clock.decoded(time.perf_counter() - middle + settled)
+        self.decode_seconds += time.perf_counter() - middle + settled
         return firsts, picks
+
+    def _ahead(self, rows: list[_Stream]) -> bool:
+        """Whether ``rows`` decode as one batched call queued ahead: greedy rows that fit one call."""
+        return (
+            self.rows_ahead and 2 <= len(rows) <= self.compute.batch_limit and all(s.params.plain_greedy for s in rows)
+        )
 
     def _read(
         self, s: _Stream, chunk: list[int], first: bool, last: bool, within: float | None

@@ -27,7 +27,7 @@ from exo_stable.engine.modelspec import Dtype
 from exo_stable.engine.sampling import Pick, SamplingParams
 from exo_stable.engine.scheduler import BatchScheduler, BatchStats
 from exo_stable.engine.slicing import PREFILL_SHARE
-from exo_stable.engine.stagecompute import StageCompute, prefill_chunk
+from exo_stable.engine.stagecompute import ComputeStats, StageCompute, prefill_chunk
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,11 @@ class SingleDeviceEngine:
     def batch_stats(self) -> BatchStats | None:
         """The scheduler's step, batch size and queue depth figures (None when not batching)."""
         return None if self._scheduler is None else self._scheduler.stats
+
+    @property
+    def compute_stats(self) -> ComputeStats:
+        """The forward calls' figures (steps queued ahead and undone among them)."""
+        return self._compute.stats
 
     def _load(self) -> float:
         activate(self.device)

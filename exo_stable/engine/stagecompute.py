@@ -5,13 +5,11 @@ all layers, so a split pipeline and one device run the very same forward calls: 
 same fixed-size chunks, each chunk goes through every layer in order, and the last stage picks the token
 from the same logits with the same sampler.
 
-Activations cross stages as raw bytes with dtype and shape (bfloat16 travels as its 16-bit pattern), so a
-received tensor is bit for bit the one that was sent.
+Activations cross stages as exact bytes (:mod:`exo_stable.engine.wire`).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from exo_stable.engine.batching import BatchMode, distinct_products, exact_limit
+from exo_stable.engine.batching import BatchMode, exact_limit, probe_products
 from exo_stable.engine.device import DeviceKind, activate, chosen
 from exo_stable.engine.grammar import Constraint
 from exo_stable.engine.loader import ModelSource
@@ -30,6 +28,7 @@ from exo_stable.engine.sampling import Pick, SamplingParams
 from exo_stable.engine.sampling import pick as sample_pick
 from exo_stable.engine.slicing import SlicedForward
 from exo_stable.engine.slots import SlotArena
+from exo_stable.engine.wire import WireTensor, fill_input, input_array
 
 PREFILL_CHUNK = 512
 """Prompt tokens per forward call on a GPU; the same on every stage and on the single device."""
@@ -44,20 +43,6 @@ way: the owner, every stage, the fallback and the single device chunk a prompt w
 SHARED_SLOTS = True
 """Under ``--batch fast``, keep the batched requests' caches as slots of one buffer per layer
 (:mod:`exo_stable.engine.slots`); read at load (benchmarks turn it off to compare)."""
-
-_PROBED: dict[tuple[object, ...], dict[int, bool]] = {}
-"""Which batch sizes each matrix product (by device, dtype and signature) gave every row its lone bits."""
-_PROBED_LOCK = threading.Lock()
-
-_WIRE_DTYPES: dict[str, tuple[mx.Dtype, type[np.generic]]] = {
-    "float32": (mx.float32, np.float32),
-    "float16": (mx.float16, np.float16),
-    "bfloat16": (mx.bfloat16, np.uint16),
-}
-
-
-WireTensor = tuple[str, Sequence[int], bytes]
-"""An activation as it travels: dtype name, shape and exact bytes (see :func:`tensor_to_bytes`)."""
 
 
 class StageBusy(RuntimeError):
@@ -79,34 +64,23 @@ def prompt_chunks(ids: Sequence[int]) -> list[list[int]]:
     return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
 
 
-def tensor_to_bytes(x: mx.array) -> tuple[str, tuple[int, ...], bytes]:
-    """Exact bytes of an activation: (dtype name, shape, data)."""
-    name = str(x.dtype).removeprefix("mlx.core.")
-    if name not in _WIRE_DTYPES:
-        raise TypeError(f"activations of dtype {name} cannot travel")
-    view = x.view(mx.uint16) if name == "bfloat16" else x
-    return name, tuple(x.shape), np.array(view, copy=False).tobytes()
-
-
-def tensor_from_bytes(dtype: str, shape: Sequence[int], data: bytes) -> mx.array:
-    if dtype not in _WIRE_DTYPES:
-        raise TypeError(f"unknown activation dtype {dtype!r}")
-    mx_dtype, np_dtype = _WIRE_DTYPES[dtype]
-    array = mx.array(np.frombuffer(data, dtype=np_dtype).reshape(tuple(shape)))
-    return array.view(mx.bfloat16) if dtype == "bfloat16" else array.astype(mx_dtype)
-
-
-def input_array(tokens: Sequence[int], tensor: WireTensor | None = None) -> mx.array:
-    """A forward call's input as it came: token ids ``[1, L]`` (first stage) or an activation's exact bytes."""
-    return mx.array([list(tokens)], dtype=mx.int32) if tensor is None else tensor_from_bytes(*tensor)
-
-
 @dataclass
 class QueuedStep:
     """A greedy decode step queued on the device before its input token was read (see :meth:`pick_ahead`)."""
 
     token_in: int  # the token it consumes; its cache entry is already written
     token_out: mx.array  # the token it yields, still computing
+
+
+@dataclass
+class QueuedRows:
+    """Greedy decode steps of several requests queued as one batched call before their input tokens were read
+    (see :meth:`StageCompute.pick_rows_ahead`)."""
+
+    requests: tuple[RequestCache, ...]
+    rids: tuple[str, ...]
+    tokens_in: tuple[int, ...]  # the tokens they consume, row by row; their cache entries are already written
+    tokens_out: mx.array  # ``[rows]``: the tokens they yield, still computing
 
 
 @dataclass
@@ -139,6 +113,8 @@ class ComputeStats:
     requests_closed: int = 0
     steps_ahead: int = 0  # greedy steps that were already queued when their token came (pick_ahead)
     steps_undone: int = 0  # queued steps undone because another token came
+    rows_ahead: int = 0  # batched greedy steps already queued when their rows' tokens came (pick_rows_ahead)
+    rows_undone: int = 0  # ... undone because other rows or tokens came
     steps_prepared: int = 0  # one-position steps built before their input came (prepare)
     prepared_used: int = 0  # ... whose input then came and ran through the built graph
     prepared_undone: int = 0  # ... undone because another kind of step (or none) came
@@ -173,6 +149,7 @@ class StageCompute:
         self.requests: dict[str, RequestCache] = {}
         self.stats = ComputeStats()
         self._arena: SlotArena | None = None  # the batched requests' cache buffers, under --batch fast
+        self._rows_queued: QueuedRows | None = None  # a batched greedy step queued ahead (pick_rows_ahead)
         # The stage this one replaces on the node: its built layers are taken over at load (same dtype only).
         self._keep = keep.model if keep is not None and keep.dtype == dtype and keep.source is source else None
 
@@ -217,6 +194,7 @@ class StageCompute:
         request = self.requests.pop(rid, None)
         if request is None:
             return False
+        self._drop_queued(request)
         if request.slot is not None and self._arena is not None:
             self._arena.give(request.slot)
         self.stats.requests_closed += 1
@@ -302,6 +280,16 @@ class StageCompute:
         return out
 
     def _forward_rows(self, requests: Sequence[RequestCache], xs: Sequence[mx.array]) -> list[mx.array]:
+        started = time.perf_counter()
+        out = self._rows_call(requests, mx.concatenate(list(xs), axis=0))
+        rows = [out[i, -1, :] if self.layers.is_last else out[i : i + 1] for i in range(len(requests))]
+        mx.eval(rows)
+        self.stats.forward_seconds += time.perf_counter() - started
+        return rows
+
+    def _rows_call(self, requests: Sequence[RequestCache], x: mx.array) -> mx.array:
+        """The batched forward call over ``requests``' next positions (``x``: ``[rows, 1]`` token ids or
+        ``[rows, 1, H]`` hidden states), built and not evaluated; each row's cache takes its position."""
         for request in requests:
             self._drop_queued(request)
             self._drop_prepared(request)
@@ -309,19 +297,15 @@ class StageCompute:
                 slot = self._arena.take()  # its first shared step: it moves into a free slot, if one is
                 if slot is not None:
                     request.cache, request.slot = self._arena.move_in(request.cache, slot), slot
-        started = time.perf_counter()
-        out = self._model().forward_rows(mx.concatenate(list(xs), axis=0), [r.cache for r in requests])
-        rows = [out[i, -1, :] if self.layers.is_last else out[i : i + 1] for i in range(len(requests))]
-        mx.eval(rows)
+        out = self._model().forward_rows(x, [r.cache for r in requests])
         self.stats.forward_calls += 1
         self.stats.batched_calls += 1
         self.stats.batched_rows += len(requests)
         self.stats.shared_calls += all(r.slot is not None for r in requests)
         self.stats.tokens_forwarded += len(requests)
-        self.stats.forward_seconds += time.perf_counter() - started
         for request in requests:
             request.tokens_in += 1
-        return rows
+        return out
 
     def probe_rows(self, most: int) -> dict[int, bool]:
         """For each batch size 2..``most``: does every matrix product of the shard give each row of a batch
@@ -334,30 +318,7 @@ class StageCompute:
         model = self._model()
         if most < 2 or not model.batchable:
             return {}
-        key = mx.random.key(7)
-        found: dict[int, bool] = {size: True for size in range(2, most + 1)}
-        act = compute_dtype(self.dtype)
-        device = str(mx.default_device())
-        for signature, width, product in distinct_products(model.net, head=self.layers.is_last):
-            known = (device, str(act), *signature)
-            with _PROBED_LOCK:
-                sizes = _PROBED.get(known)
-            if sizes is None or len(sizes) < most - 1:
-                # Each product is probed once per process: a stage loaded again (a new plan, a failover's
-                # survivor) with products of the same shapes reuses the answer instead of paying it again.
-                key, sub = mx.random.split(key)
-                x = mx.random.normal((most, 1, width), key=sub).astype(act)
-                alone = [product(x[i : i + 1]) for i in range(most)]
-                sizes = {}
-                for size in range(2, most + 1):
-                    batched = product(x[:size])
-                    mx.eval(batched, alone[:size])
-                    sizes[size] = all(bool(mx.array_equal(batched[i : i + 1], alone[i])) for i in range(size))
-                with _PROBED_LOCK:
-                    _PROBED[known] = sizes
-            for size in range(2, most + 1):
-                found[size] = found[size] and sizes[size]
-        return found
+        return probe_products(model.net, head=self.layers.is_last, dtype=compute_dtype(self.dtype), most=most)
 
     def _count(self, request: RequestCache, tokens: int, started: float) -> None:
         """Book a forward call of ``tokens`` positions that began at ``started``."""
@@ -377,7 +338,7 @@ class StageCompute:
         if request is None:
             raise UnknownRequest(rid)
         prepared = request.prepared
-        if prepared is not None and self._fill(prepared.slot, tokens, tensor):
+        if prepared is not None and fill_input(prepared.slot, tokens, tensor):
             request.prepared = None
             started = time.perf_counter()
             mx.eval(prepared.result)
@@ -398,7 +359,8 @@ class StageCompute:
         request = self.requests.get(rid)
         if request is None:
             raise UnknownRequest(rid)
-        if request.prepared is not None or request.queued is not None or request.slot is not None:
+        queued = request.queued is not None or self._in_queued_rows(request)
+        if request.prepared is not None or queued or request.slot is not None:
             # (A slot shares its layer's buffer with other requests: a graph built on a placeholder would
             # write there before its input is known, and another request's step could evaluate it first.)
             return False
@@ -416,22 +378,6 @@ class StageCompute:
         request.prepared = PreparedStep(slot, out[0, -1, :] if self.layers.is_last else out)
         self.stats.steps_prepared += 1
         self.stats.prepare_seconds += time.perf_counter() - started
-        return True
-
-    @staticmethod
-    def _fill(slot: mx.array, tokens: Sequence[int], tensor: WireTensor | None) -> bool:
-        """Write a one-position input into a prepared step's slot; false (nothing written) if it does not fit."""
-        view = np.array(slot, copy=False)
-        if tensor is None:
-            if len(tokens) != 1 or view.shape != (1, 1):
-                return False
-            view[0, 0] = tokens[0]
-            return True
-        dtype, shape, data = tensor
-        wire = _WIRE_DTYPES.get(dtype)
-        if wire is None or tuple(shape) != view.shape or np.dtype(wire[1]) != view.dtype:
-            return False
-        view[...] = np.frombuffer(data, dtype=wire[1]).reshape(view.shape)
         return True
 
     def pick_ahead(self, rid: str, tokens: Sequence[int], *, queue_next: bool) -> int:
@@ -463,7 +409,10 @@ class StageCompute:
         return picked
 
     def _drop_queued(self, request: RequestCache) -> None:
-        """Undo a queued step that the next call does not use (its cache entry goes; its result is dropped)."""
+        """Undo a queued step that the next call does not use (its cache entry goes; its result is dropped):
+        the request's own, or the queued batched step it has a row in (every row of it)."""
+        if self._in_queued_rows(request):
+            self._drop_rows()
         if request.queued is not None:
             request.queued = None
             self.stats.steps_undone += 1
@@ -486,6 +435,7 @@ class StageCompute:
         request = self.requests.get(rid)
         if request is None:
             raise UnknownRequest(rid)
+        self._drop_queued(request)
         self._drop_prepared(request)
         for layer_cache in request.cache:
             layer_cache.trim(tokens)
@@ -593,6 +543,8 @@ class StageCompute:
         request = self.requests.get(rid)
         if request is None:
             raise UnknownRequest(rid)
+        if self._in_queued_rows(request):
+            self._drop_rows()
         self._drop_prepared(request)
         out = self._model()(token.reshape(1, 1), request.cache)
         nxt = mx.argmax(out[0, -1, :])
@@ -601,6 +553,83 @@ class StageCompute:
         self.stats.tokens_forwarded += 1
         request.tokens_in += 1
         return nxt
+
+    def pick_rows_ahead(self, rids: Sequence[str], tokens: Sequence[int], follow: Sequence[int]) -> list[int]:
+        """Greedy decode steps of several plain-greedy requests as one batched call of a whole-model shard
+        (a one-stage plan): ``tokens`` in, each row's pick out, with the batched step of the rows ``follow``
+        (indices into ``rids``; two or more, else none is queued) fed by those picks queued on the device
+        before the picks are read.
+
+        The next call normally brings exactly those rows and tokens: its step is then already computing, so
+        the device works on it while the host hands the tokens out and builds the step after it. A call that
+        brings other rows (a request joined, left or paused) or other tokens undoes the queued step first,
+        trimming each of its rows' caches by the one position it wrote. A step runs the very call
+        :meth:`forward_batch` makes for the same rows, and a row's argmax is its own, so the tokens are
+        those of :meth:`decode_batch`; only the waiting moves."""
+        if not 2 <= len(rids) <= self.batch_limit or len(tokens) != len(rids):
+            most = self.batch_limit
+            raise ValueError(f"{len(rids)} rows for {len(tokens)} tokens (a batched step takes 2 to {most} rows)")
+        requests = []
+        for rid in rids:
+            request = self.requests.get(rid)
+            if request is None:
+                raise UnknownRequest(rid)
+            if not request.params.plain_greedy:
+                raise ValueError("decoding ahead needs plain greedy requests (no bias, penalties or logprobs)")
+            requests.append(request)
+        started = time.perf_counter()
+        queued = self._rows_queued
+        if queued is not None and queued.rids == tuple(rids) and queued.tokens_in == tuple(tokens):
+            self._rows_queued = None
+            picks = queued.tokens_out
+            self.stats.rows_ahead += 1
+        else:
+            self._drop_rows()
+            x = mx.array(list(tokens), dtype=mx.int32).reshape(len(tokens), 1)
+            picks = mx.argmax(self._rows_call(requests, x)[:, -1, :], axis=-1)
+        following: QueuedRows | None = None
+        if len(follow) >= 2:
+            rows = [requests[i] for i in follow]
+            x = (picks if len(follow) == len(rids) else picks[mx.array(list(follow))]).reshape(len(follow), 1)
+            out = mx.argmax(self._rows_call(rows, x)[:, -1, :], axis=-1)
+            mx.async_eval(out)  # type: ignore[no-untyped-call]
+            following = QueuedRows(tuple(rows), tuple(rids[i] for i in follow), (), out)
+        picked: list[int] = picks.tolist()  # type: ignore[assignment]
+        if following is not None:
+            following.tokens_in = tuple(picked[i] for i in follow)
+            self._rows_queued = following
+        self.stats.forward_seconds += time.perf_counter() - started
+        return picked
+
+    def queued_rows(self) -> tuple[str, ...]:
+        """The requests of the batched step queued ahead, in its row order (empty when none is)."""
+        return () if self._rows_queued is None else self._rows_queued.rids
+
+    def settle(self) -> float:
+        """Wait for any step queued ahead to finish computing (it stays queued); the seconds waited. Work timed
+        after this (a prompt chunk's slice) then measures itself, not the queued step."""
+        started = time.perf_counter()
+        pending = [r.queued.token_out for r in self.requests.values() if r.queued is not None]
+        if self._rows_queued is not None:
+            pending.append(self._rows_queued.tokens_out)
+        if pending:
+            mx.eval(pending)
+        return time.perf_counter() - started
+
+    def _in_queued_rows(self, request: RequestCache) -> bool:
+        batch = self._rows_queued
+        return batch is not None and any(r is request for r in batch.requests)
+
+    def _drop_rows(self) -> None:
+        """Undo the queued batched step, if any: each of its rows' caches gives back the position it wrote."""
+        batch, self._rows_queued = self._rows_queued, None
+        if batch is None:
+            return
+        self.stats.rows_undone += 1
+        for request in batch.requests:
+            for layer_cache in request.cache:
+                layer_cache.trim(1)
+            request.tokens_in -= 1
 
     def logits_all(self, ids: Sequence[int]) -> np.ndarray:
         """Logits at every position in one uncached pass (teacher forcing; whole-model shards only)."""

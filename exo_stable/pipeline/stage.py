@@ -311,7 +311,10 @@ class StageActor(Actor[StageMessage]):
             for row in rows:
                 row.request.decoding = True
             if len(rows) > 1:
-                await self._forward_rows(rows)
+                # The next turn takes these rows again (those that go on) unless other decode steps wait
+                # before them or a prompt chunk is read beside them.
+                again = not (work.chunks or self._reading or self._queue.decode_waiting())
+                await self._forward_rows(rows, again=again)
             elif rows:
                 await self._forward(rows[0])
             for chunk in work.chunks:
@@ -398,14 +401,21 @@ class StageActor(Actor[StageMessage]):
         if self._current(ready):
             await self._deliver(ready, out, call.seconds, batch=1, ahead=False)
 
-    async def _forward_rows(self, rows: list[ReadyStep]) -> None:
+    async def _forward_rows(self, rows: list[ReadyStep], *, again: bool) -> None:
         """The decode steps of several requests in one forward call, then each row's result on its way as a
-        step computed alone would send it (its own checksums, validation and trace hop, which notes the batch)."""
+        step computed alone would send it (its own checksums, validation and trace hop, which notes the batch).
+        ``again``: the next turn is expected to take the same rows (those that go on), nothing else."""
         if "crash_every_step" in self.faults:
             raise InjectedStageCrash(f"injected crash of stage {self.config.index} in a batch of {len(rows)}")
         checks = [(r.request.level, self._spot(r)) for r in rows]
         forced = [self._forced(r) for r in rows]
-        outs, compute_s = await self._run(timed, self._work.rows, rows, checks, forced)
+        ahead = self._decodes_ahead(rows)
+        # The next batched step is queued on the device before this one's tokens are read, for the rows that
+        # go on; only when the next turn takes them alone: other rows would undo it, and a prompt chunk's
+        # slices would wait for it (the slice clock would take the step's time for the chunk's).
+        follow = [i for i, r in enumerate(rows) if r.position + 1 < r.request.max_tokens] if ahead and again else []
+        work = functools.partial(self._work.rows, follow=follow if ahead else None)
+        outs, compute_s = await self._run(timed, work, rows, checks, forced)
         self._clock.decoded(compute_s)
         self.stats.batch_size.observe(len(rows))
         self.stats.batched_rows += len(rows)
@@ -416,7 +426,19 @@ class StageActor(Actor[StageMessage]):
                 self.stats.spot_check_mismatches += 1
                 await self._fail(ready.rid, ready.request, f"spot check mismatch: {out}", ready.step)
                 continue
-            await self._deliver(ready, out, compute_s, batch=len(rows), ahead=False)
+            await self._deliver(ready, out, compute_s, batch=len(rows), ahead=ahead)
+
+    def _decodes_ahead(self, rows: list[ReadyStep]) -> bool:
+        """Whether these decode rows may be queued ahead as one batched call (StageCompute.pick_rows_ahead):
+        a one-stage plan holds the whole model, the rows are greedy, and none is strict (which recomputes
+        steps). (A replay's row feeds the token its client has; where it differs the queued step is undone.)"""
+        return (
+            self.config.decode_ahead
+            and self.is_first
+            and self.is_last
+            and 2 <= len(rows) <= self._compute.batch_limit
+            and all(r.final and r.request.greedy and r.request.level is not ValidationLevel.STRICT for r in rows)
+        )
 
     async def _forward(self, ready: ReadyStep) -> None:
         """Run the only ready decode step (prompt chunks go through :meth:`_begin` and :meth:`_read`)."""

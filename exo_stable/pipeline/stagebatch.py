@@ -106,6 +106,10 @@ class StepQueue:
             self._ready.clear()
             await self._ready.wait()
 
+    def decode_waiting(self) -> int:
+        """Decode steps queued, not taken yet."""
+        return sum(1 for s in self._steps if s.is_decode)
+
     def discard(self, rid: str) -> int:
         """Drop the queued steps of ``rid`` (closed or failed here); returns how many."""
         kept = deque(s for s in self._steps if s.rid != rid)

@@ -124,7 +124,12 @@ class StageStatistics:
             "tokens_sent": st.tokens_sent,
             "stale_steps": st.stale_steps,
             "replayed": st.replayed,
-            "decode_ahead": {"steps": c.steps_ahead, "undone": c.steps_undone},
+            "decode_ahead": {
+                "steps": c.steps_ahead,
+                "undone": c.steps_undone,
+                "batched_steps": c.rows_ahead,
+                "batched_undone": c.rows_undone,
+            },
             "build_ahead": {
                 "prepared": c.steps_prepared,
                 "used": c.prepared_used,

@@ -9,6 +9,7 @@ else -1), or on the last stage the :class:`~exo_stable.engine.sampling.Pick` of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,8 @@ import mlx.core as mx
 
 from exo_stable.engine.sampling import Pick
 from exo_stable.engine.slicing import SlicedForward
-from exo_stable.engine.stagecompute import StageCompute, UnknownRequest, input_array, tensor_to_bytes
+from exo_stable.engine.stagecompute import StageCompute, UnknownRequest
+from exo_stable.engine.wire import input_array, tensor_to_bytes
 from exo_stable.pipeline.levels import ValidationLevel
 from exo_stable.pipeline.stagebatch import ReadyStep
 from exo_stable.pipeline.stagefaults import StageFaults
@@ -61,13 +63,25 @@ class StageWork:
             return None  # (the last stage's chunk before the last, not spot-checked: finish returns None too)
         return self.finish(ready, x, call.result, checks=checks, forced=forced)
 
-    def rows(self, rows: list[ReadyStep], checks: list[Checks], forced: list[int | None]) -> list[Any]:
+    def rows(
+        self,
+        rows: list[ReadyStep],
+        checks: list[Checks],
+        forced: list[int | None],
+        *,
+        follow: Sequence[int] | None = None,
+    ) -> list[Any]:
         """The decode steps of several requests as one :meth:`StageCompute.forward_batch` call; per row, what
         :meth:`step` returns for it alone, or the exception of that row alone (:class:`UnknownRequest` for a
         request closed meanwhile, :class:`SpotCheckMismatch`). A spot-checked row is recomputed alone and must
-        equal its batched result bit for bit: a live check that batching changes no row."""
+        equal its batched result bit for bit: a live check that batching changes no row.
+
+        ``follow``: greedy rows of a one-stage plan, none spot-checked; the next step of the rows at these
+        indices is queued before this one's tokens are read (:meth:`StageCompute.pick_rows_ahead`)."""
         results: list[Any] = [UnknownRequest(r.rid) for r in rows]
         live = [i for i, r in enumerate(rows) if r.rid in self.compute.requests]
+        if follow is not None and len(live) == len(rows):
+            return self._rows_ahead(rows, follow)
         xs = [input_array(rows[i].tokens, rows[i].wire) for i in live]
         rids = [rows[i].rid for i in live]
         outs = self.compute.forward_batch(rids, xs)
@@ -77,6 +91,23 @@ class StageWork:
                 results[i] = self.finish(rows[i], x, out, checks=checks[i], forced=forced[i], top=top)
             except SpotCheckMismatch as exc:
                 results[i] = exc
+        return results
+
+    def _rows_ahead(self, rows: list[ReadyStep], follow: Sequence[int]) -> list[Pick]:
+        """:meth:`rows` through :meth:`StageCompute.pick_rows_ahead`, the rows taken in the order of the step
+        queued ahead when they are its rows (the stage's queue may hand them in another order)."""
+        at = {r.rid: i for i, r in enumerate(rows)}
+        queued = self.compute.queued_rows()
+        order = (
+            [at[rid] for rid in queued] if len(queued) == len(rows) and set(queued) == set(at) else list(at.values())
+        )
+        place = {i: k for k, i in enumerate(order)}
+        picks = self.compute.pick_rows_ahead(
+            [rows[i].rid for i in order], [rows[i].tokens[0] for i in order], sorted(place[i] for i in follow)
+        )
+        results: list[Pick] = [Pick(0)] * len(rows)
+        for k, i in enumerate(order):
+            results[i] = Pick(picks[k])
         return results
 
     def finish(
