@@ -32,7 +32,7 @@ from mlx import nn
 from mlx_lm.models import base as _mlx_base
 from mlx_lm.models.cache import KVCache
 
-from exo_stable.engine.slots import SlotRows
+from exo_stable.engine.slots import SlotRows, StepIndex
 
 
 class BatchMode(enum.Enum):
@@ -135,12 +135,13 @@ class RowsCache:
 
     group_size = 0  # read by mlx-lm's hook alongside ``bits``; unused
 
-    def __init__(self, caches: Sequence[KVCache]) -> None:
+    def __init__(self, caches: Sequence[KVCache], index: StepIndex | None = None) -> None:
         self.caches = list(caches)
         self.bits = _Rows(self)
         self._fetched: list[tuple[mx.array, mx.array]] = []
         # Rows whose caches are slots of one buffer (``--batch fast``) write and attend in one call each.
-        self._shared = SlotRows(self.caches) if SlotRows.fits(self.caches) else None
+        fits = SlotRows.fits(self.caches)
+        self._shared = SlotRows(self.caches, index or StepIndex()) if fits else None
         offsets = [int(c.offset) for c in self.caches]
         # One offset for all rows needs no array (and keeps RoPE on its scalar path).
         self.offset: int | mx.array = offsets[0] if len(set(offsets)) == 1 else mx.array(offsets, dtype=mx.int32)

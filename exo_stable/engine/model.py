@@ -25,6 +25,7 @@ from exo_stable.engine.batching import install as install_row_attention
 from exo_stable.engine.family import CacheKind, cache_kinds, cast_keeps, is_float, new_model
 from exo_stable.engine.kvcache import GhostCache, RewindableRotatingKVCache
 from exo_stable.engine.modelspec import Dtype, ModelSpec, QuantSpec, UnsupportedModelError
+from exo_stable.engine.slots import StepIndex
 
 _FLOAT_DTYPES = {Dtype.FLOAT32: mx.float32, Dtype.BFLOAT16: mx.bfloat16, Dtype.FLOAT16: mx.float16}
 
@@ -249,7 +250,8 @@ class ShardModel:
         if len(caches) != x.shape[0] or any(len(c) != width for c in caches):
             raise ValueError(f"{len(caches)} cache lists for {x.shape[0]} rows of shard {self.range}")
         install_row_attention()
-        views = [RowsCache([c[layer] for c in caches]) for layer in range(width)]
+        shared = StepIndex()  # the rows' slots, lengths and mask: the same at every layer, built once
+        views = [RowsCache([c[layer] for c in caches], shared) for layer in range(width)]
         whole: list[Any] = [
             views[index - self.range.start] if self.range.start <= index < self.range.end else RowsGhost(views[0])
             for index in range(len(self.kinds))

@@ -90,6 +90,12 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
+def _put_all(handed: list[tuple[_Stream, Pick]]) -> None:
+    """Put each pick in its stream's queue (on the readers' event loop)."""
+    for stream, pick in handed:
+        stream.out.put_nowait(pick)
+
+
 @dataclass
 class _Plan:
     chunks: list[tuple[_Stream, list[int], bool, bool]]  # (stream, chunk, first, last)
@@ -229,6 +235,7 @@ class BatchScheduler:
             return
         self.stats.steps += 1
         self.stats.decode_rows += len(plan.decode)
+        picked: list[tuple[_Stream, Pick]] = []
         for (s, _, _, last), outcome in zip(plan.chunks, firsts, strict=True):
             if outcome is None:
                 continue  # the step's budget was spent before this chunk: it goes at the next step
@@ -240,15 +247,20 @@ class BatchScheduler:
             s.chunks_done += 1
             if last:
                 assert first is not None
-                self._deliver(s, first)
-        for s, picked in zip(plan.decode, picks, strict=True):
-            self._deliver(s, picked)
+                picked.append((s, first))
+        picked += zip(plan.decode, picks, strict=True)
+        self._deliver(picked)
 
     @staticmethod
-    def _deliver(stream: _Stream, picked: Pick) -> None:
-        stream.last = picked.token
-        stream.position += 1
-        stream.hand(picked)
+    def _deliver(picked: list[tuple[_Stream, Pick]]) -> None:
+        """Hand each stream its pick, waking the readers' event loop once per step (not once per stream)."""
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Pick]]] = {}
+        for stream, pick in picked:
+            stream.last = pick.token
+            stream.position += 1
+            loops.setdefault(stream.loop, []).append((stream, pick))
+        for loop, handed in loops.items():
+            loop.call_soon_threadsafe(_put_all, handed)
 
     def _step(self, plan: _Plan) -> tuple[list[tuple[bool, Pick | None] | None], list[Pick]]:
         """The prompt chunks, each its own forward call (while others decode, slices of their layers within

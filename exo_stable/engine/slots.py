@@ -14,6 +14,7 @@ as a lone call does, which ``--batch exact`` does not allow. The buffer is as lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -107,15 +108,32 @@ class SlotCache(KVCache):  # type: ignore[misc]
         return self.arena.slot_bytes(self.layer)
 
 
+class StepIndex:
+    """What every layer of one batched step indexes its slots with: the rows' slots, the positions they write
+    and the mask of the positions they read. A request's caches have the same slot and length at every
+    layer, so these are built once per step, not once per layer (each is a small array the device gets)."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, mx.array] = {}
+
+    def get(self, name: str, build: Callable[[], mx.array]) -> mx.array:
+        """The step's ``name`` array, built by ``build`` at its first use."""
+        found = self._built.get(name)
+        if found is None:
+            found = self._built[name] = build()
+        return found
+
+
 class SlotRows:
     """One layer of a batched step whose rows all hold slots of one arena: one write, one attention call."""
 
-    def __init__(self, caches: list[SlotCache]) -> None:
+    def __init__(self, caches: list[SlotCache], index: StepIndex) -> None:
         self.caches = caches
         self.arena = caches[0].arena
         self.layer = caches[0].layer
         slots = [c.slot for c in caches]
-        self._slots = mx.array(slots, dtype=mx.int32)
+        self._index = index
+        self._slots = index.get("slots", lambda: mx.array(slots, dtype=mx.int32))
         self._all = slots == list(range(self.arena.slots))  # every slot, in order: no gather needed
         self._offsets = [c.offset for c in caches]
         self._fetched: tuple[mx.array, mx.array] | None = None
@@ -132,13 +150,19 @@ class SlotRows:
         """Write each row's one position into its slot (``keys``: ``[rows, heads, 1, dim]``)."""
         longest = max(self._offsets) + 1
         k, v = self.arena.reserve(self.layer, longest, keys, values)
-        heads = mx.arange(keys.shape[1])[None, :]
-        where = mx.array(self._offsets, dtype=mx.int32)[:, None]
+        heads = self._index.get(f"heads{keys.shape[1]}", lambda: mx.arange(keys.shape[1])[None, :])
+        where = self._index.get("where", lambda: mx.array(self._offsets, dtype=mx.int32)[:, None])
         k[self._slots[:, None], heads, where] = keys[:, :, 0, :]
         v[self._slots[:, None], heads, where] = values[:, :, 0, :]
         for cache in self.caches:
             cache.offset += 1
         self._fetched = (k, v)
+
+    def _mask(self) -> mx.array:
+        """Which of the step's ``longest`` positions each row reads (its own: the first ``offset + 1``)."""
+        longest = max(self._offsets) + 1
+        lengths = mx.array([o + 1 for o in self._offsets], dtype=mx.int32)
+        return (mx.arange(longest)[None, :] < lengths[:, None]).reshape(len(self.caches), 1, 1, longest)
 
     def attend(self, queries: mx.array, scale: float) -> mx.array:
         """Every row's attention over its own positions, in one call."""
@@ -147,10 +171,9 @@ class SlotRows:
         k, v = self._fetched
         self._fetched = None
         longest = max(self._offsets) + 1
-        lengths = mx.array([o + 1 for o in self._offsets], dtype=mx.int32)
         keys, values = k[:, :, :longest, :], v[:, :, :longest, :]
         if not self._all:
             keys, values = mx.take(keys, self._slots, axis=0), mx.take(values, self._slots, axis=0)
-        mask = (mx.arange(longest)[None, :] < lengths[:, None]).reshape(len(self.caches), 1, 1, longest)
+        mask = self._index.get("mask", self._mask)
         out: mx.array = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
         return out
