@@ -78,12 +78,16 @@ class _Stream:
         return self.chunks_done < len(self.chunks)
 
     def wants_decode(self) -> bool:
-        ahead = self.position - self.read
-        return not self.failed and not self.reading_prompt and 0 < self.position < self.budget and ahead < BUFFER
+        return not self.reading_prompt and self._wants(self.position)
 
     def continues(self) -> bool:
         """Whether, once this step's token is delivered, it will want the next step (as its reader stands)."""
-        return not self.failed and self.position + 1 < self.budget and self.position + 1 - self.read < BUFFER
+        return self._wants(self.position + 1)
+
+    def _wants(self, position: int) -> bool:
+        """Whether a decoding stream that has picked ``position`` tokens takes the next step: not failed, its
+        budget not spent, its reader no more than :data:`BUFFER` tokens behind."""
+        return not self.failed and 0 < position < self.budget and position - self.read < BUFFER
 
     def hand(self, item: Pick | BaseException) -> None:
         """Give the reader a pick or an error (from the MLX thread)."""

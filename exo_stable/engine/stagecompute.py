@@ -587,17 +587,16 @@ class StageCompute:
             self._drop_rows()
             x = mx.array(list(tokens), dtype=mx.int32).reshape(len(tokens), 1)
             picks = mx.argmax(self._rows_call(requests, x)[:, -1, :], axis=-1)
-        following: QueuedRows | None = None
-        if len(follow) >= 2:
+        queue = len(follow) >= 2
+        if queue:
             rows = [requests[i] for i in follow]
             x = (picks if len(follow) == len(rids) else picks[mx.array(list(follow))]).reshape(len(follow), 1)
             out = mx.argmax(self._rows_call(rows, x)[:, -1, :], axis=-1)
             mx.async_eval(out)  # type: ignore[no-untyped-call]
-            following = QueuedRows(tuple(rows), tuple(rids[i] for i in follow), (), out)
         picked: list[int] = picks.tolist()  # type: ignore[assignment]
-        if following is not None:
-            following.tokens_in = tuple(picked[i] for i in follow)
-            self._rows_queued = following
+        if queue:
+            fed = tuple(picked[i] for i in follow)
+            self._rows_queued = QueuedRows(tuple(rows), tuple(rids[i] for i in follow), fed, out)
         self.stats.forward_seconds += time.perf_counter() - started
         return picked
 

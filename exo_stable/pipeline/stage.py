@@ -409,12 +409,14 @@ class StageActor(Actor[StageMessage]):
             raise InjectedStageCrash(f"injected crash of stage {self.config.index} in a batch of {len(rows)}")
         checks = [(r.request.level, self._spot(r)) for r in rows]
         forced = [self._forced(r) for r in rows]
-        ahead = self._decodes_ahead(rows)
-        # The next batched step is queued on the device before this one's tokens are read, for the rows that
-        # go on; only when the next turn takes them alone: other rows would undo it, and a prompt chunk's
-        # slices would wait for it (the slice clock would take the step's time for the chunk's).
-        follow = [i for i, r in enumerate(rows) if r.position + 1 < r.request.max_tokens] if ahead and again else []
-        work = functools.partial(self._work.rows, follow=follow if ahead else None)
+        ahead = 2 <= len(rows) <= self._compute.batch_limit and all(self._decodes_ahead(r) for r in rows)
+        follow: list[int] | None = None
+        if ahead:
+            # The next batched step is queued on the device before this one's tokens are read, for the rows
+            # that go on; only when the next turn takes them alone: other rows would undo it, and a prompt
+            # chunk's slices would wait for it (the slice clock would take the step's time for the chunk's).
+            follow = [i for i, r in enumerate(rows) if r.position + 1 < r.request.max_tokens] if again else []
+        work = functools.partial(self._work.rows, follow=follow)
         outs, compute_s = await self._run(timed, work, rows, checks, forced)
         self._clock.decoded(compute_s)
         self.stats.batch_size.observe(len(rows))
@@ -428,34 +430,27 @@ class StageActor(Actor[StageMessage]):
                 continue
             await self._deliver(ready, out, compute_s, batch=len(rows), ahead=ahead)
 
-    def _decodes_ahead(self, rows: list[ReadyStep]) -> bool:
-        """Whether these decode rows may be queued ahead as one batched call (StageCompute.pick_rows_ahead):
-        a one-stage plan holds the whole model, the rows are greedy, and none is strict (which recomputes
-        steps). (A replay's row feeds the token its client has; where it differs the queued step is undone.)"""
+    def _decodes_ahead(self, ready: ReadyStep) -> bool:
+        """Whether the step's next one may be queued on the device before its token is read (alone,
+        StageCompute.pick_ahead, or as a row of a batch, pick_rows_ahead): a one-stage plan holds the whole
+        model, the request is greedy and not strict (the strict level recomputes steps). (A replay feeds the
+        token its client has; where it differs the queued step is undone.)"""
         return (
             self.config.decode_ahead
             and self.is_first
             and self.is_last
-            and 2 <= len(rows) <= self._compute.batch_limit
-            and all(r.final and r.request.greedy and r.request.level is not ValidationLevel.STRICT for r in rows)
+            and ready.final
+            and ready.request.greedy
+            and ready.request.level is not ValidationLevel.STRICT
         )
 
     async def _forward(self, ready: ReadyStep) -> None:
         """Run the only ready decode step (prompt chunks go through :meth:`_begin` and :meth:`_read`)."""
-        rid, request, step, position, final = ready.rid, ready.request, ready.step, ready.position, ready.final
+        rid, request, step, position = ready.rid, ready.request, ready.step, ready.position
         if "crash_every_step" in self.faults:
             raise InjectedStageCrash(f"injected crash of stage {self.config.index} at step {step} of {rid}")
         spot = self._spot(ready)
-        # A one-stage plan holds the whole model: a greedy step can be queued on the device before the host
-        # has read the token it consumes, as on the single device (the strict level recomputes steps: not there).
-        ahead = (
-            self.config.decode_ahead
-            and self.is_first
-            and self.is_last
-            and final
-            and request.greedy
-            and request.level is not ValidationLevel.STRICT
-        )
+        ahead = self._decodes_ahead(ready)
         try:
             queue_next = position + 1 < request.max_tokens
             step_fn = functools.partial(
