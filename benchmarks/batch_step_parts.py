@@ -13,13 +13,17 @@ For each row count, ``rows`` requests each read a short prompt, then ``--steps``
 - ``shared_attention``: a step whose rows, all at the same length here, attend in one call over their
   keys and values stacked (what a batched attention would cost; not exact, only a measurement), ms.
 - ``ahead`` (rows > 1): one step through :meth:`StageCompute.pick_rows_ahead`, each step queued before the
-  last one's tokens are read (what the batching engine runs for greedy rows), ms; ``ahead_no_overlap``: the
-  same without a forward call's evaluation starting every few layers while its graph is built.
+  last one's tokens are read (what the batching engine runs for greedy rows), ms; ``ahead_overlap``: the
+  same with the queued step's evaluation started every few layers while it is built (as before
+  ``stagecompute.QUEUED_OVERLAP`` was off); ``ahead_no_overlap``: no forward call starting early at all
+  (the first, unqueued step included).
 - ``eval_no_mask`` and ``eval_slice_write`` (slots): ``eval`` with the rows' one attention call unmasked, and
   with their keys and values written as one slice instead of a scatter, both right only because every row
-  has the same length here, ms: what the per-row lengths cost.
+  has the same length here, ms: what the per-row lengths cost. ``eval_bool_mask``: the rows' mask given as
+  a boolean one (what it was before it was built additive once per step).
 - ``--compare-mlx-lm``: the same steps through mlx-lm's own model and ``BatchKVCache`` on the same weights
-  (``mlx_lm``: ``build`` and ``eval`` as above), ms.
+  (``mlx_lm``: ``build`` and ``eval`` as above, ``eval_no_mask`` without its mask, and ``ahead``: each step
+  queued before the last one's tokens are read, as its ``BatchGenerator`` runs them), ms.
 
 Each is measured with every request's cache its own (``rowwise``, the three variants above too) and with the
 batched requests' caches as slots of one buffer per layer (``slots``, what ``--batch fast`` runs).
@@ -105,6 +109,13 @@ def _unmasked(self: slots.SlotRows, queries: mx.array, scale: float) -> mx.array
     return out
 
 
+def _bool_mask(self: slots.SlotRows, dtype: mx.Dtype) -> mx.array:
+    """SlotRows' mask as a boolean one (the same scores; MLX's GPU kernels convert it at every layer)."""
+    longest = max(self._offsets) + 1
+    lengths = mx.array([o + 1 for o in self._offsets], dtype=mx.int32)
+    return (mx.arange(longest)[None, :] < lengths[:, None]).reshape(len(self.caches), 1, 1, longest)
+
+
 def build_eval(forward: Callable[[], mx.array], steps: int) -> tuple[float, float]:
     """Median ms of building a step's graph (no evaluation on the way) and of evaluating it."""
     builds, evals = [], []
@@ -139,8 +150,17 @@ def mlx_lm_steps(args: argparse.Namespace, rows: int) -> dict[str, float]:
         last[0] = mx.argmax(logits, axis=-1)
         return last[0]
 
+    def ahead() -> None:  # as BatchGenerator steps: the next step is queued before this one's tokens are read
+        following = mx.argmax(model(last[0][:, None], cache=cache)[:, -1, :], axis=-1)
+        mx.async_eval(following)  # type: ignore[no-untyped-call]
+        last[0].tolist()
+        last[0] = following
+
     build, evaluate = build_eval(forward, args.steps)
-    return {"build": build, "eval": evaluate, "tok_s": rows / (build + evaluate) * 1000}
+    with patched(BatchKVCache, "make_mask", lambda self, *a, **k: None):
+        unmasked = build_eval(forward, args.steps)[1]
+    queued = timed(ahead, args.steps)
+    return {"build": build, "eval": evaluate, "eval_no_mask": unmasked, "ahead": queued, "tok_s": rows / queued * 1000}
 
 
 def timed(fn: Callable[[], Any], steps: int) -> float:
@@ -180,6 +200,8 @@ def measure(args: argparse.Namespace, compute: StageCompute, rows: int, *, varia
     out: dict[str, float] = {"step": timed(step, args.steps)}
     if rows > 1:
         out["ahead"] = timed(ahead, args.steps)
+        with patched(stagecompute, "QUEUED_OVERLAP", True):
+            out["ahead_overlap"] = timed(ahead, args.steps)
         with patched(model_module, "_overlap_every", lambda: 0):
             out["ahead_no_overlap"] = timed(ahead, args.steps)
         compute.settle()
@@ -190,6 +212,8 @@ def measure(args: argparse.Namespace, compute: StageCompute, rows: int, *, varia
             out["eval_no_mask"] = build_eval(forward_rows, args.steps)[1]
         with patched(slots.SlotRows, "update", _slice_write):
             out["eval_slice_write"] = build_eval(forward_rows, args.steps)[1]
+        with patched(slots.SlotRows, "_mask", _bool_mask):
+            out["eval_bool_mask"] = build_eval(forward_rows, args.steps)[1]
     if rows > 1 and variants:
         with patched(batching.RowsCache, "attend", _no_attention):
             out["no_attention"] = timed(step, args.steps)

@@ -140,11 +140,14 @@ class RowsCache:
         self.bits = _Rows(self)
         self._fetched: list[tuple[mx.array, mx.array]] = []
         # Rows whose caches are slots of one buffer (``--batch fast``) write and attend in one call each.
-        fits = SlotRows.fits(self.caches)
-        self._shared = SlotRows(self.caches, index or StepIndex()) if fits else None
+        index = index or StepIndex()
+        self._shared = SlotRows(self.caches, index) if SlotRows.fits(self.caches) else None
         offsets = [int(c.offset) for c in self.caches]
-        # One offset for all rows needs no array (and keeps RoPE on its scalar path).
-        self.offset: int | mx.array = offsets[0] if len(set(offsets)) == 1 else mx.array(offsets, dtype=mx.int32)
+        # One offset for all rows needs no array (and keeps RoPE on its scalar path); else the rows' offsets,
+        # the same at every layer of the step, are one array the step's layers share.
+        self.offset: int | mx.array = (
+            offsets[0] if len(set(offsets)) == 1 else index.get("offsets", lambda: mx.array(offsets, dtype=mx.int32))
+        )
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         if keys.shape[2] != 1:

@@ -240,10 +240,11 @@ class ShardModel:
         layer's mask and rotation stay per request)."""
         return all(kind[0] == "kv" for kind in self.kinds)
 
-    def forward_rows(self, x: mx.array, caches: Sequence[Sequence[KVCache]]) -> mx.array:
+    def forward_rows(self, x: mx.array, caches: Sequence[Sequence[KVCache]], *, overlap: bool = True) -> mx.array:
         """One decode position for each of ``len(caches)`` requests: ``x`` is ``[B, 1]`` token ids (first
         shard) or ``[B, 1, H]`` hidden states, row ``i`` with cache ``caches[i]`` (see
-        :mod:`exo_stable.engine.batching`). Each row's cache advances by one, as a lone call's would."""
+        :mod:`exo_stable.engine.batching`). Each row's cache advances by one, as a lone call's would.
+        ``overlap``: as for a lone call."""
         if not self.batchable:
             raise ValueError(f"{self.spec.model_type}: sliding-window layers are not batched")
         width = self.range.end - self.range.start
@@ -256,7 +257,7 @@ class ShardModel:
             views[index - self.range.start] if self.range.start <= index < self.range.end else RowsGhost(views[0])
             for index in range(len(self.kinds))
         ]
-        return self._run(x, whole, True)
+        return self._run(x, whole, overlap)
 
     def _run(self, x: mx.array, whole: list[Any], overlap: bool, record: list[mx.array] | None = None) -> mx.array:
         if self.range.is_first:

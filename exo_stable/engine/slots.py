@@ -110,7 +110,7 @@ class SlotCache(KVCache):  # type: ignore[misc]
 
 class StepIndex:
     """What every layer of one batched step indexes its slots with: the rows' slots, the positions they write
-    and the mask of the positions they read. A request's caches have the same slot and length at every
+    and the mask of the positions they read (and their offsets, for the rotary embedding). A request's caches have the same slot and length at every
     layer, so these are built once per step, not once per layer (each is a small array the device gets)."""
 
     def __init__(self) -> None:
@@ -158,11 +158,14 @@ class SlotRows:
             cache.offset += 1
         self._fetched = (k, v)
 
-    def _mask(self) -> mx.array:
-        """Which of the step's ``longest`` positions each row reads (its own: the first ``offset + 1``)."""
+    def _mask(self, dtype: mx.Dtype) -> mx.array:
+        """Which of the step's ``longest`` positions each row reads (its own: the first ``offset + 1``), as
+        the additive mask (0 read, -inf not) in the queries' dtype. A boolean mask gives the same scores, but
+        MLX's GPU kernels take additive masks only and would convert it again at every layer."""
         longest = max(self._offsets) + 1
         lengths = mx.array([o + 1 for o in self._offsets], dtype=mx.int32)
-        return (mx.arange(longest)[None, :] < lengths[:, None]).reshape(len(self.caches), 1, 1, longest)
+        reads = (mx.arange(longest)[None, :] < lengths[:, None]).reshape(len(self.caches), 1, 1, longest)
+        return mx.where(reads, mx.array(0, dtype=dtype), mx.array(-mx.inf, dtype=dtype))
 
     def attend(self, queries: mx.array, scale: float) -> mx.array:
         """Every row's attention over its own positions, in one call."""
@@ -174,6 +177,6 @@ class SlotRows:
         keys, values = k[:, :, :longest, :], v[:, :, :longest, :]
         if not self._all:
             keys, values = mx.take(keys, self._slots, axis=0), mx.take(values, self._slots, axis=0)
-        mask = self._index.get("mask", self._mask)
+        mask = self._index.get(f"mask{queries.dtype}", lambda: self._mask(queries.dtype))
         out: mx.array = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
         return out

@@ -44,6 +44,12 @@ SHARED_SLOTS = True
 """Under ``--batch fast``, keep the batched requests' caches as slots of one buffer per layer
 (:mod:`exo_stable.engine.slots`); read at load (benchmarks turn it off to compare)."""
 
+QUEUED_OVERLAP = False
+"""Whether a step queued ahead (:meth:`StageCompute.decode_ahead`, :meth:`StageCompute.pick_rows_ahead`)
+starts on the device every few layers while it is built, as a step evaluated at once does. It waits behind
+the step computing anyway, so starting it in pieces only adds launches: on an H200 a 16-row step of an 8B
+model took 9.5 ms with it and 8.8 without (benchmarks/batch_step_parts.py, ``ahead_overlap``; same bits)."""
+
 
 class StageBusy(RuntimeError):
     """The stage already holds the most request caches it may."""
@@ -287,9 +293,10 @@ class StageCompute:
         self.stats.forward_seconds += time.perf_counter() - started
         return rows
 
-    def _rows_call(self, requests: Sequence[RequestCache], x: mx.array) -> mx.array:
+    def _rows_call(self, requests: Sequence[RequestCache], x: mx.array, *, overlap: bool = True) -> mx.array:
         """The batched forward call over ``requests``' next positions (``x``: ``[rows, 1]`` token ids or
-        ``[rows, 1, H]`` hidden states), built and not evaluated; each row's cache takes its position."""
+        ``[rows, 1, H]`` hidden states), built and not evaluated; each row's cache takes its position.
+        ``overlap``: start its evaluation every few layers while building (see :data:`QUEUED_OVERLAP`)."""
         for request in requests:
             self._drop_queued(request)
             self._drop_prepared(request)
@@ -297,7 +304,7 @@ class StageCompute:
                 slot = self._arena.take()  # its first shared step: it moves into a free slot, if one is
                 if slot is not None:
                     request.cache, request.slot = self._arena.move_in(request.cache, slot), slot
-        out = self._model().forward_rows(x, [r.cache for r in requests])
+        out = self._model().forward_rows(x, [r.cache for r in requests], overlap=overlap)
         self.stats.forward_calls += 1
         self.stats.batched_calls += 1
         self.stats.batched_rows += len(requests)
@@ -546,7 +553,7 @@ class StageCompute:
         if self._in_queued_rows(request):
             self._drop_rows()
         self._drop_prepared(request)
-        out = self._model()(token.reshape(1, 1), request.cache)
+        out = self._model()(token.reshape(1, 1), request.cache, overlap=QUEUED_OVERLAP)
         nxt = mx.argmax(out[0, -1, :])
         mx.async_eval(nxt)  # type: ignore[no-untyped-call]
         self.stats.forward_calls += 1
@@ -591,7 +598,7 @@ class StageCompute:
         if queue:
             rows = [requests[i] for i in follow]
             x = (picks if len(follow) == len(rids) else picks[mx.array(list(follow))]).reshape(len(follow), 1)
-            out = mx.argmax(self._rows_call(rows, x)[:, -1, :], axis=-1)
+            out = mx.argmax(self._rows_call(rows, x, overlap=QUEUED_OVERLAP)[:, -1, :], axis=-1)
             mx.async_eval(out)  # type: ignore[no-untyped-call]
         picked: list[int] = picks.tolist()  # type: ignore[assignment]
         if queue:
