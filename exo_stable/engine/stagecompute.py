@@ -47,8 +47,9 @@ SHARED_SLOTS = True
 QUEUED_OVERLAP = False
 """Whether a step queued ahead (:meth:`StageCompute.decode_ahead`, :meth:`StageCompute.pick_rows_ahead`)
 starts on the device every few layers while it is built, as a step evaluated at once does. It waits behind
-the step computing anyway, so starting it in pieces only adds launches: on an H200 a 16-row step of an 8B
-model took 9.5 ms with it and 8.8 without (benchmarks/batch_step_parts.py, ``ahead_overlap``; same bits)."""
+the step computing anyway, so starting it in pieces only adds launches: on an H100 a queued 16-row step of
+an 8B model took 11.5 ms with it and 10.0 without (benchmarks/batch_step_parts.py ``ahead_overlap`` against
+``ahead``; the same operations, so the same bits)."""
 
 
 class StageBusy(RuntimeError):
