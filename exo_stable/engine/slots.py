@@ -110,8 +110,9 @@ class SlotCache(KVCache):  # type: ignore[misc]
 
 class StepIndex:
     """What every layer of one batched step indexes its slots with: the rows' slots, the positions they write
-    and the mask of the positions they read (and their offsets, for the rotary embedding). A request's caches have the same slot and length at every
-    layer, so these are built once per step, not once per layer (each is a small array the device gets)."""
+    and the mask of the positions they read (and their offsets, for the rotary embedding). A request's caches
+    have the same slot and length at every layer, so these are built once per step, not once per layer (each
+    is a small array the device gets)."""
 
     def __init__(self) -> None:
         self._built: dict[str, mx.array] = {}
