@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -112,7 +113,11 @@ async def test_concurrent_streams_equal_their_sequential_runs(http: aiohttp.Clie
 
 async def test_concurrent_streams_interleave(http: aiohttp.ClientSession) -> None:
     """While one long stream runs, a short one started after it finishes first: requests do not queue."""
-    long_body = {"messages": [{"role": "user", "content": "List the days of the week."}], "max_tokens": 24}
+    long_body = {
+        "messages": [{"role": "user", "content": "Write a very long essay about the history of Europe."}],
+        "max_tokens": 2000,
+        "temperature": 0,
+    }
     short_body = {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 2, "temperature": 0}
     order: list[str] = []
 
@@ -127,10 +132,20 @@ async def test_concurrent_streams_interleave(http: aiohttp.ClientSession) -> Non
                 elif line.startswith(b"data: "):
                     assert "error" not in json.loads(line[6:])
 
-    long_started = asyncio.Event()
-    long_task = asyncio.create_task(run("long", long_body, long_started))
-    async with asyncio.timeout(60):
-        await long_started.wait()
-        await run("short", short_body, None)
-        await long_task
-    assert order == ["short", "long"]
+    long_chunk = asyncio.Event()
+    long_task = asyncio.create_task(run("long", long_body, long_chunk))
+    try:
+        async with asyncio.timeout(60):
+            await long_chunk.wait()
+            await run("short", short_body, None)
+        # The long reply (up to 2000 tokens) is still streaming when the short one has ended, and goes on.
+        assert order == ["short"]
+        long_chunk.clear()
+        async with asyncio.timeout(60):
+            await long_chunk.wait()
+        assert order == ["short"], "the long stream stopped when the short one ended"
+    finally:
+        long_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await long_task
+    assert (await wait_idle(http))["active_requests"] == 0

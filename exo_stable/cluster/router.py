@@ -33,6 +33,7 @@ from exo_stable.cluster.stagehost import StageHost
 from exo_stable.logs import safe
 from exo_stable.pipeline.barrier import Barriers
 from exo_stable.pipeline.owner import PipelineOwner
+from exo_stable.pipeline.ownerstate import NO_STAGE_LOADED, OPEN_WITHOUT_STAGE
 from exo_stable.wire.handshake import PeerInfo
 from exo_stable.wire.messages import (
     ActivationChunk,
@@ -146,7 +147,7 @@ class MessageRouter:
 
     async def _open(self, sender: str, message: RequestOpen) -> None:
         if not await self.stage_host.deliver(message):
-            no = BarrierArrive(name=message.barrier, member=self.node_id, ok=False, detail="no stage loaded")
+            no = BarrierArrive(name=message.barrier, member=self.node_id, ok=False, detail=NO_STAGE_LOADED)
             await self.send(message.owner, no)
 
     async def _stage(self, sender: str, message: StepInput | ActivationChunk | RequestClose | ResendTokens) -> None:
@@ -178,7 +179,7 @@ class MessageRouter:
             case RequestOpen():
                 stages = host.stages_of(message.plan_epoch)
                 if stages is None or all(s.node_id != self.node_id for s in stages):
-                    return "request_open_without_stage"
+                    return OPEN_WITHOUT_STAGE
                 refusal = request_open_refusal(message, sender, self.bounds)
                 full = host.owner_of(message.request_id) != sender and host.requests_of(sender) >= self.slots_per_owner
                 return "request_slots_per_owner_full" if refusal is None and full else refusal

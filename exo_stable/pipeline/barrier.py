@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,10 +27,13 @@ RetryHook = Callable[[frozenset[str], int], Awaitable[None]]
 class BarrierError(RuntimeError):
     """The barrier did not release."""
 
-    def __init__(self, name: str, message: str, missing: frozenset[str]) -> None:
+    def __init__(
+        self, name: str, message: str, missing: frozenset[str], failures: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.name = name
         self.missing = missing
+        self.failures: dict[str, str] = dict(failures or {})  # member: why it could not arrive
 
 
 class BarrierTimeout(BarrierError, TimeoutError):
@@ -100,7 +103,9 @@ class DistributedBarrier:
                         if self.failures:
                             self.status = BarrierStatus.FAILED
                             who = ", ".join(f"{m}: {why}" for m, why in sorted(self.failures.items()))
-                            raise BarrierFailed(self.name, f"barrier {self.name} failed ({who})", self.missing)
+                            raise BarrierFailed(
+                                self.name, f"barrier {self.name} failed ({who})", self.missing, self.failures
+                            )
                         if not self.missing:
                             self.status = BarrierStatus.RELEASED
                             return SyncResult(self.name, self.members, attempt + 1, self.clock() - started)

@@ -50,6 +50,7 @@ from exo_stable.pipeline.ownerstate import (
     ValidationStatistics,
     drain,
     failure_kind,
+    open_refusal_kind,
     trace_token,
 )
 from exo_stable.pipeline.recovery import FailureClass, FailureKind, RecoveryManager, ReplayMode, StepDeadline
@@ -209,7 +210,7 @@ class PipelineOwner:
                     ):
                         await self.plans.mark_suspect(exc.node_id, decision.reason)
                     try:
-                        found = await self._healthy_plan(rid, failed)
+                        found = await self._healthy_plan(rid, failed, newer=exc.kind is FailureKind.PLAN_REPLACED)
                         if isinstance(found, str):
                             self._fall_back(rid, found)
                             owned.on_fallback = True
@@ -380,11 +381,16 @@ class PipelineOwner:
             decision.mechanism,
         )
 
-    async def _healthy_plan(self, rid: str, failed: PlanCommit) -> PlanCommit | str:
+    async def _healthy_plan(self, rid: str, failed: PlanCommit, *, newer: bool) -> PlanCommit | str:
         """A committed plan whose every stage is a live member (a new one if ``failed`` lost a node), or why no
-        plan fits the surviving nodes."""
+        plan fits the surviving nodes. With ``newer``, one committed after ``failed``: its stages left it for a
+        plan being loaded (retrying ``failed`` would be refused again until that plan is committed)."""
+
+        def fits(plan: PlanCommit) -> bool:
+            return self.plans.healthy(plan) and (not newer or plan.epoch > failed.epoch)
+
         try:
-            return await self.plans.wait_recoverable(self.plans.healthy, self.config.recovery_timeout_s)
+            return await self.plans.wait_recoverable(fits, self.config.recovery_timeout_s)
         except TimeoutError as exc:
             raise PipelineFailed(
                 f"request {rid}: no healthy plan within {self.config.recovery_timeout_s:.0f}s after plan "
@@ -466,9 +472,8 @@ class PipelineOwner:
                 await barrier.sync_with_timeout(self.config.open_timeout_s, self.config.open_retries)
             except BarrierError as exc:
                 missing = ",".join(sorted(exc.missing))
-                raise PipelineFailed(
-                    f"request {rid} could not start: {exc}", kind=FailureKind.BARRIER_TIMEOUT, node_id=missing
-                ) from exc
+                kind = open_refusal_kind(exc.failures)
+                raise PipelineFailed(f"request {rid} could not start: {exc}", kind=kind, node_id=missing) from exc
 
     async def _close(self, rid: str, nodes: list[str], reason: str = "finished") -> None:
         for node in nodes:

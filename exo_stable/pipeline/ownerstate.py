@@ -1,15 +1,15 @@
 """What the request owner keeps and decides without IO: its errors (:class:`NoPlan`, :class:`PipelineFailed`,
 :class:`CorruptOutput`), its settings (:class:`OwnerConfig`), one owned request's state (:class:`Owned`), its
 counters (:class:`OwnerStats`, :class:`ValidationCounters`), what it reports (:class:`OwnerStatistics`) and the
-rules it applies to a failure: which kind a stage's report is (:func:`failure_kind`), whether a new plan moved
-any stage (:func:`stages_changed`), which kinds make a node suspect (:data:`SUSPECT_KINDS`). The owner itself is
-:mod:`exo_stable.pipeline.owner`.
+rules it applies to a failure: which kind a stage's report is (:func:`failure_kind`) or its refused open
+(:func:`open_refusal_kind`), whether a new plan moved any stage (:func:`stages_changed`), which kinds make a
+node suspect (:data:`SUSPECT_KINDS`). The owner itself is :mod:`exo_stable.pipeline.owner`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -215,6 +215,21 @@ def drain(queue: asyncio.Queue[TokenChunk | StageFailure]) -> None:
     """Drop what the failed attempt left behind (stale epochs would be rejected anyway)."""
     while not queue.empty():
         queue.get_nowait()
+
+
+# Why a node cannot open a request on a plan's stage: it holds no stage of that plan (any more). Its stage
+# moved on to a plan being loaded (the committed plan's stage was stopped for it) or is gone: the request
+# waits for a newer plan rather than retrying the one its stages left.
+NO_STAGE_LOADED = "no stage loaded"
+OPEN_WITHOUT_STAGE = "request_open_without_stage"
+
+
+def open_refusal_kind(failures: Mapping[str, str]) -> FailureKind:
+    """The kind of a request's failed open, from what its stages answered (member: detail)."""
+    moved_on = (NO_STAGE_LOADED, f"refused: {OPEN_WITHOUT_STAGE}")
+    if failures and all(detail in moved_on for detail in failures.values()):
+        return FailureKind.PLAN_REPLACED
+    return FailureKind.BARRIER_TIMEOUT
 
 
 def stages_changed(old: PlanCommit, new: PlanCommit) -> bool:
