@@ -11,12 +11,11 @@ until the test has started the request.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
 import pytest
+from hostile_peer import eventually
 from inproc_cluster import in_process_cluster
 
 from exo_stable.engine.loader import open_model
@@ -39,14 +38,6 @@ DEADLINE_S = 60.0
 @pytest.fixture(scope="module")
 def tiny_model(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_gguf(tmp_path_factory.mktemp("openload") / "tiny.gguf", default_gguf, layers=6, seed=11)
-
-
-async def until(what: str, condition: Callable[[], bool]) -> None:
-    """Poll in-process state (set by other tasks of this loop) until ``condition`` holds, within a deadline."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {DEADLINE_S:.0f}s: {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_request_started_while_its_stages_load_a_new_plan_runs_on_that_plan(tiny_model: Path) -> None:
@@ -84,7 +75,9 @@ async def test_a_request_started_while_its_stages_load_a_new_plan_runs_on_that_p
                     return current is not None and current[0] > old.epoch
 
                 # Both old stages load the three-stage plan, stopping the committed plan's stages.
-                await until("the old stages load the new plan", lambda: all(moved_on(n) for n in nodes))
+                await eventually(
+                    "the old stages load the new plan", lambda: all(moved_on(n) for n in nodes), DEADLINE_S
+                )
                 active = nodes[0].coordinator.active
                 assert active is not None and active.epoch == old.epoch, "the new plan is not committed yet"
 
@@ -99,9 +92,10 @@ async def test_a_request_started_while_its_stages_load_a_new_plan_runs_on_that_p
 
                 request = tg.create_task(run())
                 replaced = FailureKind.PLAN_REPLACED.value
-                await until(
+                await eventually(
                     "the stages refuse the request's open on the old plan",
                     lambda: owner.recovery.statistics().events.get(replaced, 0) >= 1 or request.done(),
+                    DEADLINE_S,
                 )
                 assert not request.done(), "the request ended instead of waiting for the new plan"
                 release.set()
